@@ -1,0 +1,178 @@
+// CUDA kernels of max_pool2x2, max_unpool2x2 and max_unpool2x2_backward.
+// Raw pointers only: this header also compiles on the host against the CUDA
+// emulation header (tests/cuda_emu/), which is how the tests run these kernels.
+#pragma once
+
+#include "common/pool2x2.h"
+#include "kernels/launch.cuh"
+
+namespace segnet {
+namespace kernels {
+
+struct PoolDims {
+  int64_t N, C, H, W, Ho, Wo;
+  SEGNET_HD int64_t windows() const { return N * C * Ho * Wo; }
+};
+
+// Pools window k (logical NCHW index): writes its maximum, returns its code.
+template <typename T>
+__device__ __forceinline__ uint8_t pool_window(const T* __restrict__ x, Strides4 xs,
+                                               T* __restrict__ y, Strides4 ys, const PoolDims& d,
+                                               int64_t k) {
+  const int64_t ow = k % d.Wo, oh = (k / d.Wo) % d.Ho, c = (k / (d.Wo * d.Ho)) % d.C;
+  const int64_t n = k / (d.Wo * d.Ho * d.C);
+  const bool col1 = 2 * ow + 1 < d.W, row1 = 2 * oh + 1 < d.H;
+  const T* p = x + xs.at(n, c, 2 * oh, 2 * ow);
+  T m;
+  const uint8_t code = window_argmax(p[0], col1 ? p[xs.w] : p[0], row1 ? p[xs.h] : p[0],
+                                     col1 && row1 ? p[xs.h + xs.w] : p[0], col1, row1, &m);
+  y[ys.at(n, c, oh, ow)] = m;
+  return code;
+}
+
+// Pooling, any layout: one thread owns each packed byte and pools its 4 windows.
+// CHANNELS_FASTEST (channels_last, Ho*Wo % 4 == 0): consecutive threads take the same
+// byte position of consecutive channels, so a warp reads and writes 32 consecutive
+// channels of one pixel (coalesced); otherwise thread t owns byte t (coalesced for NCHW).
+// Traffic: each input element read once, each value written once, one byte store per thread.
+template <typename T, bool CHANNELS_FASTEST>
+__global__ void max_pool2x2_kernel(const T* __restrict__ x, Strides4 xs, T* __restrict__ y,
+                                   Strides4 ys, uint8_t* __restrict__ packed, PoolDims d) {
+  const int64_t bytes = packed_bytes(d.windows()), windows = d.windows();
+  const int64_t plane_bytes = d.Ho * d.Wo / 4;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < bytes;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    int64_t byte = t;
+    if (CHANNELS_FASTEST) {  // t = (n * plane_bytes + j) * C + c
+      const int64_t c = t % d.C, j = (t / d.C) % plane_bytes, n = t / (d.C * plane_bytes);
+      byte = (n * d.C + c) * plane_bytes + j;
+    }
+    uint8_t bits = 0;
+    for (int i = 0; i < 4 && 4 * byte + i < windows; ++i)
+      bits |= pool_window(x, xs, y, ys, d, 4 * byte + i) << (2 * i);
+    packed[byte] = bits;
+  }
+}
+
+// Pooling, NCHW with W % 8 == 0 (so Wo % 4 == 0 and a byte's 4 windows share a row):
+// one thread owns a byte, loads its 2 x 8 input elements as aligned vectors and stores
+// its 4 values as one vector.
+template <typename T>
+__global__ void max_pool2x2_nchw_vec_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                            uint8_t* __restrict__ packed, PoolDims d) {
+  const int64_t bytes = d.windows() / 4;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < bytes;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = 4 * t, row = k / d.Wo, ow = k % d.Wo;
+    const int64_t h = 2 * (row % d.Ho), plane = row / d.Ho;
+    const T* r0 = x + (plane * d.H + h) * d.W + 2 * ow;
+    const bool row1 = h + 1 < d.H;
+    const AlignedVec<T, 8> a = *reinterpret_cast<const AlignedVec<T, 8>*>(r0);
+    const AlignedVec<T, 8> b = row1 ? *reinterpret_cast<const AlignedVec<T, 8>*>(r0 + d.W) : a;
+    AlignedVec<T, 4> out;
+    uint8_t bits = 0;
+    for (int i = 0; i < 4; ++i) {
+      bits |= window_argmax(a.v[2 * i], a.v[2 * i + 1], b.v[2 * i], b.v[2 * i + 1], true, row1,
+                            &out.v[i])
+              << (2 * i);
+    }
+    *reinterpret_cast<AlignedVec<T, 4>*>(y + k) = out;
+    packed[t] = bits;
+  }
+}
+
+// Decomposes a dense memory-order index into (n, c, h, w).
+template <bool CHANNELS_LAST>
+__device__ __forceinline__ void unravel(int64_t t, int64_t C, int64_t H, int64_t W, int64_t& n,
+                                        int64_t& c, int64_t& h, int64_t& w) {
+  if (CHANNELS_LAST) {
+    c = t % C; w = (t / C) % W; h = (t / (C * W)) % H; n = t / (C * W * H);
+  } else {
+    w = t % W; h = (t / W) % H; c = (t / (W * H)) % C; n = t / (W * H * C);
+  }
+}
+
+// Unpooling (and pooling backward): one thread per output element, in the output's memory
+// order (coalesced stores), every element written once: the value where the window's code
+// points here, else zero. Reads a value only where it is placed.
+template <typename T, bool CHANNELS_LAST>
+__global__ void max_unpool2x2_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed,
+                                     T* __restrict__ y, PoolDims d) {
+  const int64_t total = d.N * d.C * d.H * d.W;
+  const Strides4 vs = dense_strides(d.C, d.Ho, d.Wo, CHANNELS_LAST);
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    int64_t n, c, h, w;
+    unravel<CHANNELS_LAST>(t, d.C, d.H, d.W, n, c, h, w);
+    const int64_t oh = h >> 1, ow = w >> 1;
+    T out = T(0);
+    if (oh < d.Ho && ow < d.Wo) {
+      const int64_t k = ((n * d.C + c) * d.Ho + oh) * d.Wo + ow;
+      if (read_code(packed, k) == 2 * (h & 1) + (w & 1)) out = v[vs.at(n, c, oh, ow)];
+    }
+    y[t] = out;
+  }
+}
+
+// Unpooling backward: one thread per gradient of a value, in memory order; gathers the
+// output gradient at the window's arg-max (zero where the code points outside the output).
+template <typename T, bool CHANNELS_LAST>
+__global__ void max_unpool2x2_backward_kernel(const T* __restrict__ go,
+                                              const uint8_t* __restrict__ packed,
+                                              T* __restrict__ gv, PoolDims d) {
+  const int64_t total = d.windows();
+  const Strides4 gs = dense_strides(d.C, d.H, d.W, CHANNELS_LAST);
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    int64_t n, c, oh, ow;
+    unravel<CHANNELS_LAST>(t, d.C, d.Ho, d.Wo, n, c, oh, ow);
+    const uint8_t code = read_code(packed, ((n * d.C + c) * d.Ho + oh) * d.Wo + ow);
+    const int64_t h = 2 * oh + (code >> 1), w = 2 * ow + (code & 1);
+    gv[t] = h < d.H && w < d.W ? go[gs.at(n, c, h, w)] : T(0);
+  }
+}
+
+// ---- launchers: x, y, v, go, gv are dense in the given memory format ----
+
+template <typename T>
+void launch_max_pool2x2(const T* x, T* y, uint8_t* packed, PoolDims d, bool channels_last,
+                        cudaStream_t stream, LaunchConfig cfg = {}) {
+  const int64_t bytes = packed_bytes(d.windows());
+  if (bytes == 0) return;
+  const unsigned blocks = blocks_for(bytes, cfg);
+  const Strides4 xs = dense_strides(d.C, d.H, d.W, channels_last);
+  const Strides4 ys = dense_strides(d.C, d.Ho, d.Wo, channels_last);
+  if (!channels_last && d.W % 8 == 0 && is_aligned_for_vec<T, 8>(x) &&
+      is_aligned_for_vec<T, 4>(y)) {
+    auto kernel = max_pool2x2_nchw_vec_kernel<T>;
+    SEGNET_LAUNCH(kernel, blocks, cfg.threads, stream, x, y, packed, d);
+  } else if (channels_last && (d.Ho * d.Wo) % 4 == 0) {
+    auto kernel = max_pool2x2_kernel<T, true>;
+    SEGNET_LAUNCH(kernel, blocks, cfg.threads, stream, x, xs, y, ys, packed, d);
+  } else {
+    auto kernel = max_pool2x2_kernel<T, false>;
+    SEGNET_LAUNCH(kernel, blocks, cfg.threads, stream, x, xs, y, ys, packed, d);
+  }
+}
+
+template <typename T>
+void launch_max_unpool2x2(const T* v, const uint8_t* packed, T* y, PoolDims d, bool channels_last,
+                          cudaStream_t stream, LaunchConfig cfg = {}) {
+  const int64_t total = d.N * d.C * d.H * d.W;
+  if (total == 0) return;
+  auto kernel = channels_last ? max_unpool2x2_kernel<T, true> : max_unpool2x2_kernel<T, false>;
+  SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, v, packed, y, d);
+}
+
+template <typename T>
+void launch_max_unpool2x2_backward(const T* go, const uint8_t* packed, T* gv, PoolDims d,
+                                   bool channels_last, cudaStream_t stream,
+                                   LaunchConfig cfg = {}) {
+  if (d.windows() == 0) return;
+  auto kernel = channels_last ? max_unpool2x2_backward_kernel<T, true>
+                              : max_unpool2x2_backward_kernel<T, false>;
+  SEGNET_LAUNCH(kernel, blocks_for(d.windows(), cfg), cfg.threads, stream, go, packed, gv, d);
+}
+
+}  // namespace kernels
+}  // namespace segnet

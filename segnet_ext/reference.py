@@ -1,0 +1,77 @@
+"""Pure-PyTorch versions of every op: slow, obvious, and the oracle the tests trust.
+
+They follow the documented contract, not the kernels: windows are reshaped out of
+the input, the arg-max rule is applied element by element, and the 2-bit codes are
+packed with plain tensor arithmetic.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_SHIFTS = (0, 2, 4, 6)
+
+
+def pack_codes(codes: Tensor) -> Tensor:
+    """2-bit codes (any shape, logical order) -> uint8 [ceil(numel / 4)]: code k in
+    byte k // 4 at bits 2 * (k % 4); bits past the last code are zero."""
+    flat = codes.reshape(-1).to(torch.int32)
+    flat = F.pad(flat, (0, -flat.numel() % 4)).view(-1, 4)
+    packed = flat[:, 0] | (flat[:, 1] << 2) | (flat[:, 2] << 4) | (flat[:, 3] << 6)
+    return packed.to(torch.uint8)
+
+
+def unpack_codes(packed: Tensor, windows: int) -> Tensor:
+    """uint8 [ceil(windows / 4)] -> int64 codes [windows]."""
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed.device)
+    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & 3
+    return codes.reshape(-1)[:windows].to(torch.int64)
+
+
+def _windows(x: Tensor, Ho: int, Wo: int, fill: float) -> Tensor:
+    """[N, C, H, W] -> [N, C, Ho, Wo, 4] in row-major window order, cropped or padded
+    with `fill` to exactly 2*Ho x 2*Wo."""
+    H, W = x.shape[-2:]
+    x = x[..., : 2 * Ho, : 2 * Wo]
+    x = F.pad(x, (0, 2 * Wo - min(W, 2 * Wo), 0, 2 * Ho - min(H, 2 * Ho)), value=fill)
+    N, C = x.shape[:2]
+    return x.reshape(N, C, Ho, 2, Wo, 2).permute(0, 1, 2, 4, 3, 5).reshape(N, C, Ho, Wo, 4)
+
+
+def max_pool2x2(x: Tensor, ceil_mode: bool = False):
+    """x [N, C, H, W] -> (values [N, C, Ho, Wo], packed_indices uint8)."""
+    H, W = x.shape[-2:]
+    Ho, Wo = ((H + 1) // 2, (W + 1) // 2) if ceil_mode else (H // 2, W // 2)
+    # -inf padding never wins under the rule below, so partial windows behave as torch's.
+    win = _windows(x, Ho, Wo, float("-inf"))
+    values, codes = win[..., 0], torch.zeros(win.shape[:-1], dtype=torch.int64, device=x.device)
+    for k in range(1, 4):
+        v = win[..., k]
+        wins = (v > values) | torch.isnan(v)  # torch's rule: strictly greater, or NaN
+        values = torch.where(wins, v, values)
+        codes = torch.where(wins, k, codes)
+    return values, pack_codes(codes)
+
+
+def max_unpool2x2(values: Tensor, packed_indices: Tensor, output_size) -> Tensor:
+    """values [N, C, Ho, Wo] -> [N, C, H, W], zero except at each window's arg-max."""
+    N, C, Ho, Wo = values.shape
+    H, W = output_size[-2:]
+    codes = unpack_codes(packed_indices, values.numel()).view(N, C, Ho, Wo)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    win = torch.stack([torch.where(codes == k, values, zero) for k in range(4)], dim=-1)
+    full = win.view(N, C, Ho, Wo, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(N, C, 2 * Ho, 2 * Wo)
+    full = full[..., :H, :W]
+    return F.pad(full, (0, W - full.shape[-1], 0, H - full.shape[-2]))
+
+
+def max_unpool2x2_backward(grad_output: Tensor, packed_indices: Tensor, pooled_size) -> Tensor:
+    """grad_output [N, C, H, W] -> grad_values [N, C, Ho, Wo]: grad_output at each arg-max."""
+    Ho, Wo = pooled_size
+    N, C = grad_output.shape[:2]
+    codes = unpack_codes(packed_indices, N * C * Ho * Wo).view(N, C, Ho, Wo, 1)
+    return _windows(grad_output, Ho, Wo, 0.0).gather(-1, codes).squeeze(-1)
+
+
+def max_pool2x2_backward(grad_values: Tensor, packed_indices: Tensor, input_size) -> Tensor:
+    """The gradient of max_pool2x2: each window's gradient at its arg-max."""
+    return max_unpool2x2(grad_values, packed_indices, input_size)
