@@ -147,7 +147,9 @@ def _empty_like_format(like: Tensor, shape) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=suggest_memory_format(like))
 
 
-def _check_packed(packed: Tensor, windows, op: str) -> None:
+def _check_packed(packed: Tensor, windows, like: Tensor, like_name: str, op: str) -> None:
+    torch._check(packed.device == like.device,
+                 lambda: f"{op}: packed_indices is on {packed.device} but {like_name} is on {like.device}")
     torch._check(packed.dtype == torch.uint8, lambda: f"{op}: packed_indices must be uint8, got {packed.dtype}")
     torch._check(packed.dim() == 1 and packed.shape[0] == (windows + 3) // 4,
                  lambda: f"{op}: packed_indices must be 1-D with ceil({windows} / 4) bytes, got {tuple(packed.shape)}")
@@ -167,7 +169,7 @@ def _max_pool2x2_fake(x: Tensor, ceil_mode: bool = False):
 def _max_unpool2x2_fake(values: Tensor, packed_indices: Tensor, output_size):
     _check_activation(values, "values", "max_unpool2x2")
     N, C, Ho, Wo = values.shape
-    _check_packed(packed_indices, N * C * Ho * Wo, "max_unpool2x2")
+    _check_packed(packed_indices, N * C * Ho * Wo, values, "values", "max_unpool2x2")
     return _empty_like_format(values, (N, C, output_size[0], output_size[1]))
 
 
@@ -175,7 +177,8 @@ def _max_unpool2x2_fake(values: Tensor, packed_indices: Tensor, output_size):
 def _max_unpool2x2_backward_fake(grad_output: Tensor, packed_indices: Tensor, pooled_size):
     _check_activation(grad_output, "grad_output", "max_unpool2x2_backward")
     N, C = grad_output.shape[:2]
-    _check_packed(packed_indices, N * C * pooled_size[0] * pooled_size[1], "max_unpool2x2_backward")
+    _check_packed(packed_indices, N * C * pooled_size[0] * pooled_size[1], grad_output, "grad_output",
+                  "max_unpool2x2_backward")
     return _empty_like_format(grad_output, (N, C, pooled_size[0], pooled_size[1]))
 
 

@@ -1,0 +1,274 @@
+// Runs CUDA kernels on the CPU, so the tests can check what nvcc only compiles.
+//
+// Include this before a kernel header (csrc/kernels/*.cuh) in a host build (C++20).
+// A launch runs the grid's blocks one after another; within a block, every CUDA
+// thread is a std::thread, so the kernel code runs truly concurrently:
+//   - threadIdx / blockIdx / blockDim / gridDim are thread_local;
+//   - __syncthreads() is a std::barrier over the block's live threads (a thread that
+//     returns stops counting, as on the GPU);
+//   - __shared__ is `static`: one copy, and since blocks run one at a time, one per block;
+//   - warp shuffles exchange through per-warp slots between two per-warp barriers;
+//     a partial warp counts only its live lanes; a source lane outside the width
+//     segment returns the caller's own value, as CUDA does, and one past the last
+//     live lane of a partial warp (undefined on a GPU) raises an error;
+//   - atomics are std::atomic_ref operations.
+// Schedules make races reproducible: under WarpsForward a warp starts only once the
+// warp before it is waiting at a __syncthreads() or has finished (WarpsReverse: the
+// warp after it), so a read of shared memory that lacks its barrier reads a value not
+// yet written, every time, under one of the two orders. Free lets all threads run at once.
+// Limits: all live lanes of a warp must take part in a shuffle (full mask); no dynamic
+// shared memory; one emulated launch at a time per process.
+#pragma once
+
+#define SEGNET_CUDA_EMULATION 1
+
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <latch>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using cudaStream_t = void*;
+
+namespace cuda_emu {
+
+constexpr int kWarpSize = 32;
+enum class Schedule { Free, WarpsForward, WarpsReverse };
+
+inline Schedule& schedule() {
+  static Schedule s = Schedule::Free;
+  return s;
+}
+
+class Launch;
+
+struct ThreadState {
+  dim3 thread_idx, block_idx, block_dim, grid_dim;
+  Launch* launch = nullptr;
+  unsigned linear = 0;     // thread index within the block
+  bool released = false;   // has let the next warp in the schedule start
+};
+
+inline thread_local ThreadState tls;
+
+class Launch {
+ public:
+  struct ResetBlock {
+    Launch* launch;
+    void operator()() noexcept { launch->reset_block(); }
+  };
+
+  Launch(dim3 grid, dim3 block)
+      : grid_(grid), block_(block), threads_(block.x * block.y * block.z),
+        warps_((threads_ + kWarpSize - 1) / kWarpSize), slots_(threads_),
+        block_end_(threads_, ResetBlock{this}) {
+    reset_block();
+  }
+
+  unsigned threads() const { return threads_; }
+
+  void syncthreads() {
+    release_next_warp();
+    sync_->arrive_and_wait();
+  }
+
+  // Exchange through per-warp slots: write, barrier, read the source lane, barrier.
+  // A source lane beyond the last thread of a partial warp does not exist: on a GPU the
+  // result is undefined, here it is an error.
+  template <typename T>
+  T shuffle(T value, int src_lane_in_warp, bool valid) {
+    static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a type wider than 8 bytes");
+    const unsigned warp = tls.linear / kWarpSize;
+    if (valid && warp * kWarpSize + src_lane_in_warp >= threads_) {
+      throw std::runtime_error("cuda_emu: shuffle reads lane " + std::to_string(src_lane_in_warp) +
+                               " of a partial warp that has only " +
+                               std::to_string(live_lanes(warp)) + " lanes");
+    }
+    std::memcpy(&slots_[tls.linear], &value, sizeof(T));
+    warp_sync_[warp]->arrive_and_wait();
+    T out = value;
+    const unsigned src = warp * kWarpSize + src_lane_in_warp;
+    if (valid && src < threads_) std::memcpy(&out, &slots_[src], sizeof(T));
+    warp_sync_[warp]->arrive_and_wait();
+    return out;
+  }
+
+  void syncwarp() { warp_sync_[tls.linear / kWarpSize]->arrive_and_wait(); }
+
+  unsigned live_lanes(unsigned warp) const {
+    return std::min<unsigned>(kWarpSize, threads_ - warp * kWarpSize);
+  }
+
+  void run(const std::function<void()>& body) {
+    std::vector<std::thread> pool;
+    pool.reserve(threads_);
+    for (unsigned t = 0; t < threads_; ++t) pool.emplace_back([this, t, &body] { thread_main(t, body); });
+    for (auto& th : pool) th.join();
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void thread_main(unsigned t, const std::function<void()>& body) {
+    tls = ThreadState{};
+    tls.launch = this;
+    tls.linear = t;
+    tls.block_dim = block_;
+    tls.grid_dim = grid_;
+    tls.thread_idx = dim3(t % block_.x, (t / block_.x) % block_.y, t / (block_.x * block_.y));
+    const unsigned blocks = grid_.x * grid_.y * grid_.z;
+    for (unsigned b = 0; b < blocks; ++b) {
+      tls.block_idx = dim3(b % grid_.x, (b / grid_.x) % grid_.y, b / (grid_.x * grid_.y));
+      tls.released = false;
+      wait_for_turn();
+      try {
+        body();
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+      release_next_warp();
+      sync_->arrive_and_drop();
+      warp_sync_[t / kWarpSize]->arrive_and_drop();
+      block_end_.arrive_and_wait();
+    }
+  }
+
+  // The warp that waits for this one under the current schedule, or -1.
+  int next_warp(unsigned warp) const {
+    if (schedule() == Schedule::WarpsForward) return warp + 1 < warps_ ? int(warp + 1) : -1;
+    if (schedule() == Schedule::WarpsReverse) return warp > 0 ? int(warp - 1) : -1;
+    return -1;
+  }
+
+  void wait_for_turn() {
+    const unsigned warp = tls.linear / kWarpSize;
+    if (gates_[warp]) gates_[warp]->wait();
+  }
+
+  void release_next_warp() {
+    if (tls.released) return;
+    tls.released = true;
+    const int next = next_warp(tls.linear / kWarpSize);
+    if (next >= 0) gates_[next]->count_down();
+  }
+
+  // Runs once between blocks, while every thread waits at block_end_.
+  void reset_block() {
+    sync_ = std::make_unique<std::barrier<>>(threads_);
+    warp_sync_.clear();
+    gates_.clear();
+    gates_.resize(warps_);
+    for (unsigned w = 0; w < warps_; ++w) {
+      warp_sync_.push_back(std::make_unique<std::barrier<>>(live_lanes(w)));
+    }
+    for (unsigned w = 0; w < warps_; ++w) {
+      const int next = next_warp(w);
+      if (next >= 0) gates_[next] = std::make_unique<std::latch>(live_lanes(w));
+    }
+  }
+
+  dim3 grid_, block_;
+  unsigned threads_, warps_;
+  std::vector<uint64_t> slots_;
+  std::unique_ptr<std::barrier<>> sync_;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_sync_;
+  std::vector<std::unique_ptr<std::latch>> gates_;
+  std::barrier<ResetBlock> block_end_;
+  std::mutex error_mutex_;
+  std::exception_ptr error_;
+};
+
+// Runs `body` (a call of the kernel) as a grid x block launch; returns when all threads are done.
+template <typename F>
+void launch(dim3 grid, dim3 block, F&& body) {
+  if (grid.x * grid.y * grid.z == 0 || block.x * block.y * block.z == 0) return;
+  Launch(grid, block).run(std::function<void()>(body));
+}
+
+inline unsigned lane() { return tls.linear % kWarpSize; }
+
+}  // namespace cuda_emu
+
+#define threadIdx (::cuda_emu::tls.thread_idx)
+#define blockIdx (::cuda_emu::tls.block_idx)
+#define blockDim (::cuda_emu::tls.block_dim)
+#define gridDim (::cuda_emu::tls.grid_dim)
+#define warpSize (::cuda_emu::kWarpSize)
+
+inline void __syncthreads() { ::cuda_emu::tls.launch->syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { ::cuda_emu::tls.launch->syncwarp(); }
+
+// Lanes are grouped in segments of `width` (a power of two <= 32), as in CUDA.
+template <typename T>
+T __shfl_sync(unsigned, T v, int src, int width = 32) {
+  const int base = int(::cuda_emu::lane()) & ~(width - 1);
+  return ::cuda_emu::tls.launch->shuffle(v, base + (src & (width - 1)), true);
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+  const int lane = ::cuda_emu::lane(), src = lane + int(delta);
+  return ::cuda_emu::tls.launch->shuffle(v, src, (src & ~(width - 1)) == (lane & ~(width - 1)));
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+  const int lane = ::cuda_emu::lane(), src = lane - int(delta);
+  return ::cuda_emu::tls.launch->shuffle(v, src, src >= 0 && (src & ~(width - 1)) == (lane & ~(width - 1)));
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+  const int lane = ::cuda_emu::lane(), src = lane ^ mask;
+  return ::cuda_emu::tls.launch->shuffle(v, src, (src & ~(width - 1)) == (lane & ~(width - 1)));
+}
+
+template <typename T>
+T __ldg(const T* p) { return *p; }
+
+template <typename T>
+T atomicAdd(T* address, T value) { return std::atomic_ref<T>(*address).fetch_add(value); }
+template <typename T>
+T atomicSub(T* address, T value) { return std::atomic_ref<T>(*address).fetch_sub(value); }
+template <typename T>
+T atomicOr(T* address, T value) { return std::atomic_ref<T>(*address).fetch_or(value); }
+template <typename T>
+T atomicAnd(T* address, T value) { return std::atomic_ref<T>(*address).fetch_and(value); }
+template <typename T>
+T atomicExch(T* address, T value) { return std::atomic_ref<T>(*address).exchange(value); }
+template <typename T>
+T atomicCAS(T* address, T expected, T desired) {
+  std::atomic_ref<T>(*address).compare_exchange_strong(expected, desired);
+  return expected;
+}
+template <typename T>
+T atomicMax(T* address, T value) {
+  std::atomic_ref<T> a(*address);
+  T old = a.load();
+  while (old < value && !a.compare_exchange_weak(old, value)) {}
+  return old;
+}
+template <typename T>
+T atomicMin(T* address, T value) {
+  std::atomic_ref<T> a(*address);
+  T old = a.load();
+  while (value < old && !a.compare_exchange_weak(old, value)) {}
+  return old;
+}

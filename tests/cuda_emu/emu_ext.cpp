@@ -1,0 +1,120 @@
+// Test-only extension: the CUDA kernels of csrc/kernels/, built for the CPU with the
+// emulation header and launched with small, odd launch geometries.
+#include <torch/extension.h>
+
+#include "common/pool2x2_args.h"
+// clang-format off
+#include "cuda_emu.h"
+#include "kernels/pool2x2.cuh"
+#include "selftest_kernels.cuh"
+// clang-format on
+
+namespace {
+
+using at::Tensor;
+using segnet::kernels::LaunchConfig;
+using segnet::kernels::PoolDims;
+
+void set_schedule(const std::string& name) {
+  using cuda_emu::Schedule;
+  if (name == "free") cuda_emu::schedule() = Schedule::Free;
+  else if (name == "warps_forward") cuda_emu::schedule() = Schedule::WarpsForward;
+  else if (name == "warps_reverse") cuda_emu::schedule() = Schedule::WarpsReverse;
+  else TORCH_CHECK_VALUE(false, "schedule must be free, warps_forward or warps_reverse, got ", name);
+}
+
+PoolDims dims_of(const segnet::PoolGeometry& g) { return {g.N, g.C, g.H, g.W, g.Ho, g.Wo}; }
+
+// Outputs start poisoned, so an element a kernel fails to write shows up in the comparison.
+Tensor poisoned(at::IntArrayRef size, const at::TensorOptions& options,
+                at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  return at::empty(size, options.memory_format(format)).fill_(77);
+}
+
+#define EMU_DISPATCH(TYPE, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, "emu", __VA_ARGS__)
+
+std::tuple<Tensor, Tensor> max_pool2x2(const Tensor& x_in, bool ceil_mode, int threads,
+                                       int64_t max_blocks) {
+  const auto g = segnet::pool_geometry(x_in, ceil_mode);
+  const Tensor x = x_in.contiguous(g.format);
+  Tensor values = poisoned({g.N, g.C, g.Ho, g.Wo}, x.options(), g.format);
+  Tensor packed = poisoned({segnet::packed_bytes(g.windows())}, x.options().dtype(at::kByte));
+  EMU_DISPATCH(x.scalar_type(), [&] {
+    segnet::kernels::launch_max_pool2x2(x.const_data_ptr<scalar_t>(), values.mutable_data_ptr<scalar_t>(),
+                                        packed.mutable_data_ptr<uint8_t>(), dims_of(g),
+                                        g.channels_last(), nullptr, LaunchConfig{threads, max_blocks});
+  });
+  return {values, packed};
+}
+
+Tensor max_unpool2x2(const Tensor& values_in, const Tensor& packed_in, std::vector<int64_t> output_size,
+                     int threads, int64_t max_blocks) {
+  const auto g = segnet::unpool_geometry(values_in, packed_in, output_size);
+  const Tensor values = values_in.contiguous(g.format), packed = packed_in.contiguous();
+  Tensor y = poisoned({g.N, g.C, g.H, g.W}, values.options(), g.format);
+  EMU_DISPATCH(values.scalar_type(), [&] {
+    segnet::kernels::launch_max_unpool2x2(values.const_data_ptr<scalar_t>(), packed.const_data_ptr<uint8_t>(),
+                                          y.mutable_data_ptr<scalar_t>(), dims_of(g), g.channels_last(),
+                                          nullptr, LaunchConfig{threads, max_blocks});
+  });
+  return y;
+}
+
+Tensor max_unpool2x2_backward(const Tensor& grad_output_in, const Tensor& packed_in,
+                              std::vector<int64_t> pooled_size, int threads, int64_t max_blocks) {
+  const auto g = segnet::gather_geometry(grad_output_in, packed_in, pooled_size);
+  const Tensor grad_output = grad_output_in.contiguous(g.format), packed = packed_in.contiguous();
+  Tensor grad_values = poisoned({g.N, g.C, g.Ho, g.Wo}, grad_output.options(), g.format);
+  EMU_DISPATCH(grad_output.scalar_type(), [&] {
+    segnet::kernels::launch_max_unpool2x2_backward(
+        grad_output.const_data_ptr<scalar_t>(), packed.const_data_ptr<uint8_t>(),
+        grad_values.mutable_data_ptr<scalar_t>(), dims_of(g), g.channels_last(), nullptr,
+        LaunchConfig{threads, max_blocks});
+  });
+  return grad_values;
+}
+
+// ---- the emulator's own tests ----
+
+Tensor block_sum(const Tensor& x, bool sync, int threads, int blocks) {
+  Tensor out = at::zeros({1}, x.options());
+  auto kernel = sync ? selftest::block_sum<true> : selftest::block_sum<false>;
+  SEGNET_LAUNCH(kernel, blocks, threads, nullptr, x.const_data_ptr<float>(), x.numel(),
+                out.mutable_data_ptr<float>());
+  return out;
+}
+
+Tensor shuffles(int threads, int blocks, int width) {
+  Tensor out = at::full({int64_t(threads) * blocks * 5}, -1, at::kInt);
+  auto kernel = selftest::shuffles;
+  SEGNET_LAUNCH(kernel, blocks, threads, nullptr, out.mutable_data_ptr<int>(), width);
+  return out.view({-1, 5});
+}
+
+Tensor atomics(int threads, int blocks) {
+  const int nwarps = (threads * blocks + 31) / 32;
+  Tensor counters = at::zeros({nwarps + 2}, at::kLong);
+  auto kernel = selftest::atomics;
+  SEGNET_LAUNCH(kernel, blocks, threads, nullptr, counters.mutable_data_ptr<int64_t>(), nwarps);
+  return counters;
+}
+
+void shuffle_past_partial_warp(int threads) {
+  Tensor out = at::zeros({threads}, at::kFloat);
+  auto kernel = selftest::shuffle_past_partial_warp;
+  SEGNET_LAUNCH(kernel, 1, threads, nullptr, out.mutable_data_ptr<float>());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_schedule", &set_schedule);
+  m.def("max_pool2x2", &max_pool2x2);
+  m.def("max_unpool2x2", &max_unpool2x2);
+  m.def("max_unpool2x2_backward", &max_unpool2x2_backward);
+  m.def("block_sum", &block_sum);
+  m.def("shuffles", &shuffles);
+  m.def("atomics", &atomics);
+  m.def("shuffle_past_partial_warp", &shuffle_past_partial_warp);
+}

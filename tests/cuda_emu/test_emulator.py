@@ -1,0 +1,64 @@
+"""The CUDA emulator's own tests: barriers, shared memory, shuffles, atomics, partial warps."""
+import pytest
+import torch
+
+SCHEDULES = ["free", "warps_forward", "warps_reverse"]
+
+
+@pytest.fixture(params=SCHEDULES)
+def schedule(request, emu):
+    emu.set_schedule(request.param)
+    yield request.param
+    emu.set_schedule("free")
+
+
+@pytest.mark.parametrize("threads,blocks,n", [(64, 3, 1000), (96, 2, 5), (32, 1, 33), (128, 4, 4099)])
+def test_block_reduction(emu, schedule, threads, blocks, n):
+    x = torch.randn(n)
+    got = emu.block_sum(x, True, threads, blocks).item()
+    assert got == pytest.approx(x.double().sum().item(), rel=1e-5, abs=1e-4)
+
+
+def test_missing_barrier_fails(emu):
+    # Without its __syncthreads(), warp 0 reads the other warps' partial sums before they
+    # are written: under the forward schedule it does so on every run.
+    emu.set_schedule("warps_forward")
+    try:
+        for _ in range(3):
+            x = torch.rand(4096) + 1  # every partial sum is positive, so a missed one shows
+            expected = x.double().sum().item()
+            assert emu.block_sum(x, True, 128, 2).item() == pytest.approx(expected, rel=1e-5)
+            assert emu.block_sum(x, False, 128, 2).item() != pytest.approx(expected, rel=1e-3)
+    finally:
+        emu.set_schedule("free")
+
+
+@pytest.mark.parametrize("width", [32, 16, 8, 4])
+def test_warp_shuffles_follow_cuda(emu, width):
+    threads, blocks = 64, 2
+    got = emu.shuffles(threads, blocks, width)
+    lane = torch.arange(threads * blocks) % 32
+    segment = lane - lane % width
+    down = torch.where(lane + 1 < segment + width, lane + 1, lane)
+    up = torch.where(lane - 1 >= segment, lane - 1, lane)
+    xor = lane ^ 1
+    expected = torch.stack([down, up, xor, segment, segment + width - 1], dim=1).int()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("threads,blocks", [(64, 3), (48, 2), (7, 5)])
+def test_atomics_and_partial_warps(emu, schedule, threads, blocks):
+    counters = emu.atomics(threads, blocks)
+    total = threads * blocks
+    assert counters[0] == total
+    nwarps = (total + 31) // 32
+    for w in range(nwarps):
+        lanes = min(32, total - 32 * w)
+        assert counters[1 + w] == (1 << lanes) - 1
+    assert counters[1 + nwarps] == total - 1
+
+
+def test_shuffle_from_a_lane_a_partial_warp_lacks_is_an_error(emu):
+    with pytest.raises(RuntimeError, match="partial warp that has only 20 lanes"):
+        emu.shuffle_past_partial_warp(20)
+    emu.shuffle_past_partial_warp(32)  # a full warp has the lane
