@@ -68,16 +68,18 @@ def with_cuda():
 
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20"]
+    # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it, it runs serially.
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     if not with_cuda():
         return CppExtension("segnet_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     print(f"segnet_ext: building CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
     return CUDAExtension(
         "segnet_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]})
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+        extra_link_args=["-fopenmp"])
 
 
 setup(

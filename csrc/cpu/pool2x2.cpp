@@ -1,25 +1,156 @@
 // CPU kernels of max_pool2x2, max_unpool2x2 and max_unpool2x2_backward, both memory formats.
 //
-// Every kernel reads and writes each element once. Work is split into tasks that own
-// contiguous ranges of windows; a packed byte shared by two tasks (when a range does
-// not start or end on a multiple of 4 windows) is OR-ed atomically into the output,
-// which starts zeroed, so the result never depends on the split.
+// Each kernel reads and writes every element once. The inner loops over full 2x2
+// windows are branch-free leaf functions the compiler vectorises (vectorize.h builds
+// them per ISA); the partial border windows of odd sizes take scalar code. 2-bit codes
+// pass through a small L1-resident buffer of one byte per window between the
+// arithmetic and the packing, which keeps both loops simple and vectorisable.
+//
+// Work is split into tasks over disjoint window ranges; a packed byte that two tasks
+// share (a range not starting or ending on a multiple of 4 windows) is OR-ed
+// atomically into the zeroed output, so results never depend on the split.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "common/pool2x2_args.h"
+#include "cpu/vectorize.h"
 
 namespace segnet {
 namespace {
 
 using at::Tensor;
 
-// Codes of windows [k0, k0 + n), read from codes[i * stride].
+// ---- vectorised leaf loops ------------------------------------------------------
+
+// codes [4 * nbytes] -> packed [nbytes]
+SEGNET_MULTIVERSION void pack_bytes(const uint8_t* __restrict__ codes, int64_t nbytes,
+                                    uint8_t* __restrict__ packed) {
+  for (int64_t i = 0; i < nbytes; ++i) {
+    uint32_t w;
+    std::memcpy(&w, codes + 4 * i, 4);  // little-endian: code 4i in the low byte
+    packed[i] = uint8_t((w & 3u) | ((w >> 6) & 0xCu) | ((w >> 12) & 0x30u) | ((w >> 18) & 0xC0u));
+  }
+}
+
+// packed [nbytes] -> codes [4 * nbytes]
+SEGNET_MULTIVERSION void unpack_bytes(const uint8_t* __restrict__ packed, int64_t nbytes,
+                                      uint8_t* __restrict__ codes) {
+  for (int64_t i = 0; i < nbytes; ++i) {
+    const uint8_t b = packed[i];
+    codes[4 * i] = b & 3;
+    codes[4 * i + 1] = (b >> 2) & 3;
+    codes[4 * i + 2] = (b >> 4) & 3;
+    codes[4 * i + 3] = b >> 6;
+  }
+}
+
+// Four rows of codes -> one row of bytes (element-wise), and back.
+SEGNET_MULTIVERSION void join_codes(const uint8_t* __restrict__ c0, const uint8_t* __restrict__ c1,
+                                    const uint8_t* __restrict__ c2, const uint8_t* __restrict__ c3,
+                                    int64_t n, uint8_t* __restrict__ bytes) {
+  for (int64_t i = 0; i < n; ++i) bytes[i] = c0[i] | (c1[i] << 2) | (c2[i] << 4) | (c3[i] << 6);
+}
+
+SEGNET_MULTIVERSION void split_codes(const uint8_t* __restrict__ bytes, int64_t n,
+                                     uint8_t* __restrict__ c0, uint8_t* __restrict__ c1,
+                                     uint8_t* __restrict__ c2, uint8_t* __restrict__ c3) {
+  for (int64_t i = 0; i < n; ++i) {
+    c0[i] = bytes[i] & 3;
+    c1[i] = (bytes[i] >> 2) & 3;
+    c2[i] = (bytes[i] >> 4) & 3;
+    c3[i] = bytes[i] >> 6;
+  }
+}
+
+// One full window's arg-max, branch-free (the same rule as window_argmax).
+template <typename T>
+inline void full_window(T a, T b, T c, T d, T* max_out, uint8_t* code_out) {
+  using acc = at::opmath_type<T>;
+  T m = a;
+  uint8_t k = 0;
+  bool t = replaces_max(acc(b), acc(m));
+  m = t ? b : m;
+  k = t ? 1 : k;
+  t = replaces_max(acc(c), acc(m));
+  m = t ? c : m;
+  k = t ? 2 : k;
+  t = replaces_max(acc(d), acc(m));
+  m = t ? d : m;
+  k = t ? 3 : k;
+  *max_out = m;
+  *code_out = k;
+}
+
+// NCHW: n full windows whose top-left elements are r0[0], r0[2], ...; r1 = the row below.
+template <typename T>
+SEGNET_MULTIVERSION void pool_span(const T* __restrict__ r0, const T* __restrict__ r1, int64_t n,
+                                   T* __restrict__ y, uint8_t* __restrict__ codes) {
+  for (int64_t i = 0; i < n; ++i)
+    full_window(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1], &y[i], &codes[i]);
+}
+
+// channels_last: one full window across C channels, from its four pixels.
+template <typename T>
+SEGNET_MULTIVERSION void pool_channels(const T* __restrict__ p00, const T* __restrict__ p01,
+                                       const T* __restrict__ p10, const T* __restrict__ p11,
+                                       int64_t C, T* __restrict__ y, uint8_t* __restrict__ codes) {
+  for (int64_t c = 0; c < C; ++c) full_window(p00[c], p01[c], p10[c], p11[c], &y[c], &codes[c]);
+}
+
+// NCHW: output row dy of n windows (2n elements), zero where the code points elsewhere.
+template <typename T>
+SEGNET_MULTIVERSION void unpool_span(const T* __restrict__ v, const uint8_t* __restrict__ codes,
+                                     int64_t n, int dy, T* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[2 * i] = codes[i] == 2 * dy ? v[i] : T(0);
+    out[2 * i + 1] = codes[i] == 2 * dy + 1 ? v[i] : T(0);
+  }
+}
+
+// channels_last: one output pixel across C channels.
+template <typename T>
+SEGNET_MULTIVERSION void unpool_channels(const T* __restrict__ v, const uint8_t* __restrict__ codes,
+                                         int64_t C, uint8_t want, T* __restrict__ out) {
+  for (int64_t c = 0; c < C; ++c) out[c] = codes[c] == want ? v[c] : T(0);
+}
+
+// NCHW: gradients of n full windows from rows g0, g1 of grad_output.
+template <typename T>
+SEGNET_MULTIVERSION void gather_span(const T* __restrict__ g0, const T* __restrict__ g1,
+                                     const uint8_t* __restrict__ codes, int64_t n, T* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) {  // loads unconditional, so the loop vectorises
+    const uint8_t k = codes[i];
+    const T a = g0[2 * i], b = g0[2 * i + 1], c = g1[2 * i], d = g1[2 * i + 1];
+    const T top = k & 1 ? b : a, bottom = k & 1 ? d : c;
+    out[i] = k & 2 ? bottom : top;
+  }
+}
+
+// channels_last: gradients of one full window across C channels.
+template <typename T>
+SEGNET_MULTIVERSION void gather_channels(const T* __restrict__ g00, const T* __restrict__ g01,
+                                         const T* __restrict__ g10, const T* __restrict__ g11,
+                                         const uint8_t* __restrict__ codes, int64_t C,
+                                         T* __restrict__ out) {
+  for (int64_t c = 0; c < C; ++c) {
+    const uint8_t k = codes[c];
+    const T a = g00[c], b = g01[c], d0 = g10[c], d1 = g11[c];
+    const T top = k & 1 ? b : a, bottom = k & 1 ? d1 : d0;
+    out[c] = k & 2 ? bottom : top;
+  }
+}
+
+// ---- codes <-> packed bytes over window ranges ------------------------------------
+
+// Codes of windows [k0, k0 + n), read from codes[i * stride]; bytes the range covers
+// only in part are OR-ed atomically (the output starts zeroed).
 void store_codes(uint8_t* packed, int64_t k0, const uint8_t* codes, int64_t n, int64_t stride) {
   const int64_t end = k0 + n;
   int64_t k = k0;
@@ -30,6 +161,11 @@ void store_codes(uint8_t* packed, int64_t k0, const uint8_t* codes, int64_t n, i
     std::atomic_ref<uint8_t>(packed[byte]).fetch_or(bits, std::memory_order_relaxed);
   };
   if (k & 3) store_partial(std::min(end, (k + 3) & ~int64_t(3)));
+  if (stride == 1) {
+    const int64_t full = (end - k) / 4;
+    pack_bytes(codes + (k - k0), full, packed + (k >> 2));
+    k += 4 * full;
+  }
   for (; k + 4 <= end; k += 4) {
     const uint8_t* c = codes + (k - k0) * stride;
     packed[k >> 2] = c[0] | (c[stride] << 2) | (c[2 * stride] << 4) | (c[3 * stride] << 6);
@@ -37,46 +173,59 @@ void store_codes(uint8_t* packed, int64_t k0, const uint8_t* codes, int64_t n, i
   if (k < end) store_partial(end);
 }
 
-// codes[i * stride] = code of window k0 + i, for i < n.
-void load_codes(const uint8_t* packed, int64_t k0, int64_t n, uint8_t* codes, int64_t stride) {
-  for (int64_t i = 0; i < n; ++i) codes[i * stride] = read_code(packed, k0 + i);
+// codes[i] = code of window k0 + i, for i < n.
+void load_codes(const uint8_t* packed, int64_t k0, int64_t n, uint8_t* codes) {
+  int64_t i = 0;
+  for (; i < n && ((k0 + i) & 3); ++i) codes[i] = read_code(packed, k0 + i);
+  const int64_t full = (n - i) / 4;
+  unpack_bytes(packed + ((k0 + i) >> 2), full, codes + i);
+  for (i += 4 * full; i < n; ++i) codes[i] = read_code(packed, k0 + i);
+}
+
+// channels_last: codes [Wo][C] of row oh of image n (plane c's windows lie Ho*Wo apart).
+void load_codes_nhwc(const uint8_t* packed, const PoolGeometry& g, int64_t n, int64_t oh,
+                     uint8_t* codes, uint8_t* bytes) {
+  const int64_t C = g.C, plane = g.Ho * g.Wo, first = (n * C * g.Ho + oh) * g.Wo;
+  if (g.Wo % 4 == 0) {  // every row starts a byte: 4 windows of a channel per byte
+    for (int64_t ow = 0; ow < g.Wo; ow += 4) {
+      const uint8_t* src = packed + (first + ow) / 4;
+      for (int64_t c = 0; c < C; ++c) bytes[c] = src[c * plane / 4];
+      uint8_t* dst = codes + ow * C;
+      split_codes(bytes, C, dst, dst + C, dst + 2 * C, dst + 3 * C);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t ow = 0; ow < g.Wo; ++ow) codes[ow * C + c] = read_code(packed, first + c * plane + ow);
 }
 
 // ---- max_pool2x2 -----------------------------------------------------------------
 
-// Windows ow in [ow0, ow0 + n) of one output row; r0, r1: the two input rows
-// (r1 unused without ROW1), W: input width.
-template <typename T, bool ROW1>
-void pool_row_nchw(const T* r0, const T* r1, int64_t W, int64_t ow0, int64_t n, T* y,
-                   uint8_t* codes) {
-  const int64_t full_end = std::min(ow0 + n, W / 2);  // windows with both columns
-  for (int64_t ow = ow0; ow < full_end; ++ow) {
-    codes[ow - ow0] = window_argmax(r0[2 * ow], r0[2 * ow + 1], ROW1 ? r1[2 * ow] : r0[2 * ow],
-                                    ROW1 ? r1[2 * ow + 1] : r0[2 * ow], true, ROW1, &y[ow - ow0]);
-  }
-  if (full_end < ow0 + n) {  // the partial last column of ceil mode
-    const int64_t ow = full_end;
-    codes[ow - ow0] = window_argmax(r0[2 * ow], r0[2 * ow], ROW1 ? r1[2 * ow] : r0[2 * ow],
-                                    r0[2 * ow], false, ROW1, &y[ow - ow0]);
-  }
+// A partial border window (ceil mode), scalar.
+template <typename T>
+uint8_t border_window(const T* p, int64_t col_step, int64_t row_step, bool col1, bool row1, T* y) {
+  return window_argmax(p[0], col1 ? p[col_step] : p[0], row1 ? p[row_step] : p[0],
+                       col1 && row1 ? p[row_step + col_step] : p[0], col1, row1, y);
 }
 
 template <typename T>
 void pool_nchw(const T* x, T* y, uint8_t* packed, const PoolGeometry& g) {
-  constexpr int64_t kUnit = 8192;  // windows per task, a multiple of 4
+  constexpr int64_t kUnit = 8192;  // windows per task, a multiple of 4: tasks own whole bytes
   const int64_t windows = g.windows();
   at::parallel_for(0, (windows + kUnit - 1) / kUnit, 1, [&](int64_t u0, int64_t u1) {
     uint8_t codes[kUnit];
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t k0 = u * kUnit, k1 = std::min(k0 + kUnit, windows);
-      for (int64_t k = k0; k < k1;) {
+      for (int64_t k = k0; k < k1;) {  // one row segment at a time
         const int64_t row = k / g.Wo, ow0 = k % g.Wo, n = std::min(g.Wo - ow0, k1 - k);
-        const int64_t plane = row / g.Ho, h = 2 * (row % g.Ho);
-        const T* r0 = x + (plane * g.H + h) * g.W;
-        if (h + 1 < g.H) {
-          pool_row_nchw<T, true>(r0, r0 + g.W, g.W, ow0, n, y + k, codes + (k - k0));
-        } else {
-          pool_row_nchw<T, false>(r0, r0, g.W, ow0, n, y + k, codes + (k - k0));
+        const int64_t h = 2 * (row % g.Ho);
+        const T* r0 = x + ((row / g.Ho) * g.H + h) * g.W;
+        const bool row1 = h + 1 < g.H;
+        const int64_t full_end = row1 ? std::min(ow0 + n, g.W / 2) : ow0;
+        pool_span(r0 + 2 * ow0, r0 + g.W + 2 * ow0, full_end - ow0, y + k, codes + (k - k0));
+        for (int64_t ow = full_end; ow < ow0 + n; ++ow) {
+          codes[k - k0 + ow - ow0] = border_window(r0 + 2 * ow, 1, g.W, 2 * ow + 1 < g.W, row1,
+                                                   y + k + ow - ow0);
         }
         k += n;
       }
@@ -85,43 +234,45 @@ void pool_nchw(const T* x, T* y, uint8_t* packed, const PoolGeometry& g) {
   });
 }
 
-// One output pixel, all C channels (contiguous in channels_last).
-template <typename T, bool COL1, bool ROW1>
-void pool_pixel_nhwc(const T* p00, const T* p01, const T* p10, const T* p11, int64_t C, T* y,
-                     uint8_t* codes) {
-  for (int64_t c = 0; c < C; ++c) {
-    codes[c] = window_argmax(p00[c], COL1 ? p01[c] : p00[c], ROW1 ? p10[c] : p00[c],
-                             COL1 && ROW1 ? p11[c] : p00[c], COL1, ROW1, &y[c]);
-  }
-}
-
 template <typename T>
 void pool_nhwc(const T* x, T* y, uint8_t* packed, const PoolGeometry& g) {
-  const int64_t C = g.C, rows = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, C * g.Wo));
+  const int64_t C = g.C;
+  // Blocks of 4k rows of one image: with Wo % 4 == 0 every block starts on a byte in every plane.
+  const int64_t rows = 4 * std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, 4 * C * g.Wo));
   const int64_t blocks_per_image = (g.Ho + rows - 1) / rows;
   at::parallel_for(0, g.N * blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint8_t> codes(rows * g.Wo * C);  // [oh - oh0][ow][c]
+    std::vector<uint8_t> codes(rows * g.Wo * C), bytes(C);  // codes: [oh - oh0][ow][c]
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / blocks_per_image, oh0 = (b % blocks_per_image) * rows;
       const int64_t oh1 = std::min(oh0 + rows, g.Ho);
       for (int64_t oh = oh0; oh < oh1; ++oh) {
         const bool row1 = 2 * oh + 1 < g.H;
         for (int64_t ow = 0; ow < g.Wo; ++ow) {
-          const bool col1 = 2 * ow + 1 < g.W;
-          const T* p00 = x + ((n * g.H + 2 * oh) * g.W + 2 * ow) * C;
-          const T* p01 = p00 + C;
-          const T* p10 = p00 + g.W * C;
+          const T* p = x + ((n * g.H + 2 * oh) * g.W + 2 * ow) * C;
           T* yp = y + ((n * g.Ho + oh) * g.Wo + ow) * C;
           uint8_t* cp = codes.data() + ((oh - oh0) * g.Wo + ow) * C;
-          if (row1 && col1) pool_pixel_nhwc<T, true, true>(p00, p01, p10, p10 + C, C, yp, cp);
-          else if (row1) pool_pixel_nhwc<T, false, true>(p00, p00, p10, p10, C, yp, cp);
-          else if (col1) pool_pixel_nhwc<T, true, false>(p00, p01, p00, p00, C, yp, cp);
-          else pool_pixel_nhwc<T, false, false>(p00, p00, p00, p00, C, yp, cp);
+          if (row1 && 2 * ow + 1 < g.W) {
+            pool_channels(p, p + C, p + g.W * C, p + g.W * C + C, C, yp, cp);
+          } else {
+            for (int64_t c = 0; c < C; ++c)
+              cp[c] = border_window(p + c, C, g.W * C, 2 * ow + 1 < g.W, row1, yp + c);
+          }
         }
       }
-      for (int64_t c = 0; c < C; ++c) {  // plane c's windows of these rows are contiguous
-        store_codes(packed, ((n * C + c) * g.Ho + oh0) * g.Wo, codes.data() + c,
-                    (oh1 - oh0) * g.Wo, C);
+      const int64_t span = (oh1 - oh0) * g.Wo, plane = g.Ho * g.Wo;
+      const int64_t first = (n * C * g.Ho + oh0) * g.Wo;  // window of channel 0 at (oh0, 0)
+      int64_t s = 0;
+      if (g.Wo % 4 == 0) {  // byte-aligned in every plane: join 4 windows, scatter C bytes
+        for (; s + 4 <= span; s += 4) {
+          const uint8_t* cp = codes.data() + s * C;
+          join_codes(cp, cp + C, cp + 2 * C, cp + 3 * C, C, bytes.data());
+          uint8_t* dst = packed + (first + s) / 4;
+          for (int64_t c = 0; c < C; ++c) dst[c * plane / 4] = bytes[c];
+        }
+      }
+      if (s < span) {
+        for (int64_t c = 0; c < C; ++c)
+          store_codes(packed, first + c * plane + s, codes.data() + s * C + c, span - s, C);
       }
     }
   });
@@ -129,35 +280,26 @@ void pool_nhwc(const T* x, T* y, uint8_t* packed, const PoolGeometry& g) {
 
 // ---- max_unpool2x2 (also the backward of max_pool2x2) -----------------------------
 
-// Output rows 2*oh and 2*oh + 1 of one plane from one row of values.
-template <typename T>
-void unpool_rows_nchw(const T* v, const uint8_t* codes, int64_t Wo, int64_t W, int64_t oh,
-                      int64_t Ho, int64_t H, T* out) {
-  for (int64_t dy = 0; dy < 2 && 2 * oh + dy < H; ++dy) {
-    T* o = out + dy * W;
-    if (oh >= Ho) {  // the extra last row when H = 2 * Ho + 1
-      std::fill(o, o + W, T(0));
-      continue;
-    }
-    const int64_t paired = std::min(W, 2 * Wo);
-    for (int64_t w = 0; w < paired; ++w) {
-      const int64_t ow = w >> 1;
-      o[w] = codes[ow] == 2 * dy + (w & 1) ? v[ow] : T(0);
-    }
-    if (paired < W) o[paired] = T(0);
-  }
-}
-
 template <typename T>
 void unpool_nchw(const T* v, const uint8_t* packed, T* y, const PoolGeometry& g) {
   const int64_t pairs = (g.H + 1) / 2;  // output row pairs per plane
+  const int64_t paired = std::min(g.Wo, g.W / 2);  // windows with both output columns
   at::parallel_for(0, g.N * g.C * pairs, 16, [&](int64_t t0, int64_t t1) {
     std::vector<uint8_t> codes(g.Wo);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t plane = t / pairs, oh = t % pairs;
-      if (oh < g.Ho) load_codes(packed, (plane * g.Ho + oh) * g.Wo, g.Wo, codes.data(), 1);
-      unpool_rows_nchw(v + (plane * g.Ho + std::min(oh, g.Ho - 1)) * g.Wo, codes.data(), g.Wo, g.W,
-                       oh, g.Ho, g.H, y + (plane * g.H + 2 * oh) * g.W);
+      const int64_t k = (plane * g.Ho + oh) * g.Wo;
+      if (oh < g.Ho) load_codes(packed, k, g.Wo, codes.data());
+      for (int dy = 0; dy < 2 && 2 * oh + dy < g.H; ++dy) {
+        T* o = y + (plane * g.H + 2 * oh + dy) * g.W;
+        if (oh >= g.Ho) {  // the extra last row when H = 2 * Ho + 1
+          std::fill(o, o + g.W, T(0));
+          continue;
+        }
+        unpool_span(v + k, codes.data(), paired, dy, o);
+        if (paired < g.Wo) o[2 * paired] = codes[paired] == 2 * dy ? v[k + paired] : T(0);
+        std::fill(o + std::min(g.W, 2 * g.Wo), o + g.W, T(0));
+      }
     }
   });
 }
@@ -166,25 +308,20 @@ template <typename T>
 void unpool_nhwc(const T* v, const uint8_t* packed, T* y, const PoolGeometry& g) {
   const int64_t C = g.C, pairs = (g.H + 1) / 2;
   at::parallel_for(0, g.N * pairs, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint8_t> codes(g.Wo * C);  // [ow][c]
+    std::vector<uint8_t> codes(g.Wo * C), bytes(C);  // codes: [ow][c]
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / pairs, oh = t % pairs;
-      if (oh < g.Ho) {
-        for (int64_t c = 0; c < C; ++c)
-          load_codes(packed, ((n * C + c) * g.Ho + oh) * g.Wo, g.Wo, codes.data() + c, C);
-      }
-      for (int64_t dy = 0; dy < 2 && 2 * oh + dy < g.H; ++dy) {
+      if (oh < g.Ho) load_codes_nhwc(packed, g, n, oh, codes.data(), bytes.data());
+      for (int dy = 0; dy < 2 && 2 * oh + dy < g.H; ++dy) {
         T* o = y + (n * g.H + 2 * oh + dy) * g.W * C;
         for (int64_t w = 0; w < g.W; ++w, o += C) {
           const int64_t ow = w >> 1;
           if (oh >= g.Ho || ow >= g.Wo) {
             std::fill(o, o + C, T(0));
-            continue;
+          } else {
+            unpool_channels(v + ((n * g.Ho + oh) * g.Wo + ow) * C, codes.data() + ow * C, C,
+                            uint8_t(2 * dy + (w & 1)), o);
           }
-          const T* vp = v + ((n * g.Ho + oh) * g.Wo + ow) * C;
-          const uint8_t* cp = codes.data() + ow * C;
-          const uint8_t want = 2 * dy + (w & 1);
-          for (int64_t c = 0; c < C; ++c) o[c] = cp[c] == want ? vp[c] : T(0);
         }
       }
     }
@@ -193,13 +330,12 @@ void unpool_nhwc(const T* v, const uint8_t* packed, T* y, const PoolGeometry& g)
 
 // ---- max_unpool2x2_backward: grad_values = grad_output at each window's arg-max ----
 
-// Picks element `code` of a window, or zero where it falls outside the output.
+// A border window's gradient (zero where the code points outside the output), scalar.
 template <typename T>
-T pick(const T* r0, const T* r1, int64_t w, int64_t step, uint8_t code, bool has_col1,
-       bool has_row1) {
+T border_pick(const T* p, int64_t col_step, int64_t row_step, uint8_t code, bool col1, bool row1) {
   const bool dx = code & 1, dy = code >> 1;
-  if ((dx && !has_col1) || (dy && !has_row1)) return T(0);
-  return (dy ? r1 : r0)[(w + dx) * step];
+  if ((dx && !col1) || (dy && !row1)) return T(0);
+  return p[dy * row_step + dx * col_step];
 }
 
 template <typename T>
@@ -207,14 +343,15 @@ void gather_nchw(const T* go, const uint8_t* packed, T* gv, const PoolGeometry& 
   at::parallel_for(0, g.N * g.C * g.Ho, 16, [&](int64_t r0, int64_t r1) {
     std::vector<uint8_t> codes(g.Wo);
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t plane = r / g.Ho, oh = r % g.Ho;
-      const bool row1 = 2 * oh + 1 < g.H;
-      load_codes(packed, r * g.Wo, g.Wo, codes.data(), 1);
-      const T* top = go + (plane * g.H + 2 * oh) * g.W;
-      const T* bottom = row1 ? top + g.W : top;
-      for (int64_t ow = 0; ow < g.Wo; ++ow) {
-        gv[r * g.Wo + ow] = pick(top, bottom, 2 * ow, 1, codes[ow], 2 * ow + 1 < g.W, row1);
-      }
+      const int64_t h = 2 * (r % g.Ho);
+      const bool row1 = h + 1 < g.H;
+      load_codes(packed, r * g.Wo, g.Wo, codes.data());
+      const T* top = go + ((r / g.Ho) * g.H + h) * g.W;
+      const int64_t full_end = row1 ? g.W / 2 : 0;
+      T* out = gv + r * g.Wo;
+      gather_span(top, top + g.W, codes.data(), full_end, out);
+      for (int64_t ow = full_end; ow < g.Wo; ++ow)
+        out[ow] = border_pick(top + 2 * ow, 1, g.W, codes[ow], 2 * ow + 1 < g.W, row1);
     }
   });
 }
@@ -223,19 +360,21 @@ template <typename T>
 void gather_nhwc(const T* go, const uint8_t* packed, T* gv, const PoolGeometry& g) {
   const int64_t C = g.C;
   at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint8_t> codes(g.Wo * C);  // [ow][c]
+    std::vector<uint8_t> codes(g.Wo * C), bytes(C);  // codes: [ow][c]
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / g.Ho, oh = t % g.Ho;
       const bool row1 = 2 * oh + 1 < g.H;
-      for (int64_t c = 0; c < C; ++c)
-        load_codes(packed, ((n * C + c) * g.Ho + oh) * g.Wo, g.Wo, codes.data() + c, C);
-      const T* top = go + (n * g.H + 2 * oh) * g.W * C;
-      const T* bottom = row1 ? top + g.W * C : top;
+      load_codes_nhwc(packed, g, n, oh, codes.data(), bytes.data());
       for (int64_t ow = 0; ow < g.Wo; ++ow) {
-        const bool col1 = 2 * ow + 1 < g.W;
+        const T* p = go + ((n * g.H + 2 * oh) * g.W + 2 * ow) * C;
+        const uint8_t* cp = codes.data() + ow * C;
         T* out = gv + (t * g.Wo + ow) * C;
-        for (int64_t c = 0; c < C; ++c)
-          out[c] = pick(top + c, bottom + c, 2 * ow, C, codes[ow * C + c], col1, row1);
+        if (row1 && 2 * ow + 1 < g.W) {
+          gather_channels(p, p + C, p + g.W * C, p + g.W * C + C, cp, C, out);
+        } else {
+          for (int64_t c = 0; c < C; ++c)
+            out[c] = border_pick(p + c, C, g.W * C, cp[c], 2 * ow + 1 < g.W, row1);
+        }
       }
     }
   });

@@ -1,0 +1,61 @@
+"""Timing, bandwidth and report helpers shared by the benchmarks."""
+import platform
+import re
+import statistics
+import time
+
+import torch
+
+
+def median_ms(fn, repeat=7, warmup=2):
+    """Median wall time of fn() in milliseconds (CUDA work is synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bandwidth_gbs(numel=4 * 64 * 360 * 480, device="cpu", repeat=7):
+    """This machine's memory bandwidth now, in GB/s: (read, copy = read + write)."""
+    x = torch.randn(numel, device=device)
+    y = torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+    read_ms = median_ms(lambda: x.sum(), repeat)
+    copy_ms = median_ms(lambda: y.copy_(x), repeat)
+    return nbytes / read_ms / 1e6, 2 * nbytes / copy_ms / 1e6
+
+
+def machine_description(device="cpu"):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def replace_section(path, name, text):
+    """Writes text between <!-- name:begin --> and <!-- name:end --> in path (appended if absent)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    try:
+        with open(path) as f:
+            doc = f.read()
+    except FileNotFoundError:
+        doc = "# Benchmark results\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(doc)

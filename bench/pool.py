@@ -1,0 +1,112 @@
+"""max_pool2x2 / max_unpool2x2 and their backwards against torch's int64-index pair,
+side by side in one process, with the memory bandwidth measured in the same run.
+
+    python -m bench.pool                 # [4, 64, 360, 480] float32, prints the table
+    python -m bench.pool --write         # ... and writes it into bench/RESULTS.md
+
+Both sides run through autograd the same way for the backwards. The bytes floor of an
+op is the bytes it must move (read + write, at the element size, indices included)
+divided by the copy bandwidth measured in this run.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import segnet_ext
+from bench.common import bandwidth_gbs, machine_description, median_ms, replace_section
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def cases(shape, channels_last, device="cpu"):
+    """Yields (name, ours, torch's, bytes ours must move, bytes torch's must move)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+    H, W = shape[-2:]
+    values, packed = segnet_ext.max_pool2x2(x)
+    tvalues, indices = F.max_pool2d(x, 2, 2, return_indices=True)
+    es, big, small = x.element_size(), x.numel(), values.numel()
+    packed_bytes, index_bytes = packed.numel(), indices.numel() * 8
+
+    yield ("pool forward", lambda: segnet_ext.max_pool2x2(x), lambda: F.max_pool2d(x, 2, 2, return_indices=True),
+           big * es + small * es + packed_bytes, big * es + small * es + index_bytes)
+
+    xg = x.detach().clone().requires_grad_()
+    ours_out, torch_out = segnet_ext.max_pool2x2(xg)[0], F.max_pool2d(xg, 2, 2, return_indices=True)[0]
+    g = torch.randn_like(values)
+    yield ("pool backward", lambda: torch.autograd.grad(ours_out, xg, g, retain_graph=True),
+           lambda: torch.autograd.grad(torch_out, xg, g, retain_graph=True),
+           small * es + packed_bytes + big * es, small * es + index_bytes + big * es)
+
+    v = torch.randn_like(values)
+    yield ("unpool forward", lambda: segnet_ext.max_unpool2x2(v, packed, (H, W)),
+           lambda: F.max_unpool2d(v, indices, 2, 2, output_size=(H, W)),
+           small * es + packed_bytes + big * es, small * es + index_bytes + big * es)
+
+    vg = v.detach().clone().requires_grad_()
+    ours_y = segnet_ext.max_unpool2x2(vg, packed, (H, W))
+    torch_y = F.max_unpool2d(vg, indices, 2, 2, output_size=(H, W))
+    gy = torch.randn_like(x)
+    yield ("unpool backward", lambda: torch.autograd.grad(ours_y, vg, gy, retain_graph=True),
+           lambda: torch.autograd.grad(torch_y, vg, gy, retain_graph=True),
+           big * es + packed_bytes + small * es, big * es + index_bytes + small * es)
+
+
+def run(shape, repeat=7, device="cpu"):
+    read_bw, copy_bw = bandwidth_gbs(device=device, repeat=repeat)
+    rows = []
+    for channels_last in (False, True):
+        for name, ours, theirs, ours_bytes, torch_bytes in cases(shape, channels_last, device):
+            ours_ms, torch_ms = median_ms(ours, repeat), median_ms(theirs, repeat)
+            floor_ms = ours_bytes / copy_bw / 1e6
+            rows.append(dict(op=name, layout="channels_last" if channels_last else "NCHW",
+                             torch_ms=torch_ms, ours_ms=ours_ms, speedup=torch_ms / ours_ms,
+                             floor_ms=floor_ms, over_floor=ours_ms / floor_ms,
+                             ours_mb=ours_bytes / 1e6, torch_mb=torch_bytes / 1e6))
+    return dict(read_gbs=read_bw, copy_gbs=copy_bw, rows=rows)
+
+
+def report(result, shape, device, command):
+    lines = [
+        "## 2x2 arg-max pooling and unpooling",
+        "",
+        f"`{command}` on {machine_description(device)}, torch {torch.__version__}, "
+        f"input {list(shape)} float32, median of several runs. Memory bandwidth measured in the same run: "
+        f"read {result['read_gbs']:.1f} GB/s, copy {result['copy_gbs']:.1f} GB/s (read + write). "
+        "Floor: the bytes the op must move / the copy bandwidth. Backwards are timed through autograd on both sides.",
+        "",
+        "| op | layout | torch ms | ours ms | speed-up | bytes floor ms | ours / floor | MB moved: ours / torch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['op']} | {r['layout']} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['floor_ms']:.1f} | {r['over_floor']:.2f}x | "
+                     f"{r['ours_mb']:.0f} / {r['torch_mb']:.0f} |")
+    windows = shape[0] * shape[1] * (shape[2] // 2) * (shape[3] // 2)
+    lines += ["", f"Index memory for this input: {(windows + 3) // 4:,} bytes packed vs {windows * 8:,} bytes of "
+              f"int64 indices: exactly 1/32."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=4, default=[4, 64, 360, 480], metavar=("N", "C", "H", "W"))
+    parser.add_argument("--repeat", type=int, default=7, help="timed runs per op (median reported)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--write", action="store_true", help=f"write the table into {RESULTS}")
+    args = parser.parse_args(argv)
+    command = "python -m bench.pool " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
+    result = run(args.shape, args.repeat, args.device)
+    text = report(result, args.shape, args.device, command.strip())
+    print(text)
+    if args.write:
+        replace_section(RESULTS, f"pool-{args.device}", text)
+        print(f"\nwritten to {RESULTS}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
