@@ -24,13 +24,13 @@ $(STAMP): $(PY) setup.py pyproject.toml $(shell find csrc -type f)
 install: $(STAMP)
 
 demo: install
-	THP_MEM_ALLOC_ENABLE=1 $(PY) -m bench.pool
+	$(PY) -m bench.pool
 
 test: install
 	$(PY) -m pytest tests
 
 bench: install
-	THP_MEM_ALLOC_ENABLE=1 $(PY) -m bench.pool --write
+	$(PY) -m bench.pool --write
 
 clean:
 	rm -rf build $(VENV) segnet_ext/*.so *.egg-info

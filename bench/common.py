@@ -1,13 +1,30 @@
 """Timing, bandwidth and report helpers shared by the benchmarks."""
+import os
 import platform
 import re
 import statistics
+import sys
 import time
 
 import torch
 
 
-def median_ms(fn, repeat=7, warmup=2):
+# glibc returns every freed block above 32 MB to the OS, so each fresh activation-sized
+# output is page-faulted (and zeroed by the kernel) again: ~55 ms per 177 MB here, more than
+# the ops themselves. Raising the thresholds makes freed memory reusable, as the tcmalloc /
+# jemalloc that PyTorch's CPU performance guides recommend do. Both sides run under it.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+
+
+def ensure_allocator_env():
+    """Re-runs this process with ALLOCATOR_ENV set (glibc reads it only at start-up)."""
+    if all(os.environ.get(k) == v for k, v in ALLOCATOR_ENV.items()):
+        return
+    os.environ.update(ALLOCATOR_ENV)
+    os.execv(sys.executable, sys.orig_argv)
+
+
+def median_ms(fn, repeat=9, warmup=3):
     """Median wall time of fn() in milliseconds (CUDA work is synchronised)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import segnet_ext
-from bench.common import bandwidth_gbs, machine_description, median_ms, replace_section
+from bench.common import ALLOCATOR_ENV, bandwidth_gbs, ensure_allocator_env, machine_description, median_ms, replace_section
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -55,7 +55,7 @@ def cases(shape, channels_last, device="cpu"):
            big * es + packed_bytes + small * es, big * es + index_bytes + small * es)
 
 
-def run(shape, repeat=7, device="cpu"):
+def run(shape, repeat=9, device="cpu"):
     read_bw, copy_bw = bandwidth_gbs(device=device, repeat=repeat)
     rows = []
     for channels_last in (False, True):
@@ -76,7 +76,9 @@ def report(result, shape, device, command):
         f"`{command}` on {machine_description(device)}, torch {torch.__version__}, "
         f"input {list(shape)} float32, median of several runs. Memory bandwidth measured in the same run: "
         f"read {result['read_gbs']:.1f} GB/s, copy {result['copy_gbs']:.1f} GB/s (read + write). "
-        "Floor: the bytes the op must move / the copy bandwidth. Backwards are timed through autograd on both sides.",
+        "Floor: the bytes the op must move / the copy bandwidth. Backwards are timed through autograd on both sides. "
+        f"Allocator: glibc with {', '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())} (set by the script), so "
+        "freed outputs are reused instead of page-faulted back, for both sides.",
         "",
         "| op | layout | torch ms | ours ms | speed-up | bytes floor ms | ours / floor | MB moved: ours / torch |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -92,9 +94,10 @@ def report(result, shape, device, command):
 
 
 def main(argv=None):
+    ensure_allocator_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=4, default=[4, 64, 360, 480], metavar=("N", "C", "H", "W"))
-    parser.add_argument("--repeat", type=int, default=7, help="timed runs per op (median reported)")
+    parser.add_argument("--repeat", type=int, default=9, help="timed runs per op (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--write", action="store_true", help=f"write the table into {RESULTS}")
     args = parser.parse_args(argv)

@@ -17,9 +17,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/pool2x2_args.h"
+#include "cpu/pool2x2_avx2.h"
 #include "cpu/vectorize.h"
 
 namespace segnet {
@@ -90,10 +92,22 @@ inline void full_window(T a, T b, T c, T d, T* max_out, uint8_t* code_out) {
 
 // NCHW: n full windows whose top-left elements are r0[0], r0[2], ...; r1 = the row below.
 template <typename T>
-SEGNET_MULTIVERSION void pool_span(const T* __restrict__ r0, const T* __restrict__ r1, int64_t n,
-                                   T* __restrict__ y, uint8_t* __restrict__ codes) {
+SEGNET_MULTIVERSION void pool_span_generic(const T* __restrict__ r0, const T* __restrict__ r1,
+                                           int64_t n, T* __restrict__ y,
+                                           uint8_t* __restrict__ codes) {
   for (int64_t i = 0; i < n; ++i)
     full_window(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1], &y[i], &codes[i]);
+}
+
+template <typename T>
+void pool_span(const T* r0, const T* r1, int64_t n, T* y, uint8_t* codes) {
+  int64_t done = 0;
+#ifdef SEGNET_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2::cpu_has_avx2()) done = avx2::pool_span(r0, r1, n, y, codes);
+  }
+#endif
+  pool_span_generic(r0 + 2 * done, r1 + 2 * done, n - done, y + done, codes + done);
 }
 
 // channels_last: one full window across C channels, from its four pixels.
