@@ -112,15 +112,28 @@ void pool_span(const T* r0, const T* r1, int64_t n, T* y, uint8_t* codes) {
 
 // channels_last: one full window across C channels, from its four pixels.
 template <typename T>
-SEGNET_MULTIVERSION void pool_channels(const T* __restrict__ p00, const T* __restrict__ p01,
+SEGNET_MULTIVERSION void pool_channels_generic(const T* __restrict__ p00, const T* __restrict__ p01,
                                        const T* __restrict__ p10, const T* __restrict__ p11,
                                        int64_t C, T* __restrict__ y, uint8_t* __restrict__ codes) {
   for (int64_t c = 0; c < C; ++c) full_window(p00[c], p01[c], p10[c], p11[c], &y[c], &codes[c]);
 }
 
+template <typename T>
+void pool_channels(const T* p00, const T* p01, const T* p10, const T* p11, int64_t C, T* y,
+                   uint8_t* codes) {
+  int64_t done = 0;
+#ifdef SEGNET_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2::cpu_has_avx2()) done = avx2::pool_channels(p00, p01, p10, p11, C, y, codes);
+  }
+#endif
+  pool_channels_generic(p00 + done, p01 + done, p10 + done, p11 + done, C - done, y + done,
+                        codes + done);
+}
+
 // NCHW: output row dy of n windows (2n elements), zero where the code points elsewhere.
 template <typename T>
-SEGNET_MULTIVERSION void unpool_span(const T* __restrict__ v, const uint8_t* __restrict__ codes,
+SEGNET_MULTIVERSION void unpool_span_generic(const T* __restrict__ v, const uint8_t* __restrict__ codes,
                                      int64_t n, int dy, T* __restrict__ out) {
   for (int64_t i = 0; i < n; ++i) {
     out[2 * i] = codes[i] == 2 * dy ? v[i] : T(0);
@@ -128,16 +141,46 @@ SEGNET_MULTIVERSION void unpool_span(const T* __restrict__ v, const uint8_t* __r
   }
 }
 
+template <typename T>
+void unpool_span(const T* v, const uint8_t* codes, int64_t n, int dy, T* out) {
+  int64_t done = 0;
+#ifdef SEGNET_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2::cpu_has_avx2()) done = avx2::unpool_span(v, codes, n, dy, out);
+  }
+#endif
+  unpool_span_generic(v + done, codes + done, n - done, dy, out + 2 * done);
+}
+
 // channels_last: one output pixel across C channels.
 template <typename T>
-SEGNET_MULTIVERSION void unpool_channels(const T* __restrict__ v, const uint8_t* __restrict__ codes,
+SEGNET_MULTIVERSION void unpool_channels_generic(const T* __restrict__ v, const uint8_t* __restrict__ codes,
                                          int64_t C, uint8_t want, T* __restrict__ out) {
   for (int64_t c = 0; c < C; ++c) out[c] = codes[c] == want ? v[c] : T(0);
 }
 
+template <typename T>
+void unpool_channels(const T* v, const uint8_t* codes, int64_t C, uint8_t want, T* out) {
+  int64_t done = 0;
+#ifdef SEGNET_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2::cpu_has_avx2()) done = avx2::unpool_channels(v, codes, C, want, out);
+  }
+#endif
+  unpool_channels_generic(v + done, codes + done, C - done, want, out + done);
+}
+
+// Orders the streamed stores of a task before the task ends (see pool2x2_avx2.h).
+template <typename T>
+void end_of_task() {
+#ifdef SEGNET_HAVE_AVX2_PATH
+  if (std::is_same_v<T, float> && avx2::cpu_has_avx2()) avx2::store_fence();
+#endif
+}
+
 // NCHW: gradients of n full windows from rows g0, g1 of grad_output.
 template <typename T>
-SEGNET_MULTIVERSION void gather_span(const T* __restrict__ g0, const T* __restrict__ g1,
+SEGNET_MULTIVERSION void gather_span_generic(const T* __restrict__ g0, const T* __restrict__ g1,
                                      const uint8_t* __restrict__ codes, int64_t n, T* __restrict__ out) {
   for (int64_t i = 0; i < n; ++i) {  // loads unconditional, so the loop vectorises
     const uint8_t k = codes[i];
@@ -145,6 +188,17 @@ SEGNET_MULTIVERSION void gather_span(const T* __restrict__ g0, const T* __restri
     const T top = k & 1 ? b : a, bottom = k & 1 ? d : c;
     out[i] = k & 2 ? bottom : top;
   }
+}
+
+template <typename T>
+void gather_span(const T* g0, const T* g1, const uint8_t* codes, int64_t n, T* out) {
+  int64_t done = 0;
+#ifdef SEGNET_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2::cpu_has_avx2()) done = avx2::gather_span(g0, g1, codes, n, out);
+  }
+#endif
+  gather_span_generic(g0 + 2 * done, g1 + 2 * done, codes + done, n - done, out + done);
 }
 
 // channels_last: gradients of one full window across C channels.
@@ -289,6 +343,7 @@ void pool_nhwc(const T* x, T* y, uint8_t* packed, const PoolGeometry& g) {
           store_codes(packed, first + c * plane + s, codes.data() + s * C + c, span - s, C);
       }
     }
+    end_of_task<T>();
   });
 }
 
@@ -339,6 +394,7 @@ void unpool_nhwc(const T* v, const uint8_t* packed, T* y, const PoolGeometry& g)
         }
       }
     }
+    end_of_task<T>();
   });
 }
 

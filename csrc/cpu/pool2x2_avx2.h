@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -24,19 +25,37 @@ __attribute__((target("avx2,bmi2"))) inline unsigned window_order(unsigned bits)
   return (bits & 0xC3u) | ((bits & 0x0Cu) << 2) | ((bits & 0x30u) >> 2);
 }
 
+// Outputs are written once and not read again soon: where 32-byte aligned, stream them
+// past the cache (no read-for-ownership of the output lines). Callers end with a fence.
+template <bool STREAM>
+__attribute__((target("avx2,bmi2"))) inline void store8(float* p, __m256 v) {
+  if constexpr (STREAM) _mm256_stream_ps(p, v);
+  else _mm256_storeu_ps(p, v);
+}
+
+inline bool aligned32(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 31) == 0; }
+
 // t = candidate replaces the running maximum m (torch's rule: greater, or NaN)
 __attribute__((target("avx2,bmi2"))) inline __m256 replaces(__m256 candidate, __m256 m) {
   return _mm256_or_ps(_mm256_cmp_ps(candidate, m, _CMP_GT_OQ),
                       _mm256_cmp_ps(candidate, candidate, _CMP_UNORD_Q));
 }
 
+// code byte of 8 windows from the movemasks of "b, c, d replaced the maximum" (in
+// window order): 3 if t3, else 2 if t2, else 1 if t1, else 0
+__attribute__((target("avx2,bmi2"))) inline uint64_t code_bytes(unsigned k1, unsigned k2,
+                                                                unsigned k3) {
+  return _pdep_u64(k3 | (k1 & ~k2), 0x0101010101010101ull) |
+         _pdep_u64(k2 | k3, 0x0202020202020202ull);
+}
+
 // NCHW, n full windows (8 at a time; the caller does the rest): values y[0, n), one code
 // byte per window. Input rows are prefetched ~2 KB ahead: without it the loop's
 // arithmetic delays the loads enough to leave memory bandwidth unused.
-__attribute__((target("avx2,bmi2"))) inline int64_t pool_span(const float* __restrict__ r0,
-                                                              const float* __restrict__ r1,
-                                                              int64_t n, float* __restrict__ y,
-                                                              uint8_t* __restrict__ codes) {
+template <bool STREAM>
+__attribute__((target("avx2,bmi2"))) inline int64_t pool_span_impl(
+    const float* __restrict__ r0, const float* __restrict__ r1, int64_t n, float* __restrict__ y,
+    uint8_t* __restrict__ codes) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     _mm_prefetch(reinterpret_cast<const char*>(r0 + 2 * i + 512), _MM_HINT_T0);
@@ -51,16 +70,138 @@ __attribute__((target("avx2,bmi2"))) inline int64_t pool_span(const float* __res
     m = _mm256_blendv_ps(m, c, t2);
     const __m256 t3 = replaces(d, m);
     m = _mm256_blendv_ps(m, d, t3);
-    _mm256_storeu_ps(y + i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), 0xD8)));
-    const unsigned k1 = _mm256_movemask_ps(t1), k2 = _mm256_movemask_ps(t2),
-                   k3 = _mm256_movemask_ps(t3);
-    // code = 3 if t3, else 2 if t2, else 1 if t1, else 0
-    const unsigned bit0 = window_order(k3 | (k1 & ~k2)), bit1 = window_order(k2 | k3);
-    const uint64_t bytes =
-        _pdep_u64(bit0, 0x0101010101010101ull) | _pdep_u64(bit1, 0x0202020202020202ull);
+    store8<STREAM>(y + i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), 0xD8)));
+    const uint64_t bytes = code_bytes(window_order(_mm256_movemask_ps(t1)),
+                                      window_order(_mm256_movemask_ps(t2)),
+                                      window_order(_mm256_movemask_ps(t3)));
     std::memcpy(codes + i, &bytes, 8);
   }
+  _mm_sfence();
   return i;
+}
+
+inline int64_t pool_span(const float* r0, const float* r1, int64_t n, float* y, uint8_t* codes) {
+  return aligned32(y) ? pool_span_impl<true>(r0, r1, n, y, codes)
+                      : pool_span_impl<false>(r0, r1, n, y, codes);
+}
+
+// Orders streamed stores before whatever follows (the end of a parallel task).
+__attribute__((target("avx2,bmi2"))) inline void store_fence() { _mm_sfence(); }
+
+// channels_last, one full window across C channels (8 at a time): its four pixels' rows.
+template <bool STREAM>
+__attribute__((target("avx2,bmi2"))) inline int64_t pool_channels_impl(
+    const float* __restrict__ p00, const float* __restrict__ p01, const float* __restrict__ p10,
+    const float* __restrict__ p11, int64_t C, float* __restrict__ y, uint8_t* __restrict__ codes) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 a = _mm256_loadu_ps(p00 + c), b = _mm256_loadu_ps(p01 + c);
+    const __m256 d0 = _mm256_loadu_ps(p10 + c), d1 = _mm256_loadu_ps(p11 + c);
+    const __m256 t1 = replaces(b, a);
+    __m256 m = _mm256_blendv_ps(a, b, t1);
+    const __m256 t2 = replaces(d0, m);
+    m = _mm256_blendv_ps(m, d0, t2);
+    const __m256 t3 = replaces(d1, m);
+    m = _mm256_blendv_ps(m, d1, t3);
+    store8<STREAM>(y + c, m);
+    const uint64_t bytes = code_bytes(_mm256_movemask_ps(t1), _mm256_movemask_ps(t2),
+                                      _mm256_movemask_ps(t3));
+    std::memcpy(codes + c, &bytes, 8);
+  }
+  return c;  // streamed stores: the caller fences once per task (store_fence)
+}
+
+inline int64_t pool_channels(const float* p00, const float* p01, const float* p10,
+                             const float* p11, int64_t C, float* y, uint8_t* codes) {
+  return aligned32(y) && C % 8 == 0 ? pool_channels_impl<true>(p00, p01, p10, p11, C, y, codes)
+                                    : pool_channels_impl<false>(p00, p01, p10, p11, C, y, codes);
+}
+
+// channels_last unpooling, one output pixel across C channels (8 at a time); streamed
+// stores are fenced by the caller once per task (store_fence).
+template <bool STREAM>
+__attribute__((target("avx2,bmi2"))) inline int64_t unpool_channels_impl(
+    const float* __restrict__ v, const uint8_t* __restrict__ codes, int64_t C, uint8_t want,
+    float* __restrict__ out) {
+  const __m256i wanted = _mm256_set1_epi32(want);
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    int64_t packed8;
+    std::memcpy(&packed8, codes + c, 8);
+    const __m256i k = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(packed8));
+    const __m256 here = _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, wanted));
+    store8<STREAM>(out + c, _mm256_and_ps(_mm256_loadu_ps(v + c), here));
+  }
+  return c;
+}
+
+inline int64_t unpool_channels(const float* v, const uint8_t* codes, int64_t C, uint8_t want,
+                               float* out) {
+  return aligned32(out) && C % 8 == 0 ? unpool_channels_impl<true>(v, codes, C, want, out)
+                                      : unpool_channels_impl<false>(v, codes, C, want, out);
+}
+
+// NCHW unpooling, output row dy of n windows (8 at a time): out[2i], out[2i + 1].
+template <bool STREAM>
+__attribute__((target("avx2,bmi2"))) inline int64_t unpool_span_impl(
+    const float* __restrict__ v, const uint8_t* __restrict__ codes, int64_t n, int dy,
+    float* __restrict__ out) {
+  const __m256i want0 = _mm256_set1_epi32(2 * dy), want1 = _mm256_set1_epi32(2 * dy + 1);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    int64_t packed8;
+    std::memcpy(&packed8, codes + i, 8);
+    const __m256i k = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(packed8));
+    const __m256 x = _mm256_loadu_ps(v + i);
+    const __m256 left = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, want0)));
+    const __m256 right = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, want1)));
+    const __m256 lo = _mm256_unpacklo_ps(left, right), hi = _mm256_unpackhi_ps(left, right);
+    store8<STREAM>(out + 2 * i, _mm256_permute2f128_ps(lo, hi, 0x20));
+    store8<STREAM>(out + 2 * i + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+  if constexpr (STREAM) _mm_sfence();
+  return i;
+}
+
+inline int64_t unpool_span(const float* v, const uint8_t* codes, int64_t n, int dy, float* out) {
+  return aligned32(out) ? unpool_span_impl<true>(v, codes, n, dy, out)
+                        : unpool_span_impl<false>(v, codes, n, dy, out);
+}
+
+// NCHW gather (unpooling backward), n full windows, 8 at a time: out[i] = the element of
+// window i (rows g0, g1) that its code names. Same lane order and prefetch as pool_span.
+template <bool STREAM>
+__attribute__((target("avx2,bmi2"))) inline int64_t gather_span_impl(
+    const float* __restrict__ g0, const float* __restrict__ g1, const uint8_t* __restrict__ codes,
+    int64_t n, float* __restrict__ out) {
+  const __m256i lane_order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_prefetch(reinterpret_cast<const char*>(g0 + 2 * i + 512), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(g1 + 2 * i + 512), _MM_HINT_T0);
+    const __m256 lo0 = _mm256_loadu_ps(g0 + 2 * i), hi0 = _mm256_loadu_ps(g0 + 2 * i + 8);
+    const __m256 lo1 = _mm256_loadu_ps(g1 + 2 * i), hi1 = _mm256_loadu_ps(g1 + 2 * i + 8);
+    const __m256 a = _mm256_shuffle_ps(lo0, hi0, 0x88), b = _mm256_shuffle_ps(lo0, hi0, 0xDD);
+    const __m256 c = _mm256_shuffle_ps(lo1, hi1, 0x88), d = _mm256_shuffle_ps(lo1, hi1, 0xDD);
+    int64_t packed8;
+    std::memcpy(&packed8, codes + i, 8);
+    const __m256i k = _mm256_permutevar8x32_epi32(
+        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(packed8)), lane_order);
+    // blendv reads each lane's sign bit: code bit 0 (dx) shifted there, then bit 1 (dy)
+    const __m256 dx = _mm256_castsi256_ps(_mm256_slli_epi32(k, 31));
+    const __m256 dy = _mm256_castsi256_ps(_mm256_slli_epi32(k, 30));
+    const __m256 picked =
+        _mm256_blendv_ps(_mm256_blendv_ps(a, b, dx), _mm256_blendv_ps(c, d, dx), dy);
+    store8<STREAM>(out + i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(picked), 0xD8)));
+  }
+  if constexpr (STREAM) _mm_sfence();
+  return i;
+}
+
+inline int64_t gather_span(const float* g0, const float* g1, const uint8_t* codes, int64_t n,
+                           float* out) {
+  return aligned32(out) ? gather_span_impl<true>(g0, g1, codes, n, out)
+                        : gather_span_impl<false>(g0, g1, codes, n, out);
 }
 
 }  // namespace avx2
