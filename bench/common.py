@@ -39,6 +39,21 @@ def median_ms(fn, repeat=9, warmup=3):
     return statistics.median(times)
 
 
+def interleaved_median_ms(fns, repeat=15, warmup=3):
+    """Median ms of each fn, timed in alternation (a b c a b c ...) so that a drift in the
+    machine's speed (a busy neighbour, memory clock) hits all of them alike."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = [[] for _ in fns]
+    for i in range(warmup + repeat):
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                t.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
 def bandwidth_gbs(numel=4 * 64 * 360 * 480, device="cpu", repeat=7):
     """This machine's memory bandwidth now, in GB/s: (read, copy = read + write)."""
     x = torch.randn(numel, device=device)
