@@ -180,7 +180,7 @@ void end_of_task() {
 
 // NCHW: gradients of n full windows from rows g0, g1 of grad_output.
 template <typename T>
-SEGNET_MULTIVERSION void gather_span_generic(const T* __restrict__ g0, const T* __restrict__ g1,
+SEGNET_MULTIVERSION void gather_span(const T* __restrict__ g0, const T* __restrict__ g1,
                                      const uint8_t* __restrict__ codes, int64_t n, T* __restrict__ out) {
   for (int64_t i = 0; i < n; ++i) {  // loads unconditional, so the loop vectorises
     const uint8_t k = codes[i];
@@ -188,17 +188,6 @@ SEGNET_MULTIVERSION void gather_span_generic(const T* __restrict__ g0, const T* 
     const T top = k & 1 ? b : a, bottom = k & 1 ? d : c;
     out[i] = k & 2 ? bottom : top;
   }
-}
-
-template <typename T>
-void gather_span(const T* g0, const T* g1, const uint8_t* codes, int64_t n, T* out) {
-  int64_t done = 0;
-#ifdef SEGNET_HAVE_AVX2_PATH
-  if constexpr (std::is_same_v<T, float>) {
-    if (avx2::cpu_has_avx2()) done = avx2::gather_span(g0, g1, codes, n, out);
-  }
-#endif
-  gather_span_generic(g0 + 2 * done, g1 + 2 * done, codes + done, n - done, out + done);
 }
 
 // channels_last: gradients of one full window across C channels.
@@ -415,13 +404,21 @@ void gather_nchw(const T* go, const uint8_t* packed, T* gv, const PoolGeometry& 
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t h = 2 * (r % g.Ho);
       const bool row1 = h + 1 < g.H;
-      load_codes(packed, r * g.Wo, g.Wo, codes.data());
       const T* top = go + ((r / g.Ho) * g.H + h) * g.W;
       const int64_t full_end = row1 ? g.W / 2 : 0;
       T* out = gv + r * g.Wo;
-      gather_span(top, top + g.W, codes.data(), full_end, out);
+      int64_t done = 0;  // windows gathered by the AVX2 loop, which reads the packed bytes itself
+#ifdef SEGNET_HAVE_AVX2_PATH
+      if (std::is_same_v<T, float> && avx2::cpu_has_avx2() && (r * g.Wo) % 4 == 0) {
+        done = avx2::gather_span(reinterpret_cast<const float*>(top),
+                                 reinterpret_cast<const float*>(top + g.W), packed + r * g.Wo / 4,
+                                 full_end, reinterpret_cast<float*>(out));
+      }
+#endif
+      load_codes(packed, r * g.Wo + done, g.Wo - done, codes.data());
+      gather_span(top + 2 * done, top + g.W + 2 * done, codes.data(), full_end - done, out + done);
       for (int64_t ow = full_end; ow < g.Wo; ++ow)
-        out[ow] = border_pick(top + 2 * ow, 1, g.W, codes[ow], 2 * ow + 1 < g.W, row1);
+        out[ow] = border_pick(top + 2 * ow, 1, g.W, codes[ow - done], 2 * ow + 1 < g.W, row1);
     }
   });
 }

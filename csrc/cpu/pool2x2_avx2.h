@@ -169,12 +169,15 @@ inline int64_t unpool_span(const float* v, const uint8_t* codes, int64_t n, int 
 }
 
 // NCHW gather (unpooling backward), n full windows, 8 at a time: out[i] = the element of
-// window i (rows g0, g1) that its code names. Same lane order and prefetch as pool_span.
+// window i (rows g0, g1) that its code names. Reads the codes straight from the packed
+// bytes (window 0 must start a byte: 2 bytes per 8 windows). Same lane order and
+// prefetch as pool_span.
 template <bool STREAM>
 __attribute__((target("avx2,bmi2"))) inline int64_t gather_span_impl(
-    const float* __restrict__ g0, const float* __restrict__ g1, const uint8_t* __restrict__ codes,
+    const float* __restrict__ g0, const float* __restrict__ g1, const uint8_t* __restrict__ packed,
     int64_t n, float* __restrict__ out) {
-  const __m256i lane_order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  // lane j holds window (0 1 4 5 2 3 6 7)[j]: shift its 2 bits down from the 16 of 8 windows
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     _mm_prefetch(reinterpret_cast<const char*>(g0 + 2 * i + 512), _MM_HINT_T0);
@@ -183,10 +186,9 @@ __attribute__((target("avx2,bmi2"))) inline int64_t gather_span_impl(
     const __m256 lo1 = _mm256_loadu_ps(g1 + 2 * i), hi1 = _mm256_loadu_ps(g1 + 2 * i + 8);
     const __m256 a = _mm256_shuffle_ps(lo0, hi0, 0x88), b = _mm256_shuffle_ps(lo0, hi0, 0xDD);
     const __m256 c = _mm256_shuffle_ps(lo1, hi1, 0x88), d = _mm256_shuffle_ps(lo1, hi1, 0xDD);
-    int64_t packed8;
-    std::memcpy(&packed8, codes + i, 8);
-    const __m256i k = _mm256_permutevar8x32_epi32(
-        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(packed8)), lane_order);
+    uint16_t bits16;
+    std::memcpy(&bits16, packed + i / 4, 2);
+    const __m256i k = _mm256_srlv_epi32(_mm256_set1_epi32(bits16), shifts);
     // blendv reads each lane's sign bit: code bit 0 (dx) shifted there, then bit 1 (dy)
     const __m256 dx = _mm256_castsi256_ps(_mm256_slli_epi32(k, 31));
     const __m256 dy = _mm256_castsi256_ps(_mm256_slli_epi32(k, 30));
@@ -198,10 +200,10 @@ __attribute__((target("avx2,bmi2"))) inline int64_t gather_span_impl(
   return i;
 }
 
-inline int64_t gather_span(const float* g0, const float* g1, const uint8_t* codes, int64_t n,
+inline int64_t gather_span(const float* g0, const float* g1, const uint8_t* packed, int64_t n,
                            float* out) {
-  return aligned32(out) ? gather_span_impl<true>(g0, g1, codes, n, out)
-                        : gather_span_impl<false>(g0, g1, codes, n, out);
+  return aligned32(out) ? gather_span_impl<true>(g0, g1, packed, n, out)
+                        : gather_span_impl<false>(g0, g1, packed, n, out);
 }
 
 }  // namespace avx2

@@ -24,8 +24,11 @@ def test_missing_barrier_fails(emu):
     # are written: under the forward schedule it does so on every run.
     emu.set_schedule("warps_forward")
     try:
-        for _ in range(3):
-            x = torch.rand(4096) + 1  # every partial sum is positive, so a missed one shows
+        # Positive values, so a partial sum read before it is written shows; a new scale
+        # each time, so the stale partial sums that the previous launch left in the
+        # (static) shared memory cannot pass for this launch's.
+        for scale in (1.0, 1e3, 1e6):
+            x = (torch.rand(4096) + 1) * scale
             expected = x.double().sum().item()
             assert emu.block_sum(x, True, 128, 2).item() == pytest.approx(expected, rel=1e-5)
             assert emu.block_sum(x, False, 128, 2).item() != pytest.approx(expected, rel=1e-3)
