@@ -133,23 +133,12 @@ void pool_channels(const T* p00, const T* p01, const T* p10, const T* p11, int64
 
 // NCHW: output row dy of n windows (2n elements), zero where the code points elsewhere.
 template <typename T>
-SEGNET_MULTIVERSION void unpool_span_generic(const T* __restrict__ v, const uint8_t* __restrict__ codes,
+SEGNET_MULTIVERSION void unpool_span(const T* __restrict__ v, const uint8_t* __restrict__ codes,
                                      int64_t n, int dy, T* __restrict__ out) {
   for (int64_t i = 0; i < n; ++i) {
     out[2 * i] = codes[i] == 2 * dy ? v[i] : T(0);
     out[2 * i + 1] = codes[i] == 2 * dy + 1 ? v[i] : T(0);
   }
-}
-
-template <typename T>
-void unpool_span(const T* v, const uint8_t* codes, int64_t n, int dy, T* out) {
-  int64_t done = 0;
-#ifdef SEGNET_HAVE_AVX2_PATH
-  if constexpr (std::is_same_v<T, float>) {
-    if (avx2::cpu_has_avx2()) done = avx2::unpool_span(v, codes, n, dy, out);
-  }
-#endif
-  unpool_span_generic(v + done, codes + done, n - done, dy, out + 2 * done);
 }
 
 // channels_last: one output pixel across C channels.
@@ -168,6 +157,17 @@ void unpool_channels(const T* v, const uint8_t* codes, int64_t C, uint8_t want, 
   }
 #endif
   unpool_channels_generic(v + done, codes + done, C - done, want, out + done);
+}
+
+// Whether the AVX2 NCHW loops, which read 2-bit codes straight from the packed bytes, serve
+// a row whose first window is k (it must start a byte).
+template <typename T>
+bool avx2_reads_packed(int64_t k) {
+#ifdef SEGNET_HAVE_AVX2_PATH
+  return std::is_same_v<T, float> && k % 4 == 0 && avx2::cpu_has_avx2();
+#else
+  return false;
+#endif
 }
 
 // Orders the streamed stores of a task before the task ends (see pool2x2_avx2.h).
@@ -347,15 +347,23 @@ void unpool_nchw(const T* v, const uint8_t* packed, T* y, const PoolGeometry& g)
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t plane = t / pairs, oh = t % pairs;
       const int64_t k = (plane * g.Ho + oh) * g.Wo;
-      if (oh < g.Ho) load_codes(packed, k, g.Wo, codes.data());
+      // windows done by the AVX2 loop, which reads the packed bytes itself
+      const int64_t done = avx2_reads_packed<T>(k) ? paired - paired % 8 : 0;
+      if (oh < g.Ho) load_codes(packed, k + done, g.Wo - done, codes.data());
       for (int dy = 0; dy < 2 && 2 * oh + dy < g.H; ++dy) {
         T* o = y + (plane * g.H + 2 * oh + dy) * g.W;
         if (oh >= g.Ho) {  // the extra last row when H = 2 * Ho + 1
           std::fill(o, o + g.W, T(0));
           continue;
         }
-        unpool_span(v + k, codes.data(), paired, dy, o);
-        if (paired < g.Wo) o[2 * paired] = codes[paired] == 2 * dy ? v[k + paired] : T(0);
+#ifdef SEGNET_HAVE_AVX2_PATH
+        if (done) {
+          avx2::unpool_span(reinterpret_cast<const float*>(v + k), packed + k / 4, done, dy,
+                            reinterpret_cast<float*>(o));
+        }
+#endif
+        unpool_span(v + k + done, codes.data(), paired - done, dy, o + 2 * done);
+        if (paired < g.Wo) o[2 * paired] = codes[paired - done] == 2 * dy ? v[k + paired] : T(0);
         std::fill(o + std::min(g.W, 2 * g.Wo), o + g.W, T(0));
       }
     }
@@ -407,12 +415,12 @@ void gather_nchw(const T* go, const uint8_t* packed, T* gv, const PoolGeometry& 
       const T* top = go + ((r / g.Ho) * g.H + h) * g.W;
       const int64_t full_end = row1 ? g.W / 2 : 0;
       T* out = gv + r * g.Wo;
-      int64_t done = 0;  // windows gathered by the AVX2 loop, which reads the packed bytes itself
+      // windows gathered by the AVX2 loop, which reads the packed bytes itself
+      const int64_t done = avx2_reads_packed<T>(r * g.Wo) ? full_end - full_end % 8 : 0;
 #ifdef SEGNET_HAVE_AVX2_PATH
-      if (std::is_same_v<T, float> && avx2::cpu_has_avx2() && (r * g.Wo) % 4 == 0) {
-        done = avx2::gather_span(reinterpret_cast<const float*>(top),
-                                 reinterpret_cast<const float*>(top + g.W), packed + r * g.Wo / 4,
-                                 full_end, reinterpret_cast<float*>(out));
+      if (done) {
+        avx2::gather_span(reinterpret_cast<const float*>(top), reinterpret_cast<const float*>(top + g.W),
+                          packed + r * g.Wo / 4, done, reinterpret_cast<float*>(out));
       }
 #endif
       load_codes(packed, r * g.Wo + done, g.Wo - done, codes.data());

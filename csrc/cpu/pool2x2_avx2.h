@@ -141,17 +141,19 @@ inline int64_t unpool_channels(const float* v, const uint8_t* codes, int64_t C, 
                                       : unpool_channels_impl<false>(v, codes, C, want, out);
 }
 
-// NCHW unpooling, output row dy of n windows (8 at a time): out[2i], out[2i + 1].
+// NCHW unpooling, output row dy of n windows (8 at a time): out[2i], out[2i + 1]. Reads
+// the codes straight from the packed bytes (window 0 must start a byte).
 template <bool STREAM>
 __attribute__((target("avx2,bmi2"))) inline int64_t unpool_span_impl(
-    const float* __restrict__ v, const uint8_t* __restrict__ codes, int64_t n, int dy,
+    const float* __restrict__ v, const uint8_t* __restrict__ packed, int64_t n, int dy,
     float* __restrict__ out) {
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), three = _mm256_set1_epi32(3);
   const __m256i want0 = _mm256_set1_epi32(2 * dy), want1 = _mm256_set1_epi32(2 * dy + 1);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    int64_t packed8;
-    std::memcpy(&packed8, codes + i, 8);
-    const __m256i k = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(packed8));
+    uint16_t bits16;
+    std::memcpy(&bits16, packed + i / 4, 2);
+    const __m256i k = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits16), shifts), three);
     const __m256 x = _mm256_loadu_ps(v + i);
     const __m256 left = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, want0)));
     const __m256 right = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, want1)));
@@ -163,9 +165,9 @@ __attribute__((target("avx2,bmi2"))) inline int64_t unpool_span_impl(
   return i;
 }
 
-inline int64_t unpool_span(const float* v, const uint8_t* codes, int64_t n, int dy, float* out) {
-  return aligned32(out) ? unpool_span_impl<true>(v, codes, n, dy, out)
-                        : unpool_span_impl<false>(v, codes, n, dy, out);
+inline int64_t unpool_span(const float* v, const uint8_t* packed, int64_t n, int dy, float* out) {
+  return aligned32(out) ? unpool_span_impl<true>(v, packed, n, dy, out)
+                        : unpool_span_impl<false>(v, packed, n, dy, out);
 }
 
 // NCHW gather (unpooling backward), n full windows, 8 at a time: out[i] = the element of
