@@ -283,3 +283,30 @@ def test_missing_native_library_is_explained(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode != 0
     assert "segnet_ext._C was not built" in result.stderr and "pip install --no-build-isolation -e ." in result.stderr
+
+
+def test_portable_loops_without_avx2():
+    # The AVX2 loops serve float32 here; SEGNET_EXT_NO_AVX2 makes a process use the portable
+    # loops that CPUs without AVX2 run, which must give the same bits.
+    code = """
+import itertools, torch, segnet_ext
+from segnet_ext import reference
+from tests.pool_cases import assert_bitwise_equal, make_input
+torch.manual_seed(%d)
+for (H, W), ceil_mode, cl, kind in itertools.product([(8, 32), (9, 37), (16, 20), (3, 5)], [False, True],
+                                                      [False, True], ["random", "ties", "special"]):
+    x = make_input((2, 16, H, W), kind=kind, channels_last=cl)
+    values, packed = segnet_ext.max_pool2x2(x, ceil_mode)
+    rv, rp = reference.max_pool2x2(x, ceil_mode)
+    assert_bitwise_equal(values, rv, "values"); assert_bitwise_equal(packed, rp, "packed")
+    assert_bitwise_equal(segnet_ext.max_unpool2x2(values, packed, (H, W)), reference.max_unpool2x2(values, packed, (H, W)), "unpool")
+    g = make_input(x.shape, kind=kind, channels_last=cl)
+    pooled = list(values.shape[-2:])
+    assert_bitwise_equal(torch.ops.segnet_ext.max_unpool2x2_backward(g, packed, pooled),
+                         reference.max_unpool2x2_backward(g, packed, pooled), "gather")
+print("ok")
+""" % int(torch.randint(0, 2**31, ()))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "SEGNET_EXT_NO_AVX2": "1"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

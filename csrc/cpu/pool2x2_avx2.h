@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -14,8 +15,10 @@
 namespace segnet {
 namespace avx2 {
 
+// SEGNET_EXT_NO_AVX2=1 turns these loops off (the tests use it to run the portable ones).
 inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2") &&
+                          std::getenv("SEGNET_EXT_NO_AVX2") == nullptr;
   return has;
 }
 
