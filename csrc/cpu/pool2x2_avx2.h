@@ -44,6 +44,23 @@ __attribute__((target("avx2,bmi2"))) inline __m256 replaces(__m256 candidate, __
                       _mm256_cmp_ps(candidate, candidate, _CMP_UNORD_Q));
 }
 
+// The 8 windows whose top-left elements are r0[0], r0[2], ..., r0[14] (r1: the row below),
+// as a, b (top row) and c, d (bottom row) in the lane order 0 1 4 5 2 3 6 7. Prefetches
+// ~2 KB ahead in both rows: without it, the arithmetic of the loops that call this delays
+// their loads enough to leave memory bandwidth unused.
+__attribute__((target("avx2,bmi2"))) inline void load_windows(const float* r0, const float* r1,
+                                                             __m256& a, __m256& b, __m256& c,
+                                                             __m256& d) {
+  _mm_prefetch(reinterpret_cast<const char*>(r0 + 512), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(r1 + 512), _MM_HINT_T0);
+  const __m256 lo0 = _mm256_loadu_ps(r0), hi0 = _mm256_loadu_ps(r0 + 8);
+  const __m256 lo1 = _mm256_loadu_ps(r1), hi1 = _mm256_loadu_ps(r1 + 8);
+  a = _mm256_shuffle_ps(lo0, hi0, 0x88);
+  b = _mm256_shuffle_ps(lo0, hi0, 0xDD);
+  c = _mm256_shuffle_ps(lo1, hi1, 0x88);
+  d = _mm256_shuffle_ps(lo1, hi1, 0xDD);
+}
+
 // code byte of 8 windows from the movemasks of "b, c, d replaced the maximum" (in
 // window order): 3 if t3, else 2 if t2, else 1 if t1, else 0
 __attribute__((target("avx2,bmi2"))) inline uint64_t code_bytes(unsigned k1, unsigned k2,
@@ -53,20 +70,15 @@ __attribute__((target("avx2,bmi2"))) inline uint64_t code_bytes(unsigned k1, uns
 }
 
 // NCHW, n full windows (8 at a time; the caller does the rest): values y[0, n), one code
-// byte per window. Input rows are prefetched ~2 KB ahead: without it the loop's
-// arithmetic delays the loads enough to leave memory bandwidth unused.
+// byte per window.
 template <bool STREAM>
 __attribute__((target("avx2,bmi2"))) inline int64_t pool_span_impl(
     const float* __restrict__ r0, const float* __restrict__ r1, int64_t n, float* __restrict__ y,
     uint8_t* __restrict__ codes) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    _mm_prefetch(reinterpret_cast<const char*>(r0 + 2 * i + 512), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(r1 + 2 * i + 512), _MM_HINT_T0);
-    const __m256 lo0 = _mm256_loadu_ps(r0 + 2 * i), hi0 = _mm256_loadu_ps(r0 + 2 * i + 8);
-    const __m256 lo1 = _mm256_loadu_ps(r1 + 2 * i), hi1 = _mm256_loadu_ps(r1 + 2 * i + 8);
-    const __m256 a = _mm256_shuffle_ps(lo0, hi0, 0x88), b = _mm256_shuffle_ps(lo0, hi0, 0xDD);
-    const __m256 c = _mm256_shuffle_ps(lo1, hi1, 0x88), d = _mm256_shuffle_ps(lo1, hi1, 0xDD);
+    __m256 a, b, c, d;
+    load_windows(r0 + 2 * i, r1 + 2 * i, a, b, c, d);
     const __m256 t1 = replaces(b, a);
     __m256 m = _mm256_blendv_ps(a, b, t1);
     const __m256 t2 = replaces(c, m);
@@ -175,8 +187,7 @@ inline int64_t unpool_span(const float* v, const uint8_t* packed, int64_t n, int
 
 // NCHW gather (unpooling backward), n full windows, 8 at a time: out[i] = the element of
 // window i (rows g0, g1) that its code names. Reads the codes straight from the packed
-// bytes (window 0 must start a byte: 2 bytes per 8 windows). Same lane order and
-// prefetch as pool_span.
+// bytes (window 0 must start a byte: 2 bytes per 8 windows).
 template <bool STREAM>
 __attribute__((target("avx2,bmi2"))) inline int64_t gather_span_impl(
     const float* __restrict__ g0, const float* __restrict__ g1, const uint8_t* __restrict__ packed,
@@ -185,12 +196,8 @@ __attribute__((target("avx2,bmi2"))) inline int64_t gather_span_impl(
   const __m256i shifts = _mm256_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    _mm_prefetch(reinterpret_cast<const char*>(g0 + 2 * i + 512), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(g1 + 2 * i + 512), _MM_HINT_T0);
-    const __m256 lo0 = _mm256_loadu_ps(g0 + 2 * i), hi0 = _mm256_loadu_ps(g0 + 2 * i + 8);
-    const __m256 lo1 = _mm256_loadu_ps(g1 + 2 * i), hi1 = _mm256_loadu_ps(g1 + 2 * i + 8);
-    const __m256 a = _mm256_shuffle_ps(lo0, hi0, 0x88), b = _mm256_shuffle_ps(lo0, hi0, 0xDD);
-    const __m256 c = _mm256_shuffle_ps(lo1, hi1, 0x88), d = _mm256_shuffle_ps(lo1, hi1, 0xDD);
+    __m256 a, b, c, d;
+    load_windows(g0 + 2 * i, g1 + 2 * i, a, b, c, d);
     uint16_t bits16;
     std::memcpy(&bits16, packed + i / 4, 2);
     const __m256i k = _mm256_srlv_epi32(_mm256_set1_epi32(bits16), shifts);
