@@ -61,6 +61,22 @@ __attribute__((target("avx2,bmi2"))) inline void load_windows(const float* r0, c
   d = _mm256_shuffle_ps(lo1, hi1, 0xDD);
 }
 
+// The arg-max rule on 8 windows at once: returns their maxima, and the movemasks of "b,
+// then c, then d replaced the running maximum" (in lane order).
+__attribute__((target("avx2,bmi2"))) inline __m256 window_max(__m256 a, __m256 b, __m256 c,
+                                                             __m256 d, unsigned& k1, unsigned& k2,
+                                                             unsigned& k3) {
+  const __m256 t1 = replaces(b, a);
+  __m256 m = _mm256_blendv_ps(a, b, t1);
+  const __m256 t2 = replaces(c, m);
+  m = _mm256_blendv_ps(m, c, t2);
+  const __m256 t3 = replaces(d, m);
+  k1 = _mm256_movemask_ps(t1);
+  k2 = _mm256_movemask_ps(t2);
+  k3 = _mm256_movemask_ps(t3);
+  return _mm256_blendv_ps(m, d, t3);
+}
+
 // code byte of 8 windows from the movemasks of "b, c, d replaced the maximum" (in
 // window order): 3 if t3, else 2 if t2, else 1 if t1, else 0
 __attribute__((target("avx2,bmi2"))) inline uint64_t code_bytes(unsigned k1, unsigned k2,
@@ -79,19 +95,13 @@ __attribute__((target("avx2,bmi2"))) inline int64_t pool_span_impl(
   for (; i + 8 <= n; i += 8) {
     __m256 a, b, c, d;
     load_windows(r0 + 2 * i, r1 + 2 * i, a, b, c, d);
-    const __m256 t1 = replaces(b, a);
-    __m256 m = _mm256_blendv_ps(a, b, t1);
-    const __m256 t2 = replaces(c, m);
-    m = _mm256_blendv_ps(m, c, t2);
-    const __m256 t3 = replaces(d, m);
-    m = _mm256_blendv_ps(m, d, t3);
+    unsigned k1, k2, k3;
+    const __m256 m = window_max(a, b, c, d, k1, k2, k3);
     store8<STREAM>(y + i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), 0xD8)));
-    const uint64_t bytes = code_bytes(window_order(_mm256_movemask_ps(t1)),
-                                      window_order(_mm256_movemask_ps(t2)),
-                                      window_order(_mm256_movemask_ps(t3)));
+    const uint64_t bytes = code_bytes(window_order(k1), window_order(k2), window_order(k3));
     std::memcpy(codes + i, &bytes, 8);
   }
-  _mm_sfence();
+  if constexpr (STREAM) _mm_sfence();
   return i;
 }
 
@@ -110,17 +120,11 @@ __attribute__((target("avx2,bmi2"))) inline int64_t pool_channels_impl(
     const float* __restrict__ p11, int64_t C, float* __restrict__ y, uint8_t* __restrict__ codes) {
   int64_t c = 0;
   for (; c + 8 <= C; c += 8) {
-    const __m256 a = _mm256_loadu_ps(p00 + c), b = _mm256_loadu_ps(p01 + c);
-    const __m256 d0 = _mm256_loadu_ps(p10 + c), d1 = _mm256_loadu_ps(p11 + c);
-    const __m256 t1 = replaces(b, a);
-    __m256 m = _mm256_blendv_ps(a, b, t1);
-    const __m256 t2 = replaces(d0, m);
-    m = _mm256_blendv_ps(m, d0, t2);
-    const __m256 t3 = replaces(d1, m);
-    m = _mm256_blendv_ps(m, d1, t3);
+    unsigned k1, k2, k3;
+    const __m256 m = window_max(_mm256_loadu_ps(p00 + c), _mm256_loadu_ps(p01 + c),
+                                _mm256_loadu_ps(p10 + c), _mm256_loadu_ps(p11 + c), k1, k2, k3);
     store8<STREAM>(y + c, m);
-    const uint64_t bytes = code_bytes(_mm256_movemask_ps(t1), _mm256_movemask_ps(t2),
-                                      _mm256_movemask_ps(t3));
+    const uint64_t bytes = code_bytes(k1, k2, k3);
     std::memcpy(codes + c, &bytes, 8);
   }
   return c;  // streamed stores: the caller fences once per task (store_fence)
