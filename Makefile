@@ -1,5 +1,6 @@
 # Two entry points that do the whole set-up on a fresh machine:
-#   make demo   virtual environment, torch, build, then the main job
+#   make demo   virtual environment, torch, build, then the main job: a short SegNet-Basic
+#               training on the bundled CamVid sample, its evaluation, and predictions
 #   make test   the same set-up, then the test suite
 # Variables: PYTHON (the interpreter that creates the venv), TORCH (the torch requirement),
 # SEGNET_EXT_CUDA / TORCH_CUDA_ARCH_LIST / MAX_JOBS (passed to the build, see setup.py).
@@ -23,8 +24,15 @@ $(STAMP): $(PY) setup.py pyproject.toml $(shell find csrc -type f)
 
 install: $(STAMP)
 
+DEMO ?= runs/demo
+
 demo: install
-	$(PY) -m bench.pool
+	$(VENV)/bin/segnet train --data sample --model segnet_basic --optimizer adam --lr 0.003 \
+	    --scale 0.5 --epochs 30 --val-every 10 --batch-size 2 --output $(DEMO)
+	$(VENV)/bin/segnet eval --checkpoint $(DEMO)/best.pt --data sample --output $(DEMO)/eval_val.json
+	$(VENV)/bin/segnet predict --checkpoint $(DEMO)/best.pt --input sample --output $(DEMO)/predictions
+	@echo "demo done: checkpoints $(DEMO)/best.pt and last.pt, curves $(DEMO)/curves.png, log $(DEMO)/metrics.csv," \
+	      "metrics $(DEMO)/eval_val.json, predictions $(DEMO)/predictions/"
 
 test: install
 	$(PY) -m pytest tests
@@ -33,4 +41,4 @@ bench: install
 	$(PY) -m bench.pool --write
 
 clean:
-	rm -rf build $(VENV) segnet_ext/*.so *.egg-info
+	rm -rf build $(VENV) segnet_ext/*.so *.egg-info runs

@@ -20,6 +20,12 @@ def _seed(request):
     torch.manual_seed(SEED ^ (hash(request.node.nodeid) & 0x7FFFFFFF))
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    # Class-weight caches go to a temporary folder, not the user's ~/.cache.
+    monkeypatch.setenv("SEGNET_CACHE", str(tmp_path_factory.getbasetemp() / "segnet-cache"))
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -29,3 +35,27 @@ def emu():
     from tests.cuda_emu.build import build_emulator
 
     return build_emulator()
+
+
+def write_camvid(root, splits=(("train", 4), ("val", 2)), size=(24, 32), seed=0):
+    """A small CamVid-layout folder of random images and labels (every class present,
+    some void), for tests that need data without the bundled sample's 360x480 cost."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    H, W = size
+    for split, count in splits:
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / f"{split}annot").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            label = rng.integers(0, 12, size=(H, W), dtype=np.uint8)
+            image = rng.integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / split / f"img{i}.png")
+            Image.fromarray(label).save(root / f"{split}annot" / f"img{i}.png")
+    return root
+
+
+@pytest.fixture
+def camvid_root(tmp_path):
+    return write_camvid(tmp_path / "camvid")

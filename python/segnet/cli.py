@@ -1,0 +1,182 @@
+"""The ``segnet`` command: train, eval, predict, export."""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .train import TrainConfig, TrainingInterrupted
+
+DEFAULTS = TrainConfig()
+SUPPRESS = argparse.SUPPRESS
+
+
+def _hw(text: str):
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 360x480), got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _scale(text: str):
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a scale S or a range LOW,HIGH (e.g. 0.5,1.0), got {text!r}")
+    return (values[0], values[-1])
+
+
+# (flag, TrainConfig field, argparse keywords, help). Each default is TrainConfig's.
+TRAIN_OPTIONS = [
+    ("--data", "data", {}, "CamVid root (train/ trainannot/ val/ valannot/, or train.txt/val.txt), or 'sample' for the bundled 6 images"),
+    ("--output", "output", {}, "run folder: checkpoints, logs, curves"),
+    ("--model", "model", {"choices": ["segnet", "segnet_basic"]}, "network"),
+    ("--backend", "backend", {"choices": ["segnet_ext", "torch"]}, "pooling layers: segnet_ext's 2-bit ones, or plain PyTorch"),
+    ("--encoder-weights", "encoder_weights", {}, "torchvision vgg16_bn/vgg16 state dict file for the SegNet encoder"),
+    ("--epochs", "epochs", {"type": int}, "epochs to train"),
+    ("--max-steps", "max_steps", {"type": int}, "stop after this many optimiser steps in all (resumable, like an interruption)"),
+    ("--batch-size", "batch_size", {"type": int}, "images per process per micro-batch"),
+    ("--accumulate", "accumulate", {"type": int}, "micro-batches per optimiser step (gradient accumulation)"),
+    ("--optimizer", "optimizer", {"choices": ["sgd", "adam"]}, "sgd: momentum and weight decay as the paper"),
+    ("--lr", "lr", {"type": float}, "learning rate (default 0.01 for sgd, 0.001 for adam)"),
+    ("--momentum", "momentum", {"type": float}, "SGD momentum"),
+    ("--weight-decay", "weight_decay", {"type": float}, "weight decay"),
+    ("--schedule", "schedule", {"choices": ["poly", "step", "constant"]}, "learning-rate schedule, per step"),
+    ("--poly-power", "poly_power", {"type": float}, "poly schedule: lr * (1 - step/total)^power"),
+    ("--step-epochs", "step_epochs", {"type": int}, "step schedule: multiply the lr by --gamma every this many epochs"),
+    ("--gamma", "gamma", {"type": float}, "step schedule factor"),
+    ("--class-weights", "class_weights", {"choices": ["median", "paper", "none"]}, "loss weights: median frequency balancing of the training labels, the paper's, or none"),
+    ("--flip", "flip", {"action": argparse.BooleanOptionalAction}, "random left-right flips"),
+    ("--scale", "scale", {"type": _scale}, "random rescale S or LOW,HIGH (0.5 trains at half resolution)"),
+    ("--crop", "crop", {"type": _hw}, "random crop HxW after scaling"),
+    ("--channels-last", "channels_last", {"action": argparse.BooleanOptionalAction}, "channels_last memory format"),
+    ("--amp", "amp", {"choices": ["none", "bf16", "fp16"]}, "autocast: bf16 (CPU or CUDA) or fp16 (CUDA)"),
+    ("--seed", "seed", {"type": int}, "seed of initialisation, shuffling and augmentation"),
+    ("--workers", "workers", {"type": int}, "DataLoader worker processes"),
+    ("--val-split", "val_split", {}, "split to validate on"),
+    ("--val-every", "val_every", {"type": int}, "validate every N epochs (and after the last); 0 = never"),
+    ("--device", "device", {}, "auto, cpu, cuda or cuda:N"),
+    ("--sync-bn", "sync_bn", {"action": argparse.BooleanOptionalAction}, "synchronise BN statistics across torchrun processes"),
+    ("--progress", "progress", {"action": argparse.BooleanOptionalAction}, "progress bars"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segnet",
+        description="Train, evaluate and run SegNet on CamVid-style road scenes, with segnet_ext's memory-efficient layers.",
+        epilog="Quick start: segnet train --data sample --model segnet_basic --epochs 2; segnet eval --checkpoint runs/segnet/best.pt; "
+        "segnet predict --checkpoint runs/segnet/best.pt --input sample --output predictions",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model", description="Train SegNet or SegNet-Basic. Settings come from "
+                                "the defaults, then --config, then the flags given; all are saved with each checkpoint. "
+                                "Run under torchrun for data parallelism.")
+    train.add_argument("--config", type=Path, default=None, help="JSON file of settings (keys as the flags, with underscores)")
+    train.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt exactly where it stopped")
+    train.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint (only for files you trust)")
+    for flag, name, kwargs, text in TRAIN_OPTIONS:
+        default = getattr(DEFAULTS, name)
+        shown = "x".join(map(str, default)) if name == "crop" and default else default
+        train.add_argument(flag, dest=name, default=SUPPRESS, help=f"{text} (default: {shown})", **kwargs)
+
+    ev = commands.add_parser("eval", help="evaluate a checkpoint (G, C, per-class IoU, mIoU)",
+                             description="Evaluate a checkpoint on a split with one confusion matrix; void (11) is ignored.")
+    ev.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train")
+    ev.add_argument("--data", default="sample", help="CamVid root or 'sample' (default: sample)")
+    ev.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    ev.add_argument("--output", default=None, help="metrics JSON file, or a folder for metrics.json (default: next to the checkpoint)")
+    _common_inference(ev)
+    ev.add_argument("--batch-size", type=int, default=1, help="images per batch (they must share one size) (default: 1)")
+    ev.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+
+    pr = commands.add_parser("predict", help="segment images: class ids, colours, overlays",
+                             description="Write NAME_labels.png (class ids), NAME_color.png (CamVid palette) and "
+                             "NAME_overlay.png (photo | blend) for an image or every image of a folder, any size.")
+    pr.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train")
+    pr.add_argument("--input", required=True, help="an image, a folder of images, or 'sample' (the bundled val images)")
+    pr.add_argument("--output", required=True, help="folder for the PNGs")
+    _common_inference(pr)
+
+    ex = commands.add_parser("export", help="export to TorchScript or ONNX (plain-PyTorch layers)",
+                             description="Export a checkpoint with the plain-PyTorch backend, for use without segnet_ext.")
+    ex.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train")
+    ex.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", help="(default: torchscript)")
+    ex.add_argument("--output", required=True, help="file to write (.pt for TorchScript, .onnx)")
+    ex.add_argument("--size", type=_hw, default=(360, 480), help="example input HxW (default: 360x480)")
+    ex.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint")
+    return parser
+
+
+def _common_inference(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    sub.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast (default: none)")
+    sub.add_argument("--backend", choices=["segnet_ext", "torch"], default=None, help="override the checkpoint's backend")
+    sub.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint (only for files you trust)")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    values: Dict = {}
+    if args.config is not None:
+        try:
+            values.update(json.loads(args.config.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--config {str(args.config)!r}: {e}") from None
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in fields})
+    return TrainConfig.from_dict(values)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except TrainingInterrupted as e:
+        print(f"{e}\nresume with: segnet train --resume --output {e.checkpoint.parent} (and the same settings)", file=sys.stderr)
+        return 128 + e.signum
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"segnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from .train import train
+
+        config = train_config(args)
+        result = train(config, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
+        if os.environ.get("RANK", "0") != "0":
+            return 0
+        out = Path(config.output)
+        print(f"run folder {out}: last.pt" + (", best.pt" if (out / "best.pt").exists() else "") + ", metrics.csv, metrics.jsonl, curves.png")
+        if "stopped_at_step" in result:
+            print(f"stopped after step {result['stopped_at_step']} (--max-steps); resume with --resume --output {out}")
+        return 0
+    if args.command == "eval":
+        from .evaluate import evaluate_checkpoint
+
+        output = args.output if args.output is not None else Path(args.checkpoint).parent / f"eval_{args.split}.json"
+        evaluate_checkpoint(args.checkpoint, args.data, args.split, output, args.device, args.batch_size, args.amp,
+                            args.backend, args.workers, args.trust_checkpoint)
+        return 0
+    if args.command == "predict":
+        from .predict import predict
+
+        written = predict(args.checkpoint, args.input, args.output, args.device, args.amp, args.backend, args.trust_checkpoint)
+        print(f"{len(written)} image(s) segmented into {args.output}: *_labels.png (class ids), *_color.png, *_overlay.png")
+        return 0
+    from .export import export
+
+    path = export(args.checkpoint, args.output, args.format, args.size, args.trust_checkpoint)
+    print(f"exported {args.format} to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

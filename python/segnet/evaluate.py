@@ -1,0 +1,107 @@
+"""Evaluation: one confusion matrix over a split, the paper's G, C, per-class IoU, mIoU."""
+import contextlib
+import json
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoint import load_model
+from .data import CamVid, collate
+from .metrics import confusion_matrix, format_scores, scores
+
+
+def autocast(device: torch.device, amp: str):
+    """A context for ``amp`` in none | bf16 | fp16 (fp16 only on CUDA)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"amp 'fp16' needs a CUDA device (got {device.type}); use 'bf16' on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: Tensor, amp: str = "none", channels_last: bool = False) -> Tensor:
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(images.device, amp):
+        return model(images).float()
+
+
+@torch.no_grad()
+def confusion_over(
+    model: nn.Module,
+    dataset: CamVid,
+    device: torch.device,
+    batch_size: int = 1,
+    amp: str = "none",
+    channels_last: bool = False,
+    workers: int = 0,
+    context: Optional[distributed.Context] = None,
+    progress: bool = True,
+) -> Tensor:
+    """The confusion matrix of ``model`` (in eval mode) over ``dataset``; under torchrun
+    each process takes every world_size-th image and the matrices are summed."""
+    context = context or distributed.Context()
+    was_training = model.training
+    model.eval()
+    indices = list(range(context.rank, len(dataset), context.world_size))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=workers, collate_fn=collate
+    )
+    num_classes = getattr(model, "num_classes", None) or getattr(getattr(model, "module", None), "num_classes")
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for images, labels in tqdm(loader, desc=f"eval {dataset.split}", unit="batch", disable=not (progress and context.is_main), leave=False):
+        logits = predict_logits(model, images.to(device), amp, channels_last)
+        confusion += confusion_matrix(logits.argmax(1).cpu(), labels, num_classes)
+    model.train(was_training)
+    return distributed.all_reduce_sum(confusion, context)
+
+
+def evaluate_checkpoint(
+    checkpoint: Union[str, Path],
+    data: Union[str, Path],
+    split: str = "val",
+    output: Optional[Union[str, Path]] = None,
+    device: str = "auto",
+    batch_size: int = 1,
+    amp: str = "none",
+    backend: Optional[str] = None,
+    workers: int = 0,
+    trust: bool = False,
+) -> Dict:
+    """Evaluate a checkpoint on a split; prints the table and writes JSON to ``output``."""
+    torch_device = resolve_device(device)
+    model, config = load_model(checkpoint, torch_device, backend=backend, trust=trust)
+    dataset = CamVid(data, split)
+    confusion = confusion_over(model, dataset, torch_device, batch_size, amp, config.get("channels_last", False), workers)
+    result = scores(confusion)
+    result.update(checkpoint=str(checkpoint), data=str(dataset.root), split=split, images=len(dataset), confusion_matrix=confusion.tolist())
+    print(format_scores(result))
+    if output is not None:
+        output = Path(output)
+        if output.suffix != ".json":
+            output = output / "metrics.json"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2))
+        print(f"metrics written to {output}")
+        result["output"] = str(output)
+    return result
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), or any torch device string."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    return d

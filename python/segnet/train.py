@@ -1,0 +1,455 @@
+"""Training: SGD (the paper's) or Adam, step/poly schedules, class-weighted cross-entropy,
+mixed precision, channels_last, gradient accumulation, torchrun data parallelism, and
+checkpoints from which a resumed run ends bit-identical to an uninterrupted one.
+
+Output folder: ``last.pt`` (after every epoch and on interruption), ``best.pt`` (best val
+mIoU), ``metrics.csv`` / ``metrics.jsonl`` (one row per epoch), ``curves.png``, ``config.json``,
+and TensorBoard events in ``tensorboard/`` when tensorboard is installed.
+"""
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import NUM_CLASSES, VOID, Augment, CamVid, EpochSampler, class_weights, collate
+from .evaluate import autocast, confusion_over, resolve_device
+from .metrics import scores
+from .model import build_model, load_encoder_weights
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; saved in each checkpoint and in ``config.json``."""
+
+    data: str = "sample"                      # CamVid root, or "sample" (bundled)
+    output: str = "runs/segnet"
+    model: str = "segnet"                     # segnet | segnet_basic
+    backend: str = "segnet_ext"               # segnet_ext | torch
+    num_classes: int = NUM_CLASSES
+    encoder_weights: Optional[str] = None     # torchvision vgg16_bn / vgg16 state dict
+    epochs: int = 100
+    max_steps: Optional[int] = None           # stop (resumably) after this many optimiser steps
+    batch_size: int = 4                       # per process
+    accumulate: int = 1                       # micro-batches per optimiser step
+    optimizer: str = "sgd"                    # sgd | adam
+    lr: Optional[float] = None                # default 0.01 (sgd), 0.001 (adam)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "poly"                    # poly | step | constant
+    poly_power: float = 0.9
+    step_epochs: int = 30                     # step schedule: multiply by gamma every step_epochs
+    gamma: float = 0.1
+    class_weights: str = "median"             # median | paper | none
+    flip: bool = True
+    scale: Tuple[float, float] = (1.0, 1.0)   # random rescale range
+    crop: Optional[Tuple[int, int]] = None    # random crop H, W
+    channels_last: bool = False
+    amp: str = "none"                         # none | bf16 | fp16 (CUDA)
+    seed: int = 0
+    workers: int = 0
+    val_split: str = "val"
+    val_every: int = 1                        # epochs; 0 = never
+    device: str = "auto"
+    sync_bn: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        self.scale = tuple(float(s) for s in self.scale)
+        self.crop = None if self.crop is None else tuple(int(c) for c in self.crop)
+        for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("workers", 0), ("val_every", 0), ("step_epochs", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        choices = {"model": ("segnet", "segnet_basic"), "backend": ("segnet_ext", "torch"), "optimizer": ("sgd", "adam"),
+                   "schedule": ("poly", "step", "constant"), "class_weights": ("median", "paper", "none"),
+                   "amp": ("none", "bf16", "fp16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.lr is None:
+            self.lr = 0.01 if self.optimizer == "sgd" else 0.001
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+class TrainingInterrupted(Exception):
+    """Raised after SIGINT/SIGTERM once the checkpoint is written."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint written to {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class _StopSignals:
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks between steps (a second
+    one interrupts at once)."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: no handlers, no graceful stop
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            signal.default_int_handler(signum, frame)
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint (again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # DataLoader workers leave SIGINT to the main process, which stops cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(config: TrainConfig, steps_per_epoch: int):
+    """The schedule as a function of the optimiser step (for LambdaLR)."""
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "poly":
+        return lambda step: (1 - min(step, total - 1) / total) ** config.poly_power
+    if config.schedule == "step":
+        return lambda step: config.gamma ** ((step // steps_per_epoch) // config.step_epochs)
+    return lambda step: 1.0
+
+
+class Trainer:
+    """One training run. ``Trainer(config).fit()``; ``resume=True`` continues from the
+    output folder's ``last.pt``."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, trust_checkpoint: bool = False):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.context = distributed.init(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.context.local_rank)
+            torch.cuda.set_device(self.device)
+        self.output = Path(config.output)
+        resume_state = self._resume_state(trust_checkpoint) if resume else None
+
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model, config.num_classes, config.backend)
+        if config.encoder_weights and resume_state is None:
+            load_encoder_weights(self.model, config.encoder_weights)
+        if config.sync_bn:
+            distributed.convert_sync_batchnorm(self.model)
+        self.model.to(self.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            if self.context.enabled else self.model
+        )
+
+        augment = Augment(flip=config.flip, scale=config.scale, crop=config.crop)
+        self.train_set = CamVid(config.data, "train", augment)
+        self.val_set = CamVid(config.data, config.val_split) if config.val_every else None
+        weights = class_weights(config.class_weights, config.data)
+        self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=self.device)
+
+        per_process = math.ceil(len(self.train_set) / self.context.world_size)
+        self.steps_per_epoch = math.ceil(per_process / (config.batch_size * config.accumulate))
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+
+        self.epoch, self.samples_done, self.step = 0, 0, 0   # samples_done: this process, this epoch
+        self.best_miou: Optional[float] = None
+        self.history: List[Dict] = []
+        self._epoch_loss = [0.0, 0]                          # sum of step losses, steps
+        if resume_state is not None:
+            self._load_state(resume_state)
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def _resume_state(self, trust: bool) -> Dict:
+        path = self.output / "last.pt"
+        state = load_checkpoint(path, trust=trust)
+        saved = dict(state["config"])
+        # Settings that change what is computed must match; where to write, how many
+        # epochs or steps, workers and progress may change on resume.
+        free = {"output", "epochs", "max_steps", "workers", "progress", "val_every", "device"}
+        mine = dataclasses.asdict(self.config)
+        changed = {k: (saved.get(k), mine[k]) for k in mine if k not in free and _normal(saved.get(k)) != _normal(mine[k])}
+        if changed:
+            details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"--resume: the settings differ from those of {path} ({details}); resume with the same settings")
+        if saved.get("epochs") != self.config.epochs and self.config.schedule != "constant":
+            print(f"note: epochs changed {saved.get('epochs')} -> {self.config.epochs}; the {self.config.schedule} schedule follows the new total")
+        return state
+
+    def _state(self) -> Dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "epoch": self.epoch,
+            "samples_done": self.samples_done,
+            "step": self.step,
+            "best_miou": self.best_miou,
+            "history": self.history,
+            "epoch_loss": list(self._epoch_loss),
+            "world_size": self.context.world_size,
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def _load_state(self, state: Dict) -> None:
+        if state.get("world_size", 1) != self.context.world_size and state.get("samples_done", 0):
+            raise ValueError(
+                f"--resume: last.pt stopped mid-epoch with {state['world_size']} processes; resume it with the same number "
+                f"(now {self.context.world_size})"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.epoch, self.samples_done, self.step = state["epoch"], state["samples_done"], state["step"]
+        self.best_miou, self.history = state["best_miou"], list(state["history"])
+        self._epoch_loss = list(state.get("epoch_loss", [0.0, 0]))
+
+    def save(self, name: str = "last.pt") -> Path:
+        path = self.output / name
+        if self.context.is_main:
+            save_checkpoint(self._state(), path)
+        if self.context.enabled:
+            torch.distributed.barrier()
+        return path
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def fit(self) -> Dict:
+        """Train to ``config.epochs`` (or ``max_steps``); returns the last history row."""
+        if self.context.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+        with _StopSignals() as stop, self._tensorboard() as board:
+            while self.epoch < self.config.epochs:
+                finished = self._train_epoch(stop)
+                if not finished:
+                    path = self.save()
+                    if stop.received is not None:
+                        raise TrainingInterrupted(stop.received, path)
+                    return {"stopped_at_step": self.step, "checkpoint": str(path)}
+                self._end_epoch(board)
+        return self.history[-1] if self.history else {}
+
+    def _loader(self):
+        sampler = EpochSampler(
+            len(self.train_set), self.config.seed, self.epoch, rank=self.context.rank,
+            world_size=self.context.world_size, skip=self.samples_done,
+        )
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_size=self.config.batch_size, sampler=sampler, collate_fn=collate,
+            num_workers=self.config.workers, worker_init_fn=_ignore_sigint if self.config.workers else None,
+            persistent_workers=False, pin_memory=self.device.type == "cuda",
+        )
+
+    def _train_epoch(self, stop: _StopSignals) -> bool:
+        """Run the rest of the current epoch; False when stopped early (signal or max_steps)."""
+        self.ddp.train()
+        if self.samples_done == 0:
+            self._epoch_loss = [0.0, 0]
+        self._epoch_start = time.perf_counter()
+        self._epoch_images = 0
+        loader = iter(self._loader())
+        remaining = self.steps_per_epoch - self.step_in_epoch()
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch(), desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                   unit="step", disable=not (self.config.progress and self.context.is_main), dynamic_ncols=True)
+        started, images = time.perf_counter(), 0
+        with bar:
+            for _ in range(remaining):
+                batches = [b for b in (next(loader, None) for _ in range(self.config.accumulate)) if b is not None]
+                if not batches:
+                    break
+                loss = self._step(batches)
+                n = sum(len(labels) for _, labels in batches)
+                self.samples_done += n
+                self.step += 1
+                images += n * self.context.world_size
+                self._epoch_images += n * self.context.world_size
+                self._epoch_loss[0] += loss
+                self._epoch_loss[1] += 1
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / (time.perf_counter() - started):.2f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                bar.update()
+                if stop.received is not None or (self.config.max_steps is not None and self.step >= self.config.max_steps):
+                    return False
+        return True
+
+    def step_in_epoch(self) -> int:
+        return math.ceil(self.samples_done / (self.config.batch_size * self.config.accumulate))
+
+    def _step(self, batches: List[Tuple[Tensor, Tensor]]) -> float:
+        """One optimiser step over ``batches`` (the accumulated micro-batches). The loss is
+        normalised by the class weight of every valid pixel of the whole global step, so
+        accumulation and data parallelism give the gradient of one big batch."""
+        batches = [(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)) for images, labels in batches]
+        denominator = torch.zeros((), dtype=torch.float64)
+        for _, labels in batches:
+            denominator += _pixel_weight(labels, self.class_weights).double().cpu()
+        distributed.all_reduce_sum(denominator, self.context)
+        denominator = max(float(denominator), 1e-12)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i, (images, labels) in enumerate(batches):
+            if self.config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            sync = i == len(batches) - 1 or not self.context.enabled
+            with (self.ddp.no_sync() if not sync else contextlib.nullcontext()):
+                with autocast(self.device, self.config.amp):
+                    logits = self.ddp(images)
+                loss_sum = F.cross_entropy(logits.float(), labels, weight=self.class_weights, ignore_index=VOID, reduction="sum")
+                loss = loss_sum * (self.context.world_size / denominator)
+                self.scaler.scale(loss).backward()
+            total += loss_sum.item() / denominator
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        reduced = distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64), self.context)
+        return float(reduced)
+
+    def _end_epoch(self, board) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        row = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": self._epoch_loss[0] / max(1, self._epoch_loss[1]),
+            "images_per_s": self._epoch_images / seconds if seconds > 0 else None,
+            "epoch_s": seconds,
+        }
+        validate = self.val_set is not None and ((self.epoch + 1) % self.config.val_every == 0 or self.epoch + 1 == self.config.epochs)
+        result = None
+        if validate:
+            confusion = confusion_over(
+                self.model, self.val_set, self.device, self.config.batch_size, self.config.amp,
+                self.config.channels_last, self.config.workers, self.context, self.config.progress,
+            )
+            result = scores(confusion)
+            row.update(val_global_accuracy=result["global_accuracy"], val_class_accuracy=result["class_accuracy"], val_mean_iou=result["mean_iou"])
+        self.history.append(row)
+        self.epoch, self.samples_done = self.epoch + 1, 0
+        improved = result is not None and result["mean_iou"] is not None and (self.best_miou is None or result["mean_iou"] > self.best_miou)
+        if improved:
+            self.best_miou = result["mean_iou"]
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+        if self.context.is_main:
+            self._log(row, board)
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
+            print(f"epoch {row['epoch']}: {summary}" + (" (best)" if improved else ""), flush=True)
+
+    # ---- logs --------------------------------------------------------------------------
+
+    def _log(self, row: Dict, board) -> None:
+        with open(self.output / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        columns = ["epoch", "step", "lr", "train_loss", "images_per_s", "epoch_s", "val_global_accuracy", "val_class_accuracy", "val_mean_iou"]
+        csv_path = self.output / "metrics.csv"
+        new = not csv_path.exists()
+        with open(csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k) for k in columns})
+        if board is not None:
+            for k, v in row.items():
+                if k not in ("epoch", "step") and v is not None:
+                    board.add_scalar(k, v, row["epoch"])
+        plot_curves(self.history, self.output / "curves.png")
+
+    def _tensorboard(self):
+        if not self.context.is_main:
+            return contextlib.nullcontext()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return contextlib.nullcontext()
+        return SummaryWriter(str(self.output / "tensorboard"))
+
+
+def _pixel_weight(labels: Tensor, weights: Optional[Tensor]) -> Tensor:
+    valid = labels != VOID
+    if weights is None:
+        return valid.sum()
+    return weights[labels.clamp(max=weights.numel() - 1)][valid].sum()
+
+
+def _normal(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def plot_curves(history: List[Dict], path: Path) -> Optional[Path]:
+    """Training loss and validation G / mIoU per epoch, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    val = [r for r in history if r.get("val_mean_iou") is not None]
+    for key, label in (("val_global_accuracy", "global accuracy"), ("val_class_accuracy", "class accuracy"), ("val_mean_iou", "mIoU")):
+        ax_val.plot([r["epoch"] for r in val], [r[key] for r in val], marker=".", label=label)
+    ax_val.set(xlabel="epoch", ylabel="%", title="validation")
+    if val:
+        ax_val.legend()
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def train(config: TrainConfig, resume: bool = False, trust_checkpoint: bool = False) -> Dict:
+    """Run training; always leaves the process group."""
+    trainer = Trainer(config, resume=resume, trust_checkpoint=trust_checkpoint)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.shutdown(trainer.context)

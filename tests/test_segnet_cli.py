@@ -1,0 +1,126 @@
+"""The ``segnet`` command end to end, export, and data-parallel training with torchrun."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segnet.checkpoint import load_checkpoint
+from segnet.cli import build_parser, main
+
+COMMANDS = ["train", "eval", "predict", "export"]
+
+
+def test_help_explains_every_option():
+    script = shutil.which("segnet", path=os.path.dirname(sys.executable)) or shutil.which("segnet")
+    assert script, "the segnet console script is not installed"
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(c in out for c in COMMANDS)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
+    for name in COMMANDS:
+        for action in sub.choices[name]._actions:
+            assert action.help, f"segnet {name} {action.option_strings} has no help"
+
+
+def test_train_eval_predict_on_the_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({"model": "segnet_basic", "epochs": 5, "batch_size": 2, "optimizer": "adam"}))
+    # flags override the config file
+    assert main(["train", "--config", str(config), "--data", "sample", "--output", str(run), "--epochs", "1",
+                 "--scale", "0.25", "--no-progress"]) == 0
+    state = load_checkpoint(run / "best.pt")
+    assert state["config"]["epochs"] == 1 and state["config"]["optimizer"] == "adam" and state["config"]["scale"] == (0.25, 0.25)
+    assert main(["eval", "--checkpoint", str(run / "best.pt"), "--data", "sample", "--output", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "Bicyclist" in out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["images"] == 2 and len(metrics["confusion_matrix"]) == 11
+    assert 0 <= metrics["mean_iou"] <= 100
+    assert metrics["pixels"] == sum(map(sum, metrics["confusion_matrix"]))
+    odd = tmp_path / "odd.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(odd)
+    for source, count in (("sample", 2), (str(odd), 1)):
+        pred = tmp_path / f"pred{count}"
+        assert main(["predict", "--checkpoint", str(run / "best.pt"), "--input", source, "--output", str(pred)]) == 0
+        assert len(list(pred.glob("*_labels.png"))) == count
+    labels = np.asarray(Image.open(tmp_path / "pred1" / "odd_labels.png"))
+    assert labels.shape == (37, 53) and labels.max() <= 10
+    assert np.asarray(Image.open(tmp_path / "pred1" / "odd_overlay.png")).shape == (37, 106, 3)
+    colour = np.asarray(Image.open(tmp_path / "pred1" / "odd_color.png"))
+    from segnet.data import PALETTE
+
+    assert {tuple(c) for c in colour.reshape(-1, 3)} <= set(PALETTE)
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "segnet eval: error: checkpoint" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "r")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"epochs": 2, "colour": "red"}')
+    assert main(["train", "--config", str(tmp_path / "bad.json")]) == 2
+    assert "unknown training settings ['colour']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--crop", "big"])
+    assert "expected HxW" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("export")
+    assert main(["train", "--data", "sample", "--output", str(run), "--model", "segnet_basic", "--max-steps", "1",
+                 "--batch-size", "1", "--val-every", "0", "--no-progress"]) == 0
+    return run / "last.pt"
+
+
+def test_export_torchscript(trained, tmp_path):
+    path = tmp_path / "model.pt"
+    assert main(["export", "--checkpoint", str(trained), "--output", str(path), "--size", "40x56"]) == 0
+    from segnet.checkpoint import load_model
+
+    model, _ = load_model(trained, torch.device("cpu"))
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(path))(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx(trained, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "model.onnx"
+    # 20x28 has partial border windows in ceil mode (5x7 -> 3x4 -> 2x2)
+    assert main(["export", "--checkpoint", str(trained), "--format", "onnx", "--output", str(path), "--size", "20x28"]) == 0
+    onnx.checker.check_model(onnx.load(str(path)))
+    from segnet.checkpoint import load_model
+
+    model, _ = load_model(trained, torch.device("cpu"))
+    x = torch.randn(2, 3, 20, 28)
+    (got,) = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_ddp_with_sync_bn_matches_one_process(camvid_root, tmp_path):
+    """2 gloo processes x batch 1 with --sync-bn end with the weights of 1 process x batch 2."""
+    common = ["--data", str(camvid_root), "--model", "segnet_basic", "--epochs", "2", "--sync-bn", "--val-every", "0",
+              "--no-progress", "--class-weights", "median", "--scale", "0.75,1.25", "--crop", "16x24"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "segnet", "train", *common, "--batch-size", "1", "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "segnet", "train", *common, "--batch-size", "2", "--output", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (load_checkpoint(tmp_path / run / "last.pt") for run in ("one", "two"))
+    assert b["world_size"] == 2 and b["step"] == a["step"] == 4
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=1e-5)

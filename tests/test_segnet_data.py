@@ -1,0 +1,165 @@
+"""CamVid reading, augmentation, sampling, class weights and metrics."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segnet import data
+from segnet.data import VOID, Augment, CamVid, EpochSampler, class_weights, list_pairs, median_frequency_weights
+from segnet.metrics import confusion_matrix, format_scores, scores
+
+
+def test_bundled_sample():
+    train, val = CamVid("sample", "train"), CamVid("sample", "val")
+    assert (len(train), len(val)) == (4, 2)
+    image, label = train[0]
+    assert image.shape == (3, 360, 480) and image.dtype == torch.float32
+    assert label.shape == (360, 480) and label.dtype == torch.int64
+    assert 0 <= label.min() and label.max() <= VOID
+    assert "Attribution-NonCommercial" in (data.sample_root() / "README.md").read_text()  # its licence, credited
+
+
+def test_pairs_by_folder_and_by_list(camvid_root):
+    by_folder = list_pairs(camvid_root, "train")
+    (camvid_root / "train.txt").write_text("".join(f"train/{p.name} trainannot/{p.name}\n" for p, _ in by_folder[::-1]))
+    by_list = list_pairs(camvid_root, "train")
+    assert [p.name for p, _ in by_list] == [p.name for p, _ in by_folder[::-1]]
+
+
+def test_image_and_label_decoding(camvid_root):
+    image_path, label_path = list_pairs(camvid_root, "train")[0]
+    image, label = CamVid(camvid_root, "train")[0]
+    raw = torch.from_numpy(np.array(Image.open(image_path))).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(image, (raw - mean) / std)
+    assert torch.equal(label, torch.from_numpy(np.array(Image.open(label_path)).astype(np.int64)))
+
+
+def test_bad_files_are_named(camvid_root):
+    pairs = list_pairs(camvid_root, "train")
+    dataset = CamVid(camvid_root, "train")
+    pairs[0][0].write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ValueError, match=f"cannot read image .*{pairs[0][0].name}"):
+        dataset[0]
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(pairs[1][0])
+    with pytest.raises(ValueError, match=r"is \(5, 5\) \(HxW\) but its label .* is \(24, 32\)"):
+        dataset[1]
+    Image.fromarray(np.full((24, 32), 200, np.uint8)).save(pairs[2][1])
+    with pytest.raises(ValueError, match=r"label .*img2.png' has values \[200\] outside 0..11"):
+        dataset[2]
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(pairs[3][1])
+    with pytest.raises(ValueError, match="single-channel PNG of class ids, got mode RGB"):
+        dataset[3]
+
+
+def test_bad_layouts(camvid_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        CamVid(tmp_path / "nowhere", "train")
+    with pytest.raises(FileNotFoundError, match="neither .*test.txt nor the folder"):
+        CamVid(camvid_root, "test")
+    (camvid_root / "val.txt").write_text("val/img0.png ../../etc/passwd\n")
+    with pytest.raises(ValueError, match="leaves the data root"):
+        CamVid(camvid_root, "val")
+    (camvid_root / "val.txt").write_text("val/img0.png\n")
+    with pytest.raises(ValueError, match="val.txt:1: expected 'image label'"):
+        CamVid(camvid_root, "val")
+    (camvid_root / "trainannot" / "img3.png").unlink()
+    with pytest.raises(FileNotFoundError, match="no label .*img3.png"):
+        CamVid(camvid_root, "train")
+
+
+def test_augment_moves_image_and_label_together():
+    image = torch.arange(2 * 3 * 4 * 6, dtype=torch.uint8).view(2, 3, 4, 6)[0]
+    label = torch.arange(24).view(4, 6) % 12
+    flipped = Augment(flip=True)
+    outcomes = set()
+    for seed in range(16):
+        im, lab = flipped(image, label, torch.Generator().manual_seed(seed))
+        is_flipped = torch.equal(lab, label.flip(-1))
+        assert is_flipped or torch.equal(lab, label)
+        assert torch.equal(im, image.flip(-1) if is_flipped else image)
+        outcomes.add(is_flipped)
+    assert outcomes == {True, False}
+    im, lab = Augment(flip=False, crop=(6, 8))(image, label, torch.Generator().manual_seed(0))
+    assert im.shape == (3, 6, 8) and lab.shape == (6, 8)
+    assert (lab == VOID).sum() >= 6 * 8 - 24  # the padding is void
+    im, lab = Augment(flip=False, scale=(0.5, 0.5))(image, label, torch.Generator())
+    assert im.shape == (3, 2, 3) and lab.shape == (2, 3) and im.dtype == torch.uint8
+    assert set(lab.unique().tolist()) <= set(label.unique().tolist())
+    with pytest.raises(ValueError, match="scale must be a range"):
+        Augment(scale=(1.0, 0.5))
+
+
+def test_samples_are_reproducible_whatever_the_workers(camvid_root):
+    dataset = CamVid(camvid_root, "train", Augment(scale=(0.5, 1.5), crop=(16, 16)))
+    sampler = EpochSampler(len(dataset), seed=3, epoch=1)
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=workers, collate_fn=data.collate)
+        batches = [b for b in loader]
+        if workers == 0:
+            first = batches
+        else:
+            for (a, la), (b, lb) in zip(first, batches):
+                assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_epoch_sampler_shards_and_skips():
+    full = list(EpochSampler(10, seed=1, epoch=2))
+    assert sorted(i for i, _ in full) == list(range(10))
+    assert [i for i, _ in full] != list(range(10))
+    assert full != list(EpochSampler(10, seed=1, epoch=3))
+    shards = [list(EpochSampler(10, seed=1, epoch=2, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(s) == 4 for s in shards)  # 12 = 10 wrapped around
+    interleaved = [shards[p % 3][p // 3] for p in range(10)]
+    assert interleaved == full  # same images, same augmentation seeds as one process
+    assert list(EpochSampler(10, seed=1, epoch=2, skip=7)) == full[7:]
+    assert len(EpochSampler(10, 1, 2, skip=7)) == 3
+
+
+def test_median_frequency_weights(tmp_path):
+    root = tmp_path / "mf"
+    (root / "train").mkdir(parents=True)
+    (root / "trainannot").mkdir()
+    labels = [np.array([[0, 0, 0, 1]], np.uint8), np.array([[0, 2, 2, 11]], np.uint8)]
+    for i, lab in enumerate(labels):
+        Image.fromarray(np.zeros((1, 4, 3), np.uint8)).save(root / "train" / f"{i}.png")
+        Image.fromarray(lab).save(root / "trainannot" / f"{i}.png")
+    # f_c = pixels of c / labelled (non-void) pixels of the images with c: 0: 4 in 4+3; 1: 1 in 4; 2: 2 in 3
+    freq = np.array([4 / 7, 1 / 4, 2 / 3])
+    median = np.median(freq)
+    expected = [median / f for f in freq] + [0.0] * 8
+    cache = tmp_path / "cache"
+    got = median_frequency_weights(root, cache_dir=cache)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    files = list(cache.iterdir())
+    assert len(files) == 1 and json.loads(files[0].read_text())["weights"] == got
+    files[0].write_text(json.dumps({"weights": [7.0] * 11}))  # the cache is what is read
+    assert median_frequency_weights(root, cache_dir=cache) == [7.0] * 11
+    assert class_weights("paper", root)[2] == 4.5640 and class_weights("none", root) is None
+    with pytest.raises(ValueError, match="'median', 'paper' or 'none', got 'inverse'"):
+        class_weights("inverse", root)
+
+
+def test_confusion_matrix_and_scores_by_hand():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 11, 0]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    cm = confusion_matrix(pred, target, num_classes=3)
+    assert cm.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 1]]  # the void pixel is not counted
+    s = scores(cm, ["a", "b", "c"])
+    assert s["global_accuracy"] == pytest.approx(100 * 5 / 7, abs=1e-3)
+    assert s["class_accuracy"] == pytest.approx(100 * (2 / 3 + 1 + 1 / 2) / 3, abs=1e-3)
+    ious = [2 / 4, 2 / 3, 1 / 2]  # tp / (row + col - tp)
+    assert [s["per_class"][n]["iou"] for n in "abc"] == pytest.approx([100 * i for i in ious], abs=1e-3)
+    assert s["mean_iou"] == pytest.approx(100 * sum(ious) / 3, abs=1e-3)
+    assert "mIoU" in format_scores(s)
+
+
+def test_scores_leave_out_absent_classes():
+    cm = torch.tensor([[3, 0, 0], [0, 0, 0], [1, 0, 1]])  # class 1 neither true nor predicted
+    s = scores(cm, ["a", "b", "c"])
+    assert s["per_class"]["b"]["iou"] is None and s["per_class"]["b"]["accuracy"] is None
+    assert s["mean_iou"] == pytest.approx(100 * (3 / 4 + 1 / 2) / 2, abs=1e-3)
+    with pytest.raises(ValueError, match="prediction shape"):
+        confusion_matrix(torch.zeros(2, 3), torch.zeros(3, 2))

@@ -1,0 +1,149 @@
+"""SegNet / SegNet-Basic: shapes, the two backends, encoder initialisation, learning."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segnet import SegNet, SegNetBasic, build_model, load_encoder_weights
+from segnet.model import DECODER_STAGES, VGG16_STAGES
+
+MODELS = [SegNet, SegNetBasic]
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize("size", [(1, 1), (7, 9), (360, 480), (361, 479)])
+def test_logits_have_the_input_size(cls, size):
+    model = cls(num_classes=5).eval()
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, *size))
+    assert y.shape == (1, 5, *size)
+    assert torch.isfinite(y).all()
+
+
+def test_segnet_is_the_papers_network():
+    model = SegNet()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 26 and len(list(model.encoder.parameters())) == 13 * 4
+    assert len([m for m in model.decoder.modules() if isinstance(m, nn.BatchNorm2d)]) == 12  # the classifier has none
+    assert sum(len(s) for s in VGG16_STAGES) == 13 and sum(len(s) for s in DECODER_STAGES) + 1 == 13
+    assert 29_000_000 < sum(p.numel() for p in model.parameters()) < 30_000_000  # paper: 29.5M
+    # ceil-mode pooling: 360x480 -> 180x240, 90x120, 45x60, 23x30, 12x15
+    sizes, x = [], torch.randn(1, 3, 360, 480)
+    with torch.no_grad():
+        for stage, pool in zip(model.eval().encoder, model.pools):
+            x, _ = pool(stage(x))
+            sizes.append(tuple(x.shape[-2:]))
+    assert sizes == [(180, 240), (90, 120), (45, 60), (23, 30), (12, 15)]
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backends_agree_forward_and_backward(cls, channels_last):
+    ours = cls(num_classes=4, backend="segnet_ext").double()
+    theirs = cls(num_classes=4, backend="torch").double()
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 37, 45, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        ours, theirs = ours.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
+    target = torch.randint(0, 4, (2, 37, 45))
+    losses = []
+    for model in (ours, theirs):
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_checkpoint_moves_between_backends():
+    a = SegNetBasic(backend="segnet_ext").eval()
+    b = SegNetBasic(backend="torch").eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 45, 61)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SegNet(backend="caffe")
+    with pytest.raises(ValueError, match="model must be one of"):
+        build_model("unet")
+    with pytest.raises(ValueError, match="3 input channels, got 4"):
+        SegNetBasic()(torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"expects images \[N, 3, H, W\]"):
+        SegNetBasic()(torch.randn(3, 8, 8))
+
+
+def fake_vgg16_state_dict(batch_norm: bool):
+    """A state dict laid out as torchvision's vgg16_bn / vgg16 (features.N, classifier.N)."""
+    layers, width = [], 3
+    for widths in VGG16_STAGES:
+        for w in widths:
+            layers += [nn.Conv2d(width, w, 3, padding=1)] + ([nn.BatchNorm2d(w)] if batch_norm else []) + [nn.ReLU()]
+            width = w
+        layers.append(nn.MaxPool2d(2))
+    vgg = nn.Module()
+    vgg.features = nn.Sequential(*layers)
+    vgg.classifier = nn.Sequential(nn.Linear(8, 4))
+    for m in vgg.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for t in (m.weight, m.bias, m.running_mean, m.running_var):
+                t.data.uniform_(0.5, 1.5)
+    return vgg.state_dict()
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_encoder_weights_from_torchvision_layout(tmp_path, batch_norm):
+    state = fake_vgg16_state_dict(batch_norm)
+    path = tmp_path / "vgg.pth"
+    torch.save(state, path)
+    model = SegNet()
+    decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    loaded = load_encoder_weights(model, path)
+    assert len(loaded) == 13 * (7 if batch_norm else 2)  # conv w, b (+ BN w, b, mean, var, count)
+    convs = [k for k in state if k.endswith(".weight") and state[k].dim() == 4]
+    blocks = [block for stage in model.encoder for block in stage]
+    for key, block in zip(convs, blocks):
+        assert torch.equal(block[0].weight, state[key])
+        if batch_norm:
+            bn = key.replace(".weight", "").split(".")
+            bn = f"features.{int(bn[1]) + 1}"
+            assert torch.equal(block[1].running_var, state[f"{bn}.running_var"])
+    for k, v in model.decoder.state_dict().items():
+        assert torch.equal(v, decoder_before[k])
+
+
+def test_encoder_weights_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_encoder_weights(SegNet(), tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a loadable torch state dict"):
+        load_encoder_weights(SegNet(), junk)
+    resnet = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, resnet)
+    with pytest.raises(ValueError, match="13 convolutions.*found 0"):
+        load_encoder_weights(SegNet(), resnet)
+    with pytest.raises(ValueError, match="fit only SegNet"):
+        load_encoder_weights(SegNetBasic(), resnet)
+    wide = fake_vgg16_state_dict(True)
+    wide["features.0.weight"] = torch.zeros(64, 4, 3, 3)
+    torch.save(wide, tmp_path / "wide.pth")
+    with pytest.raises(ValueError, match=r"features.0 weight has shape \(64, 4, 3, 3\)"):
+        load_encoder_weights(SegNet(), tmp_path / "wide.pth")
+
+
+def test_one_sgd_step_lowers_the_loss():
+    model = SegNetBasic(num_classes=4)
+    x, target = torch.randn(2, 3, 32, 48), torch.randint(0, 4, (2, 32, 48))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    before = F.cross_entropy(model(x), target)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = F.cross_entropy(model(x), target)
+    assert after < before

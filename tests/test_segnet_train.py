@@ -1,0 +1,175 @@
+"""Training: learning, checkpoints, exact resume, interruption, logs, settings."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from segnet.checkpoint import load_checkpoint, save_checkpoint
+from segnet.data import Augment, CamVid, sample_root
+from segnet.evaluate import confusion_over
+from segnet.metrics import scores
+from segnet.train import TrainConfig, Trainer, train
+
+
+def tiny_config(root, output, **overrides):
+    values = dict(data=str(root), output=str(output), model="segnet_basic", epochs=2, batch_size=1, optimizer="sgd",
+                  lr=0.01, class_weights="median", val_every=1, progress=False, seed=5)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_overfits_one_image(tmp_path):
+    """SegNet-Basic learns one CamVid image (at quarter size) to > 90% pixel accuracy."""
+    root = tmp_path / "one"
+    image = "train/0016E5_01470.png"
+    (root / "train").mkdir(parents=True)
+    (root / "trainannot").mkdir()
+    for folder in ("train", "trainannot"):
+        src = sample_root() / folder / "0016E5_01470.png"
+        (root / folder / src.name).write_bytes(src.read_bytes())
+    # one epoch of 100 steps on the same image (one checkpoint, not a hundred)
+    (root / "train.txt").write_text(f"{image} {image.replace('train/', 'trainannot/')}\n" * 100)
+    config = tiny_config(root, tmp_path / "run", epochs=1, optimizer="adam", lr=0.003, scale=(0.25, 0.25), flip=False,
+                         class_weights="none", schedule="constant", val_every=0)
+    trainer = Trainer(config)
+    trainer.fit()
+    seen = CamVid(root, "train", Augment(flip=False, scale=(0.25, 0.25)))
+    seen.pairs = seen.pairs[:1]
+    accuracy = scores(confusion_over(trainer.model, seen, torch.device("cpu"), progress=False))["global_accuracy"]
+    assert accuracy > 90
+
+
+@pytest.mark.parametrize("options", [dict(), dict(accumulate=2, schedule="step", step_epochs=1, optimizer="adam")])
+def test_resume_is_bit_identical(camvid_root, tmp_path, options):
+    whole = Trainer(tiny_config(camvid_root, tmp_path / "whole", **options))
+    whole.fit()
+    # stopped mid-epoch 2 (as an interruption would), then resumed in a fresh Trainer
+    Trainer(tiny_config(camvid_root, tmp_path / "parts", max_steps=whole.steps_per_epoch + 1, **options)).fit()
+    resumed = Trainer(tiny_config(camvid_root, tmp_path / "parts", **options), resume=True)
+    assert resumed.step == whole.steps_per_epoch + 1 and resumed.samples_done > 0
+    resumed.fit()
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    a, b = whole.optimizer.state_dict(), resumed.optimizer.state_dict()
+    for i in a["state"]:
+        for k in a["state"][i]:
+            assert torch.equal(torch.as_tensor(a["state"][i][k]), torch.as_tensor(b["state"][i][k]))
+    drop_timing = lambda rows: [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_s")} for r in rows]
+    assert drop_timing(whole.history) == drop_timing(resumed.history)
+
+
+def test_run_folder(camvid_root, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(camvid_root, out, epochs=3, val_every=2))
+    for name in ("last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "curves.png", "config.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r.get("val_mean_iou") is not None for r in rows] == [False, True, True]  # every 2nd, and the last
+    assert len((out / "metrics.csv").read_text().splitlines()) == 4
+    state = load_checkpoint(out / "last.pt")
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "config"):
+        assert key in state
+    assert state["epoch"] == 3 and state["config"]["model"] == "segnet_basic"
+    best = load_checkpoint(out / "best.pt")
+    assert best["best_miou"] == max(r["val_mean_iou"] for r in rows if r.get("val_mean_iou") is not None)
+    assert json.loads((out / "config.json").read_text())["epochs"] == 3
+
+
+def test_resume_refuses_other_settings(camvid_root, tmp_path):
+    Trainer(tiny_config(camvid_root, tmp_path / "run", max_steps=1)).fit()
+    with pytest.raises(ValueError, match=r"settings differ .*lr: 0.01 -> 0.02"):
+        Trainer(tiny_config(camvid_root, tmp_path / "run", lr=0.02), resume=True)
+    with pytest.raises(FileNotFoundError, match="last.pt' does not exist"):
+        Trainer(tiny_config(camvid_root, tmp_path / "elsewhere"), resume=True)
+
+
+def test_sigint_writes_a_checkpoint_and_resumes(camvid_root, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "segnet", "train", "--data", str(camvid_root), "--output", str(out), "--model", "segnet_basic",
+           "--epochs", "1000", "--batch-size", "1", "--val-every", "0", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "checkpoint written to" in err and "--resume" in err
+    state = load_checkpoint(out / "last.pt")
+    assert state["step"] >= 4
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    resumed = Trainer(tiny_config(camvid_root, out, epochs=state["epoch"] + 1, val_every=0, batch_size=1, seed=0,
+                                  class_weights="median", optimizer="sgd", lr=0.01), resume=True)
+    assert resumed.step == state["step"]
+
+
+def test_checkpoints_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Exploit.marker}",))
+
+
+def test_crafted_checkpoint_does_not_run_code(tmp_path):
+    _Exploit.marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "payload": _Exploit()}, path)
+    with pytest.raises(ValueError, match="not loaded from untrusted files.*--trust-checkpoint"):
+        load_checkpoint(path)
+    assert not _Exploit.marker.exists()
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable torch file"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a segnet checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with open(tmp_path / "pickle.pt", "wb") as f:
+        pickle.dump({"model": {}}, f)
+    with pytest.raises(ValueError):
+        load_checkpoint(tmp_path / "pickle.pt")
+
+
+def test_bf16_autocast_and_channels_last(camvid_root, tmp_path):
+    losses = {}
+    for name, options in {"fp32": {}, "bf16": {"amp": "bf16"}, "channels_last": {"channels_last": True}}.items():
+        trainer = Trainer(tiny_config(camvid_root, tmp_path / name, epochs=1, max_steps=1, val_every=0, **options))
+        batch = trainer.train_set[(0, 1)]
+        losses[name] = trainer._step([(batch[0][None], batch[1][None])])
+    assert losses["channels_last"] == pytest.approx(losses["fp32"], rel=1e-4)
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_bad_settings(camvid_root, tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        tiny_config(camvid_root, tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="optimizer must be one of .* got 'lbfgs'"):
+        tiny_config(camvid_root, tmp_path, optimizer="lbfgs")
+    with pytest.raises(ValueError, match=r"unknown training settings \['learning_rate'\]"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
+    with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
+        Trainer(tiny_config(camvid_root, tmp_path / "fp16", amp="fp16", max_steps=1)).fit()
