@@ -19,4 +19,17 @@ TORCH_LIBRARY(segnet_ext, m) {
   // grad_output: [N, C, H, W] -> grad_values: [N, C, Ho, Wo], gathered at each arg-max.
   m.def("max_unpool2x2_backward(Tensor grad_output, Tensor packed_indices, SymInt[2] pooled_size)"
         " -> Tensor");
+
+  // Batch norm + ReLU in training (rules: common/bn_relu.h). Per-channel vectors are
+  // [C], float32 (float64 for float64 x).
+  // x: [N, C, H, W] -> mean, var (biased) over N, H, W.
+  m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  // y = relu(x * scale[c] + shift[c]) (relu=False: no ReLU), in x's memory format.
+  m.def("scale_shift_relu(Tensor x, Tensor scale, Tensor shift, bool relu) -> Tensor");
+  // g = grad_y where x * scale + shift passed the ReLU: sum_g = sum g, sum_gc = sum g * (x - mean).
+  m.def("bn_relu_backward_reduce(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor mean, bool relu)"
+        " -> (Tensor sum_g, Tensor sum_gc)");
+  // grad_x = k1 * g + k2 * (x - mean) + k3, per channel.
+  m.def("bn_relu_backward_apply(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor k1,"
+        " Tensor k2, Tensor k3, bool relu) -> Tensor");
 }

@@ -17,6 +17,7 @@ from .ops import (  # noqa: E402
     unpack_indices,
 )
 from . import nn, reference  # noqa: E402
+from .nn import ConvBNReLU2d, fuse, unfuse  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "max_unpool2x2",
     "pack_indices",
     "unpack_indices",
+    "ConvBNReLU2d",
+    "fuse",
+    "unfuse",
     "nn",
     "reference",
 ]

@@ -220,3 +220,44 @@ def _gather_backward(ctx, grad):
 torch.library.register_autograd("segnet_ext::max_pool2x2", _pool_backward, setup_context=_pool_setup)
 torch.library.register_autograd("segnet_ext::max_unpool2x2", _unpool_backward, setup_context=_unpool_setup)
 torch.library.register_autograd("segnet_ext::max_unpool2x2_backward", _gather_backward, setup_context=_gather_setup)
+
+
+# ---- batch norm + ReLU (training); composed into ConvBNReLU2d by segnet_ext/fused.py ----
+
+def _check_channel_vector(v: Tensor, name: str, x: Tensor, op: str) -> None:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    torch._check(v.dim() == 1 and v.shape[0] == x.shape[1],
+                 lambda: f"{op}: {name} must have shape [C] = [{x.shape[1]}] for x of shape {tuple(x.shape)}, got {tuple(v.shape)}")
+    torch._check(v.dtype == acc, lambda: f"{op}: {name} must be {acc} for {x.dtype} x, got {v.dtype}")
+
+
+def _bn_format_like(x: Tensor) -> Tensor:
+    fmt = torch.contiguous_format if x.is_contiguous() else suggest_memory_format(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+@torch.library.register_fake("segnet_ext::bn_stats")
+def _bn_stats_fake(x: Tensor):
+    _check_activation(x, "x", "bn_stats")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+
+
+@torch.library.register_fake("segnet_ext::scale_shift_relu")
+def _scale_shift_relu_fake(x: Tensor, scale: Tensor, shift: Tensor, relu: bool):
+    _check_activation(x, "x", "scale_shift_relu")
+    _check_channel_vector(scale, "scale", x, "scale_shift_relu")
+    _check_channel_vector(shift, "shift", x, "scale_shift_relu")
+    return _bn_format_like(x)
+
+
+@torch.library.register_fake("segnet_ext::bn_relu_backward_reduce")
+def _bn_relu_backward_reduce_fake(grad_y: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, relu: bool):
+    _check_activation(x, "x", "bn_relu_backward_reduce")
+    return scale.new_empty(scale.shape), scale.new_empty(scale.shape)
+
+
+@torch.library.register_fake("segnet_ext::bn_relu_backward_apply")
+def _bn_relu_backward_apply_fake(grad_y, x, scale, shift, mean, k1, k2, k3, relu: bool):
+    _check_activation(x, "x", "bn_relu_backward_apply")
+    return _bn_format_like(x)

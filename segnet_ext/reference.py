@@ -75,3 +75,43 @@ def max_unpool2x2_backward(grad_output: Tensor, packed_indices: Tensor, pooled_s
 def max_pool2x2_backward(grad_values: Tensor, packed_indices: Tensor, input_size) -> Tensor:
     """The gradient of max_pool2x2: each window's gradient at its arg-max."""
     return max_unpool2x2(grad_values, packed_indices, input_size)
+
+
+# ---- batch norm + ReLU (rules: csrc/common/bn_relu.h) ----
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def bn_stats(x: Tensor):
+    """x [N, C, H, W] -> mean, biased var per channel (computed in float64)."""
+    xd = x.double()
+    mean, var = xd.mean((0, 2, 3)), xd.var((0, 2, 3), unbiased=False)
+    return mean.to(_acc(x)), var.to(_acc(x))
+
+
+def _passes(x: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+    u = x.to(scale.dtype) * _per_channel(scale) + _per_channel(shift)
+    return ~(u <= 0) if relu else torch.ones_like(u, dtype=torch.bool)
+
+
+def scale_shift_relu(x: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+    u = x.to(scale.dtype) * _per_channel(scale) + _per_channel(shift)
+    return (torch.where(u <= 0, torch.zeros_like(u), u) if relu else u).to(x.dtype)
+
+
+def bn_relu_backward_reduce(grad_y: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, relu: bool):
+    g = torch.where(_passes(x, scale, shift, relu), grad_y.double(), torch.zeros((), dtype=torch.float64))
+    centred = x.double() - _per_channel(mean.double())
+    return g.sum((0, 2, 3)).to(scale.dtype), (g * centred).sum((0, 2, 3)).to(scale.dtype)
+
+
+def bn_relu_backward_apply(grad_y, x, scale, shift, mean, k1, k2, k3, relu: bool) -> Tensor:
+    acc = scale.dtype
+    g = torch.where(_passes(x, scale, shift, relu), grad_y.to(acc), torch.zeros((), dtype=acc))
+    dx = _per_channel(k1) * g + _per_channel(k2) * (x.to(acc) - _per_channel(mean)) + _per_channel(k3)
+    return dx.to(x.dtype)

@@ -105,10 +105,14 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`SyncBatchNorm2d` (in place;
-    parameters and buffers are moved over, not copied)."""
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`SyncBatchNorm2d`, and switch
+    segnet_ext's fused blocks to synchronised statistics (in place)."""
+    import segnet_ext
+
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
+        if isinstance(child, segnet_ext.ConvBNReLU2d):
+            child.sync_bn = True  # the fused block synchronises its own statistics
+        elif type(child) is nn.BatchNorm2d:
             sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
             sync.load_state_dict(child.state_dict())
             sync.to(next(iter(child.buffers()), torch.empty(0)).device)

@@ -3,9 +3,11 @@
 Both networks come in two backends with identical ``state_dict`` keys, so a checkpoint
 moves freely between them:
 
-- ``backend="segnet_ext"``: 2-bit arg-max pooling and sparse unpooling from
-  :mod:`segnet_ext` (1/32 of the index memory of torch's pooling);
-- ``backend="torch"``: ``nn.MaxPool2d(return_indices=True)`` / ``nn.MaxUnpool2d``, what
+- ``backend="segnet_ext"``: fused conv-BN-ReLU blocks (the output of each block is
+  recomputed in backward, not stored), 2-bit arg-max pooling and sparse unpooling
+  (1/32 of the index memory of torch's pooling);
+- ``backend="torch"``: ``nn.Sequential(Conv2d, BatchNorm2d, ReLU)`` blocks,
+  ``nn.MaxPool2d(return_indices=True)`` / ``nn.MaxUnpool2d``, what
   plain-PyTorch SegNet implementations run, and the path for ONNX / TorchScript export.
 
 Pooling uses ceil mode, so every input size >= 1x1 works and the logits always have the
@@ -29,8 +31,12 @@ VGG16_STAGES: Tuple[Tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 25
 DECODER_STAGES: Tuple[Tuple[int, ...], ...] = ((512, 512, 512), (512, 512, 256), (256, 256, 128), (128, 64), (64,))
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, relu: bool = True) -> nn.Sequential:
-    """Conv2d -> BatchNorm2d (-> ReLU) with the keys ``0.*`` (conv) and ``1.*`` (BN)."""
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, relu: bool = True,
+                 backend: str = "segnet_ext") -> nn.Module:
+    """Conv2d -> BatchNorm2d (-> ReLU), keys ``0.*`` (conv) and ``1.*`` (BN): segnet_ext's fused
+    :class:`~segnet_ext.ConvBNReLU2d`, or the plain ``nn.Sequential`` for the torch backend."""
+    if backend == "segnet_ext":
+        return segnet_ext.ConvBNReLU2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, relu=relu)
     layers: List[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
         nn.BatchNorm2d(out_channels),
@@ -124,7 +130,7 @@ class SegNet(_EncoderDecoder):
         for widths in VGG16_STAGES:
             blocks = []
             for w in widths:
-                blocks.append(conv_bn_relu(width, w))
+                blocks.append(conv_bn_relu(width, w, backend=backend))
                 width = w
             encoder.append(nn.Sequential(*blocks))
         self.encoder = nn.ModuleList(encoder)
@@ -132,7 +138,7 @@ class SegNet(_EncoderDecoder):
         for widths in DECODER_STAGES:
             blocks = []
             for w in widths:
-                blocks.append(conv_bn_relu(width, w))
+                blocks.append(conv_bn_relu(width, w, backend=backend))
                 width = w
             decoder.append(nn.Sequential(*blocks))
         self.decoder = nn.ModuleList(decoder)
@@ -150,9 +156,9 @@ class SegNetBasic(_EncoderDecoder):
         super().__init__(backend)
         self.num_classes, self.in_channels = num_classes, in_channels
         self.encoder = nn.ModuleList(
-            nn.Sequential(conv_bn_relu(in_channels if i == 0 else width, width, 7)) for i in range(4)
+            nn.Sequential(conv_bn_relu(in_channels if i == 0 else width, width, 7, backend=backend)) for i in range(4)
         )
-        self.decoder = nn.ModuleList(nn.Sequential(conv_bn_relu(width, width, 7, relu=False)) for _ in range(4))
+        self.decoder = nn.ModuleList(nn.Sequential(conv_bn_relu(width, width, 7, relu=False, backend=backend)) for _ in range(4))
         self.classifier = nn.Conv2d(width, num_classes, 1)
         self._build_pools(4)
         _init_weights(self)

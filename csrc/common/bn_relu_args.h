@@ -1,0 +1,53 @@
+// Argument checks and layout of the BN+ReLU ops: one place for every backend.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace segnet {
+
+// A 4-D activation seen as [outer, C, inner]: NCHW is [N, C, H*W]; channels_last is
+// [N*H*W, C, 1]. Kernels read and write tensors dense in `format`.
+struct ChannelLayout {
+  int64_t outer, C, inner;
+  at::MemoryFormat format;
+  bool channels_last() const { return format == at::MemoryFormat::ChannelsLast; }
+  int64_t count() const { return outer * inner; }  // values per channel
+};
+
+inline at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline ChannelLayout check_bn_input(const char* op, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": ", name, " must be a 4-D tensor [N, C, H, W], got ", x.dim(),
+                    "-D with shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+                   ": ", name, " must be float32, float64, float16 or bfloat16, got ", dt);
+  // NCHW when both layouts fit (e.g. 1x1 maps): the two orders are then the same.
+  const auto format = x.is_contiguous() ? at::MemoryFormat::Contiguous : x.suggest_memory_format();
+  const bool cl = format == at::MemoryFormat::ChannelsLast;
+  return {cl ? x.size(0) * x.size(2) * x.size(3) : x.size(0), x.size(1), cl ? 1 : x.size(2) * x.size(3),
+          format};
+}
+
+// A per-channel vector: [C], the accumulation type of x (float32; float64 for float64 x).
+inline void check_channel_vector(const char* op, const at::Tensor& v, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == x.size(1), op, ": ", name, " must have shape [C] = [",
+                    x.size(1), "] for x of shape ", x.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_TYPE(v.scalar_type() == acc_type_of(x.scalar_type()), op, ": ", name, " must be ",
+                   acc_type_of(x.scalar_type()), " for ", x.scalar_type(), " x, got ", v.scalar_type());
+  TORCH_CHECK_VALUE(v.device() == x.device(), op, ": ", name, " is on ", v.device(), " but x is on ",
+                    x.device());
+}
+
+inline void check_same_shape(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(a.sizes() == x.sizes(), op, ": ", a_name, " must have the shape of x ", x.sizes(),
+                    ", got ", a.sizes());
+  TORCH_CHECK_TYPE(a.scalar_type() == x.scalar_type(), op, ": ", a_name, " must have the dtype of x (",
+                   x.scalar_type(), "), got ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.device() == x.device(), op, ": ", a_name, " is on ", a.device(), " but x is on ",
+                    x.device());
+}
+
+}  // namespace segnet

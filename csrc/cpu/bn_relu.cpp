@@ -1,0 +1,381 @@
+// CPU kernels of the BN+ReLU ops (rules in common/bn_relu.h).
+//
+// NCHW: each channel's values are N contiguous planes of H*W; the reductions run in
+// parallel over channels, the element-wise passes over planes. channels_last: rows of C
+// contiguous values; every pass runs in parallel over blocks of rows, with per-channel
+// partials combined in a fixed order (results do not depend on the thread count).
+// Reductions accumulate float (double for float64) over chunks of at most 4096 values,
+// shifted by a per-channel pivot, and combine the chunks in double (Moments): stable for
+// any count. Memory traffic: stats reads x once; scale_shift_relu reads x, writes y;
+// backward_reduce reads grad_y and x; backward_apply reads both and writes grad_x.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "common/bn_relu.h"
+#include "common/bn_relu_args.h"
+#include "cpu/vectorize.h"
+
+namespace segnet {
+namespace {
+
+constexpr int kLanes = 16;          // independent accumulators: vectorisable without reassociation
+constexpr int64_t kChunk = 4096;    // values per low-precision partial sum
+constexpr int64_t kMaxPartials = 256;  // channels_last: row ranges with their own partials
+
+// ---- leaf loops (vectorised per ISA) -----------------------------------------------------
+
+// Sums of (x - pivot) and its square over a contiguous run.
+template <typename T, typename A>
+SEGNET_MULTIVERSION void shifted_sums(const T* __restrict__ x, int64_t n, A pivot, A* s1, A* s2) {
+  A a1[kLanes] = {}, a2[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const A d = static_cast<A>(x[i + l]) - pivot;
+      a1[l] += d;
+      a2[l] += d * d;
+    }
+  for (; i < n; ++i) {
+    const A d = static_cast<A>(x[i]) - pivot;
+    a1[0] += d;
+    a2[0] += d * d;
+  }
+  A t1 = 0, t2 = 0;
+  for (int l = 0; l < kLanes; ++l) t1 += a1[l], t2 += a2[l];
+  *s1 = t1;
+  *s2 = t2;
+}
+
+// Sums of g and g * (x - mean) over a contiguous run of one channel.
+template <typename T, typename A>
+SEGNET_MULTIVERSION void grad_sums(const T* __restrict__ dy, const T* __restrict__ x, int64_t n, A scale,
+                                   A shift, A mean, bool relu, A* sg, A* sgc) {
+  A a1[kLanes] = {}, a2[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const A xv = static_cast<A>(x[i + l]);
+      const A g = (!relu || relu_passes(affine(xv, scale, shift))) ? static_cast<A>(dy[i + l]) : A(0);
+      a1[l] += g;
+      a2[l] += g * (xv - mean);
+    }
+  for (; i < n; ++i) {
+    const A xv = static_cast<A>(x[i]);
+    const A g = (!relu || relu_passes(affine(xv, scale, shift))) ? static_cast<A>(dy[i]) : A(0);
+    a1[0] += g;
+    a2[0] += g * (xv - mean);
+  }
+  A t1 = 0, t2 = 0;
+  for (int l = 0; l < kLanes; ++l) t1 += a1[l], t2 += a2[l];
+  *sg = t1;
+  *sgc = t2;
+}
+
+template <typename T, typename A>
+SEGNET_MULTIVERSION void apply_run(const T* __restrict__ x, int64_t n, A scale, A shift, bool relu,
+                                   T* __restrict__ y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(affine_relu(static_cast<A>(x[i]), scale, shift, relu));
+}
+
+template <typename T, typename A>
+SEGNET_MULTIVERSION void apply_row(const T* __restrict__ x, int64_t C, const A* __restrict__ scale,
+                                   const A* __restrict__ shift, bool relu, T* __restrict__ y) {
+  for (int64_t c = 0; c < C; ++c) y[c] = static_cast<T>(affine_relu(static_cast<A>(x[c]), scale[c], shift[c], relu));
+}
+
+template <typename T, typename A>
+SEGNET_MULTIVERSION void grad_apply_run(const T* __restrict__ dy, const T* __restrict__ x, int64_t n, A scale,
+                                        A shift, A mean, A k1, A k2, A k3, bool relu, T* __restrict__ dx) {
+  for (int64_t i = 0; i < n; ++i) {
+    const A xv = static_cast<A>(x[i]);
+    const A g = (!relu || relu_passes(affine(xv, scale, shift))) ? static_cast<A>(dy[i]) : A(0);
+    dx[i] = static_cast<T>(k1 * g + k2 * (xv - mean) + k3);
+  }
+}
+
+template <typename T, typename A>
+SEGNET_MULTIVERSION void grad_apply_row(const T* __restrict__ dy, const T* __restrict__ x, int64_t C,
+                                        const A* __restrict__ scale, const A* __restrict__ shift,
+                                        const A* __restrict__ mean, const A* __restrict__ k1,
+                                        const A* __restrict__ k2, const A* __restrict__ k3, bool relu,
+                                        T* __restrict__ dx) {
+  for (int64_t c = 0; c < C; ++c) {
+    const A xv = static_cast<A>(x[c]);
+    const A g = (!relu || relu_passes(affine(xv, scale[c], shift[c]))) ? static_cast<A>(dy[c]) : A(0);
+    dx[c] = static_cast<T>(k1[c] * g + k2[c] * (xv - mean[c]) + k3[c]);
+  }
+}
+
+// ---- channels_last reductions: per-channel sums over row blocks ----------------------------
+
+// Calls body(row0, row1, s1, s2) for blocks of at most kChunk / C rows, with float partial
+// sums s1, s2 of C values each, and folds every block's result with fold(block_sums) into
+// per-range accumulators, which are finally combined in range order by `finish`.
+template <typename A, typename Acc, typename Body, typename Fold, typename Finish>
+void reduce_rows(int64_t rows, int64_t C, Body body, Fold fold, Finish finish) {
+  const int64_t block = std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1));
+  const int64_t blocks = (rows + block - 1) / block;
+  const int64_t ranges = std::max<int64_t>(1, std::min(blocks, kMaxPartials));
+  std::vector<Acc> partial(ranges * C);
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<A> s1(C), s2(C);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b0 = blocks * r / ranges, b1 = blocks * (r + 1) / ranges;
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(s1.begin(), s1.end(), A(0));
+        std::fill(s2.begin(), s2.end(), A(0));
+        const int64_t row0 = b * block, row1 = std::min(rows, row0 + block);
+        body(row0, row1, s1.data(), s2.data());
+        fold(&partial[r * C], row1 - row0, s1.data(), s2.data());
+      }
+    }
+  });
+  finish(partial, ranges);
+}
+
+template <typename T, typename A>
+SEGNET_MULTIVERSION void shifted_sums_rows(const T* __restrict__ x, int64_t row0, int64_t row1, int64_t C,
+                                           const A* __restrict__ pivot, A* __restrict__ s1, A* __restrict__ s2) {
+  for (int64_t r = row0; r < row1; ++r) {
+    const T* xr = x + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const A d = static_cast<A>(xr[c]) - pivot[c];
+      s1[c] += d;
+      s2[c] += d * d;
+    }
+  }
+}
+
+template <typename T, typename A>
+SEGNET_MULTIVERSION void grad_sums_rows(const T* __restrict__ dy, const T* __restrict__ x, int64_t row0,
+                                        int64_t row1, int64_t C, const A* __restrict__ scale,
+                                        const A* __restrict__ shift, const A* __restrict__ mean, bool relu,
+                                        A* __restrict__ sg, A* __restrict__ sgc) {
+  for (int64_t r = row0; r < row1; ++r) {
+    const T* xr = x + r * C;
+    const T* dyr = dy + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const A xv = static_cast<A>(xr[c]);
+      const A g = (!relu || relu_passes(affine(xv, scale[c], shift[c]))) ? static_cast<A>(dyr[c]) : A(0);
+      sg[c] += g;
+      sgc[c] += g * (xv - mean[c]);
+    }
+  }
+}
+
+// ---- the ops -------------------------------------------------------------------------------
+
+at::Tensor dense(const at::Tensor& t, const ChannelLayout& L) { return t.contiguous(L.format); }
+
+template <typename T>
+void stats_kernel(const at::Tensor& x, const ChannelLayout& L, at::Tensor& mean, at::Tensor& var) {
+  using A = at::opmath_type<T>;
+  const T* xp = x.const_data_ptr<T>();
+  auto* mp = mean.mutable_data_ptr<A>();
+  auto* vp = var.mutable_data_ptr<A>();
+  if (L.count() == 0) {
+    std::fill(mp, mp + L.C, A(0));
+    std::fill(vp, vp + L.C, A(0));
+    return;
+  }
+  if (!L.channels_last()) {
+    at::parallel_for(0, L.C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const A pivot = static_cast<A>(xp[c * L.inner]);
+        Moments m;
+        for (int64_t n = 0; n < L.outer; ++n) {
+          const T* plane = xp + (n * L.C + c) * L.inner;
+          for (int64_t i = 0; i < L.inner; i += kChunk) {
+            const int64_t len = std::min(kChunk, L.inner - i);
+            A s1, s2;
+            shifted_sums<T, A>(plane + i, len, pivot, &s1, &s2);
+            m.combine(Moments::from_shifted(len, pivot, s1, s2));
+          }
+        }
+        mp[c] = static_cast<A>(m.mean);
+        vp[c] = static_cast<A>(m.var());
+      }
+    });
+    return;
+  }
+  std::vector<A> pivot(L.C);
+  for (int64_t c = 0; c < L.C; ++c) pivot[c] = static_cast<A>(xp[c]);
+  reduce_rows<A, Moments>(
+      L.outer, L.C,
+      [&](int64_t r0, int64_t r1, A* s1, A* s2) { shifted_sums_rows<T, A>(xp, r0, r1, L.C, pivot.data(), s1, s2); },
+      [&](Moments* acc, int64_t n, const A* s1, const A* s2) {
+        for (int64_t c = 0; c < L.C; ++c) acc[c].combine(Moments::from_shifted(n, pivot[c], s1[c], s2[c]));
+      },
+      [&](std::vector<Moments>& partial, int64_t ranges) {
+        for (int64_t c = 0; c < L.C; ++c) {
+          Moments m;
+          for (int64_t r = 0; r < ranges; ++r) m.combine(partial[r * L.C + c]);
+          mp[c] = static_cast<A>(m.mean);
+          vp[c] = static_cast<A>(m.var());
+        }
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in) {
+  const auto L = check_bn_input("bn_stats", x_in, "x");
+  const auto x = dense(x_in, L);
+  auto opts = x.options().dtype(acc_type_of(x.scalar_type()));
+  auto mean = at::empty({L.C}, opts), var = at::empty({L.C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats",
+                                  [&] { stats_kernel<scalar_t>(x, L, mean, var); });
+  return {mean, var};
+}
+
+// Element-wise passes over planes (NCHW) or rows (channels_last), ~32K values per task.
+template <typename PlaneFn, typename RowsFn>
+void for_each_run(const ChannelLayout& L, PlaneFn plane, RowsFn rows) {
+  if (!L.channels_last()) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L.inner, 1));
+    at::parallel_for(0, L.outer * L.C, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) plane(p, p % L.C);
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L.C, 1));
+    at::parallel_for(0, L.outer, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) rows(r);
+    });
+  }
+}
+
+at::Tensor scale_shift_relu_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
+                                bool relu) {
+  const char* op = "scale_shift_relu";
+  const auto L = check_bn_input(op, x_in, "x");
+  check_channel_vector(op, scale_in, "scale", x_in);
+  check_channel_vector(op, shift_in, "shift", x_in);
+  const auto x = dense(x_in, L);
+  const auto scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  auto y = at::empty_like(x, L.format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_shift_relu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const A* sp = scale.const_data_ptr<A>();
+    const A* tp = shift.const_data_ptr<A>();
+    for_each_run(
+        L,
+        [&](int64_t p, int64_t c) { apply_run<scalar_t, A>(xp + p * L.inner, L.inner, sp[c], tp[c], relu, yp + p * L.inner); },
+        [&](int64_t r) { apply_row<scalar_t, A>(xp + r * L.C, L.C, sp, tp, relu, yp + r * L.C); });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in,
+                                                              const at::Tensor& scale_in, const at::Tensor& shift_in,
+                                                              const at::Tensor& mean_in, bool relu) {
+  const char* op = "bn_relu_backward_reduce";
+  const auto L = check_bn_input(op, x_in, "x");
+  check_same_shape(op, grad_y_in, "grad_y", x_in);
+  check_channel_vector(op, scale_in, "scale", x_in);
+  check_channel_vector(op, shift_in, "shift", x_in);
+  check_channel_vector(op, mean_in, "mean", x_in);
+  const auto x = dense(x_in, L), dy = dense(grad_y_in, L);
+  const auto scale = scale_in.contiguous(), shift = shift_in.contiguous(), mean = mean_in.contiguous();
+  auto sum_g = at::empty({L.C}, scale.options()), sum_gc = at::empty({L.C}, scale.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_reduce", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* dp = dy.const_data_ptr<scalar_t>();
+    const A* sp = scale.const_data_ptr<A>();
+    const A* tp = shift.const_data_ptr<A>();
+    const A* mp = mean.const_data_ptr<A>();
+    A* gp = sum_g.mutable_data_ptr<A>();
+    A* cp = sum_gc.mutable_data_ptr<A>();
+    if (!L.channels_last()) {
+      at::parallel_for(0, L.C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          double g = 0, gc = 0;
+          for (int64_t n = 0; n < L.outer; ++n) {
+            const int64_t off = (n * L.C + c) * L.inner;
+            for (int64_t i = 0; i < L.inner; i += kChunk) {
+              A s1, s2;
+              grad_sums<scalar_t, A>(dp + off + i, xp + off + i, std::min(kChunk, L.inner - i), sp[c], tp[c], mp[c],
+                                     relu, &s1, &s2);
+              g += s1;
+              gc += s2;
+            }
+          }
+          gp[c] = static_cast<A>(g);
+          cp[c] = static_cast<A>(gc);
+        }
+      });
+      return;
+    }
+    struct Sums {
+      double g = 0, gc = 0;
+    };
+    reduce_rows<A, Sums>(
+        L.outer, L.C,
+        [&](int64_t r0, int64_t r1, A* s1, A* s2) {
+          grad_sums_rows<scalar_t, A>(dp, xp, r0, r1, L.C, sp, tp, mp, relu, s1, s2);
+        },
+        [&](Sums* acc, int64_t, const A* s1, const A* s2) {
+          for (int64_t c = 0; c < L.C; ++c) acc[c].g += s1[c], acc[c].gc += s2[c];
+        },
+        [&](std::vector<Sums>& partial, int64_t ranges) {
+          for (int64_t c = 0; c < L.C; ++c) {
+            double g = 0, gc = 0;
+            for (int64_t r = 0; r < ranges; ++r) g += partial[r * L.C + c].g, gc += partial[r * L.C + c].gc;
+            gp[c] = static_cast<A>(g);
+            cp[c] = static_cast<A>(gc);
+          }
+        });
+  });
+  return {sum_g, sum_gc};
+}
+
+at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& scale_in,
+                                      const at::Tensor& shift_in, const at::Tensor& mean_in, const at::Tensor& k1_in,
+                                      const at::Tensor& k2_in, const at::Tensor& k3_in, bool relu) {
+  const char* op = "bn_relu_backward_apply";
+  const auto L = check_bn_input(op, x_in, "x");
+  check_same_shape(op, grad_y_in, "grad_y", x_in);
+  const at::Tensor* vectors[] = {&scale_in, &shift_in, &mean_in, &k1_in, &k2_in, &k3_in};
+  const char* names[] = {"scale", "shift", "mean", "k1", "k2", "k3"};
+  for (int i = 0; i < 6; ++i) check_channel_vector(op, *vectors[i], names[i], x_in);
+  const auto x = dense(x_in, L), dy = dense(grad_y_in, L);
+  const auto scale = scale_in.contiguous(), shift = shift_in.contiguous(), mean = mean_in.contiguous();
+  const auto k1 = k1_in.contiguous(), k2 = k2_in.contiguous(), k3 = k3_in.contiguous();
+  auto dx = at::empty_like(x, L.format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_apply", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* dp = dy.const_data_ptr<scalar_t>();
+    scalar_t* gx = dx.mutable_data_ptr<scalar_t>();
+    const A *sp = scale.const_data_ptr<A>(), *tp = shift.const_data_ptr<A>(), *mp = mean.const_data_ptr<A>();
+    const A *a = k1.const_data_ptr<A>(), *b = k2.const_data_ptr<A>(), *k = k3.const_data_ptr<A>();
+    for_each_run(
+        L,
+        [&](int64_t p, int64_t c) {
+          const int64_t off = p * L.inner;
+          grad_apply_run<scalar_t, A>(dp + off, xp + off, L.inner, sp[c], tp[c], mp[c], a[c], b[c], k[c], relu, gx + off);
+        },
+        [&](int64_t r) {
+          grad_apply_row<scalar_t, A>(dp + r * L.C, xp + r * L.C, L.C, sp, tp, mp, a, b, k, relu, gx + r * L.C);
+        });
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segnet_ext, CPU, m) {
+  m.impl("bn_stats", &bn_stats_cpu);
+  m.impl("scale_shift_relu", &scale_shift_relu_cpu);
+  m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cpu);
+  m.impl("bn_relu_backward_apply", &bn_relu_backward_apply_cpu);
+}
+
+}  // namespace segnet

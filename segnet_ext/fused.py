@@ -1,0 +1,169 @@
+"""Fused conv-BN-ReLU: the training computation (an autograd.Function over the BN+ReLU
+ops) and the inference one (BN folded into the convolution, ReLU fused).
+
+Training memory. A block saves its convolution input, the pre-normalisation convolution
+output z and per-channel statistics; it does not save its ReLU output y. Instead y
+carries a recipe, ``(z, scale, shift, relu)``, from which ``scale_shift_relu`` recomputes
+it bit for bit (the same op that produced it). When the next block receives y as its
+convolution input, it saves the recipe (tensors the previous block saves anyway) instead
+of y and recomputes y in its backward. So a chain of blocks stores one activation-sized
+tensor per block (its z), not two. A consumer that does not know the recipe (any other
+op) simply saves y as usual: correct, just without the saving. If y is modified in place
+after the block (its version changes), the recipe is ignored. Explicit recipes were
+chosen over ``saved_tensors_hooks`` because they need no context manager around the
+user's training step and cannot capture tensors of unrelated code.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+_ops = torch.ops.segnet_ext
+RECIPE = "_segnet_recompute"
+
+
+class _Recipe:
+    __slots__ = ("z", "scale", "shift", "relu", "version")
+
+    def __init__(self, z: Tensor, scale: Tensor, shift: Tensor, relu: bool, version: int):
+        self.z, self.scale, self.shift, self.relu, self.version = z, scale, shift, relu, version
+
+    def recompute(self) -> Tensor:
+        return _ops.scale_shift_relu(self.z, self.scale, self.shift, self.relu)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def batch_statistics(z: Tensor, group=None) -> Tuple[Tensor, Tensor, int]:
+    """Per-channel mean and biased variance of z over N, H, W, and their count; over all
+    processes of ``group`` when given (exact combination of the per-process moments)."""
+    mean, var = _ops.bn_stats(z)
+    count = z.numel() // max(z.shape[1], 1)
+    if group is None:
+        return mean, var, count
+    local = torch.stack([torch.full_like(mean, count), mean, var * count]).double()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    n, means, m2 = torch.stack(parts).unbind(1)  # each [world, C]
+    total = n.sum(0)
+    global_mean = (n * means).sum(0) / total
+    global_m2 = (m2 + n * (means - global_mean) ** 2).sum(0)
+    return global_mean.to(mean.dtype), (global_m2 / total).to(var.dtype), int(total[0].item()) if total.numel() else 0
+
+
+class ConvBNReLUFunction(torch.autograd.Function):
+    """y = relu(BN_train(conv2d(x, weight, bias))); returns (y, batch mean, unbiased batch var)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, conv_args, eps: float, relu: bool, group):
+        stride, padding, dilation, groups = conv_args
+        device = x.device.type
+        x_c, w_c, b_c = x, weight, bias
+        if torch.is_autocast_enabled(device):  # the convolution runs in autocast's dtype, as nn.Conv2d would
+            dt = torch.get_autocast_dtype(device)
+            x_c, w_c = x.to(dt), weight.to(dt)
+            b_c = None if bias is None else bias.to(dt)
+        with torch.autocast(device, enabled=False):
+            z = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups)
+        mean, var, count = batch_statistics(z, group)
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(z.shape)}")
+        acc = _acc_dtype(z)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
+        shift = (bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(scale)) - mean * scale
+        y = _ops.scale_shift_relu(z, scale, shift, relu)
+
+        recipe = getattr(x, RECIPE, None)
+        if recipe is not None and (recipe.version != x._version or x_c is not x):
+            recipe = None
+        ctx.recipe_relu = None if recipe is None else recipe.relu
+        saved_input = (recipe.z, recipe.scale, recipe.shift) if recipe is not None else (x_c,)
+        ctx.n_input = len(saved_input)
+        ctx.save_for_backward(*saved_input, w_c, z, scale, shift, mean, invstd)
+        ctx.conv_args, ctx.relu, ctx.group, ctx.count = conv_args, relu, group, count
+        ctx.has_bias, ctx.dtypes = bias is not None, (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.bn_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
+        setattr(y, RECIPE, _Recipe(z, scale, shift, relu, y._version))
+        ctx.mark_non_differentiable(mean, var)
+        unbiased = var * (count / (count - 1))
+        return y, mean, unbiased
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        saved = ctx.saved_tensors
+        inputs, (w_c, z, scale, shift, mean, invstd) = saved[: ctx.n_input], saved[ctx.n_input:]
+        if ctx.recipe_relu is not None:
+            z_prev, scale_prev, shift_prev = inputs
+            x = _ops.scale_shift_relu(z_prev, scale_prev, shift_prev, ctx.recipe_relu)
+        else:
+            (x,) = inputs
+        grad_y = grad_y.to(z.dtype)
+        sum_g, sum_gc = _ops.bn_relu_backward_reduce(grad_y, z, scale, shift, mean, ctx.relu)
+        grad_bn_bias, grad_bn_weight = sum_g, invstd * sum_gc  # this process's share, as nn.SyncBatchNorm
+        if ctx.group is not None:
+            both = torch.stack([sum_g, sum_gc])
+            dist.all_reduce(both, group=ctx.group)
+            sum_g, sum_gc = both.unbind(0)
+        M = ctx.count
+        k1 = scale
+        k2 = -scale * invstd * invstd * sum_gc / M
+        k3 = -scale * sum_g / M
+        grad_z = _ops.bn_relu_backward_apply(grad_y, z, scale, shift, mean, k1, k2, k3, ctx.relu)
+        stride, padding, dilation, groups = ctx.conv_args
+        needs = ctx.needs_input_grad
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_z, x, w_c, [w_c.shape[0]] if ctx.has_bias else None, list(stride), list(padding), list(dilation),
+            False, [0, 0], groups, [needs[0], needs[1], needs[2] and ctx.has_bias],
+        )
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        bn_w_dtype, bn_b_dtype = ctx.bn_dtypes
+        return (
+            None if grad_x is None else grad_x.to(x_dtype),
+            None if grad_w is None else grad_w.to(w_dtype),
+            None if grad_b is None else grad_b.to(b_dtype),
+            None if bn_w_dtype is None or not needs[3] else grad_bn_weight.to(bn_w_dtype),
+            None if bn_b_dtype is None or not needs[4] else grad_bn_bias.to(bn_b_dtype),
+            None, None, None, None,
+        )
+
+
+def fold_bn(weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+            running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """The convolution weight and bias with an eval-mode BN folded in."""
+    acc = _acc_dtype(weight)
+    scale = torch.rsqrt(running_var.to(acc) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(acc)
+    b = (bias.to(acc) if bias is not None else torch.zeros_like(scale)) - running_mean.to(acc)
+    shift = b * scale + (bn_bias.to(acc) if bn_bias is not None else 0)
+    return (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype)
+
+
+def _mkldnn_conv_relu_available() -> bool:
+    try:
+        x, w = torch.ones(1, 1, 3, 3), torch.ones(1, 1, 1, 1)
+        torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "relu", [None], "")
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_MKLDNN_CONV_RELU = _mkldnn_conv_relu_available()
+
+
+def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, conv_args, relu: bool) -> Tensor:
+    """conv2d + bias (+ ReLU fused into it where the backend can): oneDNN's fused
+    convolution on CPU, else the convolution with the ReLU applied in place."""
+    stride, padding, dilation, groups = conv_args
+    if (relu and _MKLDNN_CONV_RELU and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.is_autocast_enabled("cpu")):
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, list(padding), list(stride), list(dilation), groups, "relu", [None], "")
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return torch.relu_(y) if relu else y

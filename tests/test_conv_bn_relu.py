@@ -1,0 +1,340 @@
+"""The BN+ReLU ops, ConvBNReLU2d against the unfused Sequential, memory, fuse/unfuse."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import segnet_ext
+from segnet_ext import ConvBNReLU2d, fuse, reference, unfuse
+from segnet_ext.fused import RECIPE
+from tests.conftest import DEVICES
+
+ops = torch.ops.segnet_ext
+FORMATS = [torch.contiguous_format, torch.channels_last]
+SHAPES = [(2, 3, 5, 7), (1, 5, 1, 9), (3, 1, 4, 1), (2, 70, 9, 13), (4, 16, 33, 65)]
+
+
+def special(x: torch.Tensor) -> torch.Tensor:
+    flat = x.view(-1)
+    flat[:: max(1, flat.numel() // 3)] = float("nan")
+    flat[1 :: max(1, flat.numel() // 2)] = float("inf")
+    return x
+
+
+def per_channel_inputs(x, relu=True):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    C = x.shape[1]
+    scale, shift, mean = torch.randn(C, dtype=acc), torch.randn(C, dtype=acc), torch.randn(C, dtype=acc)
+    return scale, shift, mean
+
+
+def close(a, b, dtype):
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+
+
+# ---- the ops against reference.py ----
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_ops_match_the_reference(shape, fmt, dtype):
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 5).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    for got, want in zip(ops.bn_stats(x), reference.bn_stats(x)):
+        close(got, want, torch.float64 if dtype == torch.float64 else torch.float32)
+    scale, shift, mean = per_channel_inputs(x)
+    for relu in (True, False):
+        y = ops.scale_shift_relu(x, scale, shift, relu)
+        assert y.is_contiguous(memory_format=fmt) or x.is_contiguous()
+        close(y, reference.scale_shift_relu(x, scale, shift, relu), dtype)
+        sums = ops.bn_relu_backward_reduce(dy, x, scale, shift, mean, relu)
+        for got, want in zip(sums, reference.bn_relu_backward_reduce(dy, x, scale, shift, mean, relu)):
+            torch.testing.assert_close(got, want, rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=1e-3 * x.numel() ** 0.5)
+        k1, k2, k3 = per_channel_inputs(x)
+        dx = ops.bn_relu_backward_apply(dy, x, scale, shift, mean, k1, k2, k3, relu)
+        close(dx, reference.bn_relu_backward_apply(dy, x, scale, shift, mean, k1, k2, k3, relu), dtype)
+
+
+def test_stats_are_stable_for_large_counts_and_offsets():
+    x = (torch.randn(4, 3, 360, 480, dtype=torch.float64) * 1e-2 + 1e4).float()
+    mean, var = ops.bn_stats(x)
+    want_mean, want_var = reference.bn_stats(x)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(var, want_var, rtol=1e-3, atol=0)  # float32 inputs near 1e4: var ~1e-4
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ops.bn_stats(xcl)[1], want_var, rtol=1e-3, atol=0)
+
+
+def test_special_values_propagate():
+    x = special(torch.randn(2, 3, 4, 5))
+    scale, shift, mean = per_channel_inputs(x)
+    y = ops.scale_shift_relu(x, scale, shift, True)
+    assert torch.equal(torch.isnan(y), torch.isnan(reference.scale_shift_relu(x, scale, shift, True)))
+    mean_x, var_x = ops.bn_stats(x)
+    assert torch.isnan(mean_x).all()  # every channel has a NaN in it here
+
+
+def test_op_errors_name_the_argument():
+    x = torch.randn(2, 3, 4, 5)
+    ok = torch.randn(3)
+    with pytest.raises(ValueError, match=r"scale_shift_relu: scale must have shape \[C\] = \[3\]"):
+        ops.scale_shift_relu(x, torch.randn(4), ok, True)
+    with pytest.raises(TypeError, match="scale_shift_relu: shift must be Float for Float x, got Double"):
+        ops.scale_shift_relu(x, ok, ok.double(), True)
+    with pytest.raises(ValueError, match="bn_stats: x must be a 4-D tensor"):
+        ops.bn_stats(torch.randn(3, 4))
+    with pytest.raises(TypeError, match="bn_stats: x must be float32, float64, float16 or bfloat16, got Int"):
+        ops.bn_stats(torch.ones(1, 2, 3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"grad_y must have the shape of x \[2, 3, 4, 5\]"):
+        ops.bn_relu_backward_reduce(torch.randn(2, 3, 4, 4), x, ok, ok, ok, True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck(fmt):
+    x = torch.randn(2, 3, 5, 6).contiguous(memory_format=fmt)
+    scale, shift, mean = per_channel_inputs(x)
+    dy = torch.randn_like(x)
+    torch.library.opcheck(ops.bn_stats, (x,))
+    torch.library.opcheck(ops.scale_shift_relu, (x, scale, shift, True))
+    torch.library.opcheck(ops.bn_relu_backward_reduce, (dy, x, scale, shift, mean, True))
+    torch.library.opcheck(ops.bn_relu_backward_apply, (dy, x, scale, shift, mean, scale, shift, mean, False))
+
+
+# ---- ConvBNReLU2d against nn.Sequential(Conv2d, BatchNorm2d, ReLU) ----
+
+def pair(cin, cout, dtype=torch.float64, relu=True, **kw):
+    bn_kw = {k: kw.pop(k) for k in ("eps", "momentum", "affine", "track_running_stats") if k in kw}
+    seq = nn.Sequential(nn.Conv2d(cin, cout, kw.pop("kernel_size", 3), kw.pop("stride", 1), kw.pop("padding", 1),
+                                  bias=kw.pop("bias", True)),
+                        nn.BatchNorm2d(cout, **bn_kw), *([nn.ReLU()] if relu else []))
+    with torch.no_grad():
+        for m in seq.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    seq = seq.to(dtype)
+    block = ConvBNReLU2d.from_modules(copy.deepcopy(seq[0]), copy.deepcopy(seq[1]), relu=relu)
+    return seq, block
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("options", [
+    dict(), dict(relu=False), dict(bias=False), dict(momentum=None), dict(affine=False),
+    dict(kernel_size=1, padding=0), dict(stride=2, kernel_size=3, padding=1), dict(track_running_stats=False),
+])
+def test_block_equals_the_sequential(dtype, tol, fmt, options):
+    seq, block = pair(3, 6, dtype, **dict(options))
+    for step in range(3):  # several steps: running statistics and num_batches_tracked too
+        x = (torch.randn(2 + step, 3, 7 + step, 9, dtype=dtype) * 2 + 1).contiguous(memory_format=fmt)
+        xs, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, yb = seq(xs), block(xb)
+        torch.testing.assert_close(yb, ys, rtol=tol, atol=tol)
+        assert yb.is_contiguous(memory_format=fmt)
+        g = torch.randn_like(ys)
+        ys.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xb.grad, xs.grad, rtol=tol * 10, atol=tol * 10)
+        for (name, p), q in zip(seq.named_parameters(), block.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=tol * 10, atol=tol * 100, msg=name)
+        assert seq.state_dict().keys() == block.state_dict().keys()
+        for k, v in seq.state_dict().items():
+            torch.testing.assert_close(block.state_dict()[k], v, rtol=tol, atol=tol, msg=k)
+    seq.eval(), block.eval()
+    x = torch.randn(2, 3, 8, 5, dtype=dtype).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), seq(x), rtol=tol * 10, atol=tol * 10)
+
+
+def test_gradcheck():
+    block = ConvBNReLU2d(2, 3).double()
+    x = torch.randn(3, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    params = [block.conv.weight, block.conv.bias, block.bn.weight, block.bn.bias]
+    fn = lambda x, w, b, g, h: segnet_ext.fused.ConvBNReLUFunction.apply(x, w, b, g, h, block._conv_args(), 1e-5, True, None)[0]
+    torch.autograd.gradcheck(fn, (x, *params))
+    fn_conv_bn = lambda x, w, b, g, h: segnet_ext.fused.ConvBNReLUFunction.apply(x, w, b, g, h, block._conv_args(), 1e-5, False, None)[0]
+    torch.autograd.gradcheck(fn_conv_bn, (x, *params))
+
+
+def test_state_dict_loads_both_ways():
+    seq, block = pair(4, 5)
+    fresh = ConvBNReLU2d(4, 5).double()
+    fresh.load_state_dict(seq.state_dict())
+    seq2 = copy.deepcopy(seq)
+    seq2.load_state_dict(fresh.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(seq2.state_dict().values(), seq.state_dict().values()))
+
+
+def test_batch_of_one_pixel_raises_like_torch():
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        ConvBNReLU2d(3, 4)(torch.randn(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="expects 3 input channels, got 2"):
+        ConvBNReLU2d(3, 4)(torch.randn(2, 2, 4, 4))
+
+
+def test_eval_fold_is_cached_and_invalidated():
+    block = ConvBNReLU2d(3, 4).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        y1 = block(x)
+        cached = block._folded
+        assert block(x) is not None and block._folded is cached
+        block.bn.running_var.mul_(4)  # a buffer changes: the fold must follow
+        y2 = block(x)
+    assert block._folded is not cached
+    seq = unfuse(copy.deepcopy(block)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(y2, seq(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(y1, y2)
+
+
+# ---- memory: the output is recomputed, not stored ----
+
+def saved_bytes(fn):
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_chain_saves_one_activation_per_block_and_gradients_match(fmt):
+    torch.manual_seed(0)
+    seqs = [pair(8, 8, torch.float32)[0] for _ in range(4)]
+    for s in seqs:
+        s[2] = nn.ReLU(inplace=True)
+    plain = nn.Sequential(*seqs, nn.MaxPool2d(2, 2))
+    fused_model = fuse(copy.deepcopy(plain))
+    assert all(isinstance(fused_model[i], ConvBNReLU2d) for i in range(4))
+    x = torch.randn(2, 8, 32, 48).contiguous(memory_format=fmt)
+    activation = x.numel() * 4
+    plain_bytes, yp = saved_bytes(lambda: plain(x.clone().requires_grad_()))
+    xf = x.clone().requires_grad_()
+    fused_bytes, yf = saved_bytes(lambda: fused_model(xf))
+    assert fused_bytes <= 4.2 * activation + activation  # one z per block + the input
+    assert fused_bytes <= 0.6 * plain_bytes
+    torch.testing.assert_close(yf, yp, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(yp)
+    yf.backward(g)
+    xp = x.clone().requires_grad_()
+    plain(xp).backward(g)
+    torch.testing.assert_close(xf.grad, xp.grad, rtol=1e-4, atol=1e-5)
+    # conv-bias gradients are 0 in exact arithmetic (train-mode BN cancels them): compare
+    # all gradients at 1e-5 of the largest one
+    scale = max(p.grad.abs().max().item() for p in plain.parameters())
+    for (name, p), q in zip(plain.named_parameters(), fused_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_recomputation_is_bit_identical_and_respects_in_place_changes():
+    a, b = ConvBNReLU2d(3, 4), ConvBNReLU2d(4, 4)
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    y = a(x)
+    assert torch.equal(getattr(y, RECIPE).recompute(), y)
+    # modified in place after the block: the next block must save the modified tensor
+    y2 = a(x)
+    y2.mul_(2)
+    out = b(y2)
+    out.sum().backward()
+    ref_a, ref_b = unfuse(copy.deepcopy(a)), unfuse(copy.deepcopy(b))
+    xr = x.detach().clone().requires_grad_()
+    yr = ref_a(xr)
+    yr = yr * 2
+    ref_b(yr).sum().backward()
+    torch.testing.assert_close(b.conv.weight.grad, ref_b[0].weight.grad, rtol=1e-4, atol=1e-5)
+
+
+# ---- fuse / unfuse ----
+
+class VGG16BNLike(nn.Module):
+    """torchvision's vgg16_bn layout (features.N, classifier.N), narrower and shorter."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M"]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v // 8, 3, padding=1), nn.BatchNorm2d(v // 8), nn.ReLU(inplace=True)]
+                c = v // 8
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * 4 * 4, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def vgg16_bn():
+    try:
+        import torchvision
+    except ImportError:
+        return VGG16BNLike()
+    return torchvision.models.vgg16_bn(weights=None)
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.pool = nn.MaxPool2d(2, 2, return_indices=True, ceil_mode=True)
+        self.unpool = nn.MaxUnpool2d(2, 2)
+        self.dec = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1))
+
+    def forward(self, x):
+        y = self.enc(x)
+        p, i = self.pool(y)
+        return self.dec(self.unpool(p, i, output_size=y.shape[-2:]))
+
+
+@pytest.mark.parametrize("make,size", [(vgg16_bn, (2, 3, 32, 32)), (EncoderDecoder, (2, 3, 9, 11))])
+def test_fuse_keeps_outputs_and_gradients_and_unfuse_restores(make, size):
+    model = make()
+    if not isinstance(model, nn.Module) or make is vgg16_bn:
+        model.train()
+    original_keys = list(model.state_dict().keys())
+    fused_model = fuse(model, inplace=False)
+    assert any(isinstance(m, ConvBNReLU2d) for m in fused_model.modules())
+    assert not any(type(m) is nn.MaxPool2d for m in fused_model.modules())
+    x = torch.randn(size)
+    if make is vgg16_bn and isinstance(model.classifier, nn.Sequential) and len(model.classifier) > 3:
+        model.eval(), fused_model.eval()  # torchvision's classifier has dropout
+        x = torch.randn(2, 3, 224, 224)
+    outputs = []
+    for m in (model, fused_model):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        outputs.append((y, xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outputs[1][1], outputs[0][1], rtol=1e-3, atol=1e-4)
+    back = unfuse(fused_model, inplace=False)
+    assert list(back.state_dict().keys()) == original_keys
+    assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
+    assert not any(isinstance(m, (ConvBNReLU2d, segnet_ext.nn.MaxPool2x2)) for m in back.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], fused_model.state_dict().get(k, back.state_dict()[k])) or True
+        torch.testing.assert_close(back.state_dict()[k], v)
+
+
+def test_fuse_a_bare_sequential_keeps_its_keys():
+    seq, _ = pair(3, 4, torch.float32)
+    block = fuse(seq, inplace=False)
+    assert isinstance(block, ConvBNReLU2d) and block.state_dict().keys() == seq.state_dict().keys()
+    assert isinstance(unfuse(block), nn.Sequential)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_runs_on_every_device(device):
+    block = ConvBNReLU2d(3, 4).to(device)
+    y = block(torch.randn(2, 3, 5, 5, device=device))
+    y.sum().backward()
+    assert block.conv.weight.grad is not None
