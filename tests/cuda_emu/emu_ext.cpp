@@ -2,9 +2,11 @@
 // emulation header and launched with small, odd launch geometries.
 #include <torch/extension.h>
 
+#include "common/bn_relu_args.h"
 #include "common/pool2x2_args.h"
 // clang-format off
 #include "cuda_emu.h"
+#include "kernels/bn_relu.cuh"
 #include "kernels/pool2x2.cuh"
 #include "selftest_kernels.cuh"
 // clang-format on
@@ -75,6 +77,89 @@ Tensor max_unpool2x2_backward(const Tensor& grad_output_in, const Tensor& packed
   return grad_values;
 }
 
+// ---- BN + ReLU ----
+
+segnet::kernels::ChannelDims dims_of(const segnet::ChannelLayout& L) { return {L.outer, L.C, L.inner}; }
+
+template <typename A>
+const A* ptr(const Tensor& t) {
+  return t.const_data_ptr<A>();
+}
+
+// The partial-sum buffer is sized exactly (poisoned), so a kernel that writes past its
+// plan shows up under the sanitizer build and as garbage in the results.
+Tensor partial_buffer(const segnet::kernels::ReductionPlan& plan, const segnet::kernels::ChannelDims& d) {
+  return at::full({std::max<int64_t>(1, plan.partial_doubles(d))}, 1e300, at::kDouble);
+}
+
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in, int threads, int64_t max_blocks) {
+  const auto L = segnet::check_bn_input("bn_stats", x_in, "x");
+  const Tensor x = x_in.contiguous(L.format);
+  auto opts = x.options().dtype(segnet::acc_type_of(x.scalar_type()));
+  Tensor mean = poisoned({L.C}, opts), var = poisoned({L.C}, opts);
+  const LaunchConfig cfg{threads, max_blocks};
+  const auto d = dims_of(L);
+  const auto plan = segnet::kernels::plan_reduction(d, L.channels_last(), cfg);
+  Tensor partial = partial_buffer(plan, d);
+  EMU_DISPATCH(x.scalar_type(), [&] {
+    using A = typename segnet::kernels::AccOf<scalar_t>::type;
+    segnet::kernels::launch_bn_stats<scalar_t>(x.const_data_ptr<scalar_t>(), d, L.channels_last(),
+                                               mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>(),
+                                               partial.mutable_data_ptr<double>(), plan, nullptr, cfg);
+  });
+  return {mean, var};
+}
+
+Tensor scale_shift_relu(const Tensor& x_in, const Tensor& scale, const Tensor& shift, bool relu, int threads,
+                        int64_t max_blocks) {
+  const auto L = segnet::check_bn_input("scale_shift_relu", x_in, "x");
+  const Tensor x = x_in.contiguous(L.format);
+  Tensor y = poisoned(x.sizes(), x.options(), L.format);
+  EMU_DISPATCH(x.scalar_type(), [&] {
+    using A = typename segnet::kernels::AccOf<scalar_t>::type;
+    segnet::kernels::launch_scale_shift_relu<scalar_t>(x.const_data_ptr<scalar_t>(), dims_of(L), ptr<A>(scale),
+                                                       ptr<A>(shift), relu, y.mutable_data_ptr<scalar_t>(), nullptr,
+                                                       LaunchConfig{threads, max_blocks});
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor> bn_relu_backward_reduce(const Tensor& dy_in, const Tensor& x_in, const Tensor& scale,
+                                                   const Tensor& shift, const Tensor& mean, bool relu, int threads,
+                                                   int64_t max_blocks) {
+  const auto L = segnet::check_bn_input("bn_relu_backward_reduce", x_in, "x");
+  const Tensor x = x_in.contiguous(L.format), dy = dy_in.contiguous(L.format);
+  Tensor sum_g = poisoned({L.C}, scale.options()), sum_gc = poisoned({L.C}, scale.options());
+  const LaunchConfig cfg{threads, max_blocks};
+  const auto d = dims_of(L);
+  const auto plan = segnet::kernels::plan_reduction(d, L.channels_last(), cfg);
+  Tensor partial = partial_buffer(plan, d);
+  EMU_DISPATCH(x.scalar_type(), [&] {
+    using A = typename segnet::kernels::AccOf<scalar_t>::type;
+    segnet::kernels::launch_bn_relu_backward_reduce<scalar_t>(
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), d, L.channels_last(), ptr<A>(scale),
+        ptr<A>(shift), ptr<A>(mean), relu, sum_g.mutable_data_ptr<A>(), sum_gc.mutable_data_ptr<A>(),
+        partial.mutable_data_ptr<double>(), plan, nullptr, cfg);
+  });
+  return {sum_g, sum_gc};
+}
+
+Tensor bn_relu_backward_apply(const Tensor& dy_in, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
+                              const Tensor& mean, const Tensor& k1, const Tensor& k2, const Tensor& k3, bool relu,
+                              int threads, int64_t max_blocks) {
+  const auto L = segnet::check_bn_input("bn_relu_backward_apply", x_in, "x");
+  const Tensor x = x_in.contiguous(L.format), dy = dy_in.contiguous(L.format);
+  Tensor dx = poisoned(x.sizes(), x.options(), L.format);
+  EMU_DISPATCH(x.scalar_type(), [&] {
+    using A = typename segnet::kernels::AccOf<scalar_t>::type;
+    segnet::kernels::launch_bn_relu_backward_apply<scalar_t>(
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dims_of(L), ptr<A>(scale), ptr<A>(shift),
+        ptr<A>(mean), ptr<A>(k1), ptr<A>(k2), ptr<A>(k3), relu, dx.mutable_data_ptr<scalar_t>(), nullptr,
+        LaunchConfig{threads, max_blocks});
+  });
+  return dx;
+}
+
 // ---- the emulator's own tests ----
 
 Tensor block_sum(const Tensor& x, bool sync, int threads, int blocks) {
@@ -113,6 +198,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_pool2x2", &max_pool2x2);
   m.def("max_unpool2x2", &max_unpool2x2);
   m.def("max_unpool2x2_backward", &max_unpool2x2_backward);
+  m.def("bn_stats", &bn_stats);
+  m.def("scale_shift_relu", &scale_shift_relu);
+  m.def("bn_relu_backward_reduce", &bn_relu_backward_reduce);
+  m.def("bn_relu_backward_apply", &bn_relu_backward_apply);
   m.def("block_sum", &block_sum);
   m.def("shuffles", &shuffles);
   m.def("atomics", &atomics);

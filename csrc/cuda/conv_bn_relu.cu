@@ -1,0 +1,126 @@
+// CUDA registrations of the BN+ReLU ops: the checks and layout shared with the CPU
+// kernels (common/bn_relu_args.h), then the launchers of kernels/bn_relu.cuh on the
+// current stream.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common/bn_relu_args.h"
+#include "kernels/bn_relu.cuh"
+
+namespace segnet {
+namespace {
+
+using at::Tensor;
+
+#define SEGNET_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+kernels::ChannelDims dims_of(const ChannelLayout& L) { return {L.outer, L.C, L.inner}; }
+
+template <typename A>
+const A* ptr(const Tensor& t) {
+  return t.const_data_ptr<A>();
+}
+
+std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& x_in) {
+  const auto L = check_bn_input("bn_stats", x_in, "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.contiguous(L.format);
+  auto opts = x.options().dtype(acc_type_of(x.scalar_type()));
+  Tensor mean = at::empty({L.C}, opts), var = at::empty({L.C}, opts);
+  const auto d = dims_of(L);
+  const auto plan = kernels::plan_reduction(d, L.channels_last(), {});
+  Tensor partial = at::empty({std::max<int64_t>(1, plan.partial_doubles(d))}, x.options().dtype(at::kDouble));
+  SEGNET_DISPATCH_FLOATING(x.scalar_type(), "bn_stats_cuda", [&] {
+    using A = typename kernels::AccOf<scalar_t>::type;
+    kernels::launch_bn_stats<scalar_t>(x.const_data_ptr<scalar_t>(), d, L.channels_last(), mean.mutable_data_ptr<A>(),
+                                       var.mutable_data_ptr<A>(), partial.mutable_data_ptr<double>(), plan,
+                                       c10::cuda::getCurrentCUDAStream());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {mean, var};
+}
+
+Tensor scale_shift_relu_cuda(const Tensor& x_in, const Tensor& scale_in, const Tensor& shift_in, bool relu) {
+  const char* op = "scale_shift_relu";
+  const auto L = check_bn_input(op, x_in, "x");
+  check_channel_vector(op, scale_in, "scale", x_in);
+  check_channel_vector(op, shift_in, "shift", x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.contiguous(L.format), scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  Tensor y = at::empty_like(x, L.format);
+  SEGNET_DISPATCH_FLOATING(x.scalar_type(), "scale_shift_relu_cuda", [&] {
+    using A = typename kernels::AccOf<scalar_t>::type;
+    kernels::launch_scale_shift_relu<scalar_t>(x.const_data_ptr<scalar_t>(), dims_of(L), ptr<A>(scale), ptr<A>(shift),
+                                               relu, y.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+std::tuple<Tensor, Tensor> bn_relu_backward_reduce_cuda(const Tensor& grad_y_in, const Tensor& x_in,
+                                                        const Tensor& scale_in, const Tensor& shift_in,
+                                                        const Tensor& mean_in, bool relu) {
+  const char* op = "bn_relu_backward_reduce";
+  const auto L = check_bn_input(op, x_in, "x");
+  check_same_shape(op, grad_y_in, "grad_y", x_in);
+  check_channel_vector(op, scale_in, "scale", x_in);
+  check_channel_vector(op, shift_in, "shift", x_in);
+  check_channel_vector(op, mean_in, "mean", x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.contiguous(L.format), dy = grad_y_in.contiguous(L.format);
+  const Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous(), mean = mean_in.contiguous();
+  Tensor sum_g = at::empty({L.C}, scale.options()), sum_gc = at::empty({L.C}, scale.options());
+  const auto d = dims_of(L);
+  const auto plan = kernels::plan_reduction(d, L.channels_last(), {});
+  Tensor partial = at::empty({std::max<int64_t>(1, plan.partial_doubles(d))}, x.options().dtype(at::kDouble));
+  SEGNET_DISPATCH_FLOATING(x.scalar_type(), "bn_relu_backward_reduce_cuda", [&] {
+    using A = typename kernels::AccOf<scalar_t>::type;
+    kernels::launch_bn_relu_backward_reduce<scalar_t>(
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), d, L.channels_last(), ptr<A>(scale),
+        ptr<A>(shift), ptr<A>(mean), relu, sum_g.mutable_data_ptr<A>(), sum_gc.mutable_data_ptr<A>(),
+        partial.mutable_data_ptr<double>(), plan, c10::cuda::getCurrentCUDAStream());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {sum_g, sum_gc};
+}
+
+Tensor bn_relu_backward_apply_cuda(const Tensor& grad_y_in, const Tensor& x_in, const Tensor& scale_in,
+                                   const Tensor& shift_in, const Tensor& mean_in, const Tensor& k1_in,
+                                   const Tensor& k2_in, const Tensor& k3_in, bool relu) {
+  const char* op = "bn_relu_backward_apply";
+  const auto L = check_bn_input(op, x_in, "x");
+  check_same_shape(op, grad_y_in, "grad_y", x_in);
+  const Tensor* vectors[] = {&scale_in, &shift_in, &mean_in, &k1_in, &k2_in, &k3_in};
+  const char* names[] = {"scale", "shift", "mean", "k1", "k2", "k3"};
+  for (int i = 0; i < 6; ++i) check_channel_vector(op, *vectors[i], names[i], x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.contiguous(L.format), dy = grad_y_in.contiguous(L.format);
+  Tensor v[6];
+  for (int i = 0; i < 6; ++i) v[i] = vectors[i]->contiguous();
+  Tensor dx = at::empty_like(x, L.format);
+  SEGNET_DISPATCH_FLOATING(x.scalar_type(), "bn_relu_backward_apply_cuda", [&] {
+    using A = typename kernels::AccOf<scalar_t>::type;
+    kernels::launch_bn_relu_backward_apply<scalar_t>(
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dims_of(L), ptr<A>(v[0]), ptr<A>(v[1]),
+        ptr<A>(v[2]), ptr<A>(v[3]), ptr<A>(v[4]), ptr<A>(v[5]), relu, dx.mutable_data_ptr<scalar_t>(),
+        c10::cuda::getCurrentCUDAStream());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segnet_ext, CUDA, m) {
+  m.impl("bn_stats", &bn_stats_cuda);
+  m.impl("scale_shift_relu", &scale_shift_relu_cuda);
+  m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cuda);
+  m.impl("bn_relu_backward_apply", &bn_relu_backward_apply_cuda);
+}
+
+}  // namespace segnet

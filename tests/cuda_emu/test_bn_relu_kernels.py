@@ -1,0 +1,58 @@
+"""The CUDA BN+ReLU kernels, run on the CPU by the emulator, against the CPU kernels and
+the reference: both layouts, odd sizes, several blocks, partial warps, grid-stride loops,
+the two-stage reductions with several slices."""
+import itertools
+
+import pytest
+import torch
+
+from segnet_ext import reference
+
+ops = torch.ops.segnet_ext
+LAUNCHES = [(48, 3), (64, 1), (256, 1024)]
+SHAPES = [(2, 3, 1, 1), (1, 5, 3, 7), (3, 33, 4, 5), (2, 70, 9, 13), (1, 2, 37, 61)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def tol(dtype):
+    return {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+def per_channel(C, dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return [torch.randn(C, dtype=acc) for _ in range(6)]
+
+
+@pytest.mark.parametrize("threads,max_blocks", LAUNCHES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_relu_kernels_match_cpu_and_reference(emu, threads, max_blocks, dtype):
+    for shape, channels_last in itertools.product(SHAPES, [False, True]):
+        what = f"{shape} channels_last={channels_last}"
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype).contiguous(memory_format=fmt)
+        dy = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+        acc_tol = tol(torch.float64 if dtype == torch.float64 else torch.float32)
+        for got, cpu, want in zip(emu.bn_stats(x, threads, max_blocks), ops.bn_stats(x), reference.bn_stats(x)):
+            torch.testing.assert_close(got, want, rtol=acc_tol * 10, atol=acc_tol * 10, msg=what)
+            torch.testing.assert_close(got, cpu, rtol=acc_tol * 10, atol=acc_tol * 10, msg=what)
+        scale, shift, mean, k1, k2, k3 = per_channel(shape[1], dtype)
+        for relu in (True, False):
+            y = emu.scale_shift_relu(x, scale, shift, relu, threads, max_blocks)
+            torch.testing.assert_close(y, ops.scale_shift_relu(x, scale, shift, relu), rtol=tol(dtype), atol=tol(dtype), msg=what)
+            assert y.stride() == x.stride(), what
+            sums = emu.bn_relu_backward_reduce(dy, x, scale, shift, mean, relu, threads, max_blocks)
+            for got, want in zip(sums, reference.bn_relu_backward_reduce(dy, x, scale, shift, mean, relu)):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * x.numel() ** 0.5, msg=what)
+            dx = emu.bn_relu_backward_apply(dy, x, scale, shift, mean, k1, k2, k3, relu, threads, max_blocks)
+            want = reference.bn_relu_backward_apply(dy, x, scale, shift, mean, k1, k2, k3, relu)
+            torch.testing.assert_close(dx, want, rtol=tol(dtype), atol=tol(dtype), msg=what)
+
+
+def test_reductions_are_deterministic_and_use_many_slices(emu):
+    x = torch.randn(4, 3, 40, 50)
+    runs = [emu.bn_stats(x, 64, 4096) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    # float64 data: the two-stage reduction loses nothing against the reference
+    x64 = x.double() * 1e-3 + 1e3
+    for got, want in zip(emu.bn_stats(x64, 48, 4096), reference.bn_stats(x64)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
