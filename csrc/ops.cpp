@@ -32,4 +32,9 @@ TORCH_LIBRARY(segnet_ext, m) {
   // grad_x = k1 * g + k2 * (x - mean) + k3, per channel.
   m.def("bn_relu_backward_apply(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor k1,"
         " Tensor k2, Tensor k3, bool relu) -> Tensor");
+  // Inference epilogue: y = relu(conv2d(x, weight) * scale[co] + shift[co]), in x's memory
+  // format. CUDA: an implicit-GEMM kernel for 3x3 / stride 1 / padding 1 (cuDNN + the
+  // epilogue kernel otherwise); CPU: ATen's convolution + the epilogue.
+  m.def("conv2d_scale_shift_relu(Tensor x, Tensor weight, Tensor scale, Tensor shift, int[2] stride,"
+        " int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
 }

@@ -157,13 +157,19 @@ _MKLDNN_CONV_RELU = _mkldnn_conv_relu_available()
 
 
 def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, conv_args, relu: bool) -> Tensor:
-    """conv2d + bias (+ ReLU fused into it where the backend can): oneDNN's fused
-    convolution on CPU, else the convolution with the ReLU applied in place."""
+    """conv2d + bias (+ ReLU) in one pass where no gradient is needed: on CUDA segnet_ext's
+    conv2d_scale_shift_relu (an implicit-GEMM kernel for 3x3/stride 1/padding 1, cuDNN +
+    the fused epilogue otherwise), on CPU oneDNN's convolution with the ReLU fused;
+    otherwise (gradients, autocast) ATen's convolution and an in-place ReLU."""
     stride, padding, dilation, groups = conv_args
-    if (relu and _MKLDNN_CONV_RELU and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.is_autocast_enabled("cpu")):
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, list(padding), list(stride), list(dilation), groups, "relu", [None], "")
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if not needs_grad and not torch.is_autocast_enabled(x.device.type):
+        if x.is_cuda and _ops.conv2d_scale_shift_relu.default.has_kernel_for_dispatch_key(torch._C.DispatchKey.CUDA):
+            scale = torch.ones_like(bias, dtype=_acc_dtype(x))
+            return _ops.conv2d_scale_shift_relu(x, weight, scale, bias.to(scale.dtype), list(stride), list(padding),
+                                                list(dilation), groups, relu)
+        if relu and _MKLDNN_CONV_RELU and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, bias, list(padding), list(stride), list(dilation), groups, "relu", [None], "")
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return torch.relu_(y) if relu else y

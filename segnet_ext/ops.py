@@ -261,3 +261,14 @@ def _bn_relu_backward_reduce_fake(grad_y: Tensor, x: Tensor, scale: Tensor, shif
 def _bn_relu_backward_apply_fake(grad_y, x, scale, shift, mean, k1, k2, k3, relu: bool):
     _check_activation(x, "x", "bn_relu_backward_apply")
     return _bn_format_like(x)
+
+
+@torch.library.register_fake("segnet_ext::conv2d_scale_shift_relu")
+def _conv2d_scale_shift_relu_fake(x, weight, scale, shift, stride, padding, dilation, groups: int, relu: bool):
+    _check_activation(x, "x", "conv2d_scale_shift_relu")
+    N, _, H, W = x.shape
+    kh, kw = weight.shape[-2:]
+    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return torch.empty((N, weight.shape[0], Ho, Wo), dtype=x.dtype, device=x.device,
+                       memory_format=suggest_memory_format(x))

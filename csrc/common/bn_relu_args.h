@@ -50,4 +50,26 @@ inline void check_same_shape(const char* op, const at::Tensor& a, const char* a_
                     x.device());
 }
 
+// conv2d_scale_shift_relu: x [N, Cin, H, W], weight [Cout, Cin / groups, kh, kw] of x's dtype,
+// scale and shift [Cout] of the accumulation type.
+inline void check_conv_epilogue(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                const at::Tensor& shift, int64_t groups) {
+  check_bn_input(op, x, "x");
+  TORCH_CHECK_VALUE(weight.dim() == 4, op, ": weight must be 4-D [Cout, Cin / groups, kh, kw], got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(groups >= 1 && x.size(1) == weight.size(1) * groups, op, ": x has ", x.size(1),
+                    " channels but weight of shape ", weight.sizes(), " with groups = ", groups, " expects ",
+                    weight.size(1) * groups);
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight must have the dtype of x (",
+                   x.scalar_type(), "), got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but x is on ", x.device());
+  for (auto [v, name] : {std::pair{&scale, "scale"}, std::pair{&shift, "shift"}}) {
+    TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == weight.size(0), op, ": ", name, " must have shape [Cout] = [",
+                      weight.size(0), "], got ", v->sizes());
+    TORCH_CHECK_TYPE(v->scalar_type() == acc_type_of(x.scalar_type()), op, ": ", name, " must be ",
+                     acc_type_of(x.scalar_type()), " for ", x.scalar_type(), " x, got ", v->scalar_type());
+    TORCH_CHECK_VALUE(v->device() == x.device(), op, ": ", name, " is on ", v->device(), " but x is on ", x.device());
+  }
+}
+
 }  // namespace segnet

@@ -1,4 +1,4 @@
-// CUDA registrations of the BN+ReLU ops: the checks and layout shared with the CPU
+// CUDA registrations of the BN+ReLU ops and the convolution with the inference epilogue: the checks and layout shared with the CPU
 // kernels (common/bn_relu_args.h), then the launchers of kernels/bn_relu.cuh on the
 // current stream.
 #include <ATen/ATen.h>
@@ -10,6 +10,7 @@
 
 #include "common/bn_relu_args.h"
 #include "kernels/bn_relu.cuh"
+#include "kernels/conv3x3.cuh"
 
 namespace segnet {
 namespace {
@@ -114,9 +115,39 @@ Tensor bn_relu_backward_apply_cuda(const Tensor& grad_y_in, const Tensor& x_in, 
   return dx;
 }
 
+kernels::Strides4 strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+Tensor conv2d_scale_shift_relu_cuda(const Tensor& x_in, const Tensor& weight_in, const Tensor& scale_in,
+                                    const Tensor& shift_in, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, bool relu) {
+  check_conv_epilogue("conv2d_scale_shift_relu", x_in, weight_in, scale_in, shift_in, groups);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool implicit_gemm = weight_in.size(2) == 3 && weight_in.size(3) == 3 && groups == 1 &&
+                             stride == at::IntArrayRef{1, 1} && padding == at::IntArrayRef{1, 1} &&
+                             dilation == at::IntArrayRef{1, 1};
+  if (!implicit_gemm) {  // cuDNN, then the epilogue kernel
+    const Tensor z = at::conv2d(x_in, weight_in, {}, stride, padding, dilation, groups);
+    return scale_shift_relu_cuda(z.contiguous(x_in.suggest_memory_format()), scale_in, shift_in, relu);
+  }
+  const auto format = x_in.suggest_memory_format();
+  const Tensor x = x_in.contiguous(format), weight = weight_in.contiguous();
+  const Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  Tensor y = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options().memory_format(format));
+  const kernels::Conv3x3Dims d{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0)};
+  SEGNET_DISPATCH_FLOATING(x.scalar_type(), "conv2d_scale_shift_relu_cuda", [&] {
+    using A = typename kernels::AccOf<scalar_t>::type;
+    kernels::launch_conv3x3_scale_shift_relu<scalar_t, A>(
+        x.const_data_ptr<scalar_t>(), strides_of(x), weight.const_data_ptr<scalar_t>(), ptr<A>(scale), ptr<A>(shift),
+        relu, y.mutable_data_ptr<scalar_t>(), strides_of(y), d, c10::cuda::getCurrentCUDAStream());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segnet_ext, CUDA, m) {
+  m.impl("conv2d_scale_shift_relu", &conv2d_scale_shift_relu_cuda);
   m.impl("bn_stats", &bn_stats_cuda);
   m.impl("scale_shift_relu", &scale_shift_relu_cuda);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cuda);

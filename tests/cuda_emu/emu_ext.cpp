@@ -7,6 +7,7 @@
 // clang-format off
 #include "cuda_emu.h"
 #include "kernels/bn_relu.cuh"
+#include "kernels/conv3x3.cuh"
 #include "kernels/pool2x2.cuh"
 #include "selftest_kernels.cuh"
 // clang-format on
@@ -160,6 +161,24 @@ Tensor bn_relu_backward_apply(const Tensor& dy_in, const Tensor& x_in, const Ten
   return dx;
 }
 
+// x [N, Cin, H, W] (either layout), weight [Cout, Cin, 3, 3] -> y in x's layout
+Tensor conv3x3_scale_shift_relu(const Tensor& x_in, const Tensor& weight_in, const Tensor& scale, const Tensor& shift,
+                                bool relu, int64_t max_blocks) {
+  segnet::check_conv_epilogue("conv3x3_scale_shift_relu", x_in, weight_in, scale, shift, 1);
+  const auto format = x_in.suggest_memory_format();
+  const Tensor x = x_in.contiguous(format), weight = weight_in.contiguous();
+  Tensor y = poisoned({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options(), format);
+  const segnet::kernels::Conv3x3Dims d{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0)};
+  auto strides = [](const Tensor& t) { return segnet::kernels::Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; };
+  EMU_DISPATCH(x.scalar_type(), [&] {
+    using A = typename segnet::kernels::AccOf<scalar_t>::type;
+    segnet::kernels::launch_conv3x3_scale_shift_relu<scalar_t, A>(
+        x.const_data_ptr<scalar_t>(), strides(x), weight.const_data_ptr<scalar_t>(), ptr<A>(scale), ptr<A>(shift),
+        relu, y.mutable_data_ptr<scalar_t>(), strides(y), d, nullptr, LaunchConfig{256, max_blocks});
+  });
+  return y;
+}
+
 // ---- the emulator's own tests ----
 
 Tensor block_sum(const Tensor& x, bool sync, int threads, int blocks) {
@@ -202,6 +221,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_shift_relu", &scale_shift_relu);
   m.def("bn_relu_backward_reduce", &bn_relu_backward_reduce);
   m.def("bn_relu_backward_apply", &bn_relu_backward_apply);
+  m.def("conv3x3_scale_shift_relu", &conv3x3_scale_shift_relu);
   m.def("block_sum", &block_sum);
   m.def("shuffles", &shuffles);
   m.def("atomics", &atomics);

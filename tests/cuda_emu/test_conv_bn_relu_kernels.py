@@ -56,3 +56,29 @@ def test_reductions_are_deterministic_and_use_many_slices(emu):
     x64 = x.double() * 1e-3 + 1e3
     for got, want in zip(emu.bn_stats(x64, 48, 4096), reference.bn_stats(x64)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+CONV_SHAPES = [  # (N, Cin, H, W, Cout): partial pixel and channel tiles, K not a multiple of 16
+    (1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 20, 9, 8, 70), (2, 2, 13, 11, 3)]
+
+
+@pytest.mark.parametrize("max_blocks", [1, 3, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_implicit_gemm_conv3x3_matches_torch(emu, max_blocks, dtype):
+    for (N, Cin, H, W, Cout), channels_last in itertools.product(CONV_SHAPES, [False, True]):
+        what = f"{(N, Cin, H, W, Cout)} channels_last={channels_last}"
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(N, Cin, H, W).to(dtype).contiguous(memory_format=fmt)
+        w = torch.randn(Cout, Cin, 3, 3).to(dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        scale, shift = torch.randn(Cout, dtype=acc), torch.randn(Cout, dtype=acc)
+        for relu in (True, False):
+            y = emu.conv3x3_scale_shift_relu(x, w, scale, shift, relu, max_blocks)
+            z = torch.nn.functional.conv2d(x.to(acc), w.to(acc), padding=1)
+            want = z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+            want = (want.clamp_min(0) if relu else want).to(dtype)
+            t = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+            torch.testing.assert_close(y, want, rtol=t, atol=t * (Cin * 9) ** 0.5, msg=what)
+            assert y.is_contiguous(memory_format=fmt), what
+            cpu = torch.ops.segnet_ext.conv2d_scale_shift_relu(x, w, scale, shift, [1, 1], [1, 1], [1, 1], 1, relu)
+            torch.testing.assert_close(y, cpu, rtol=t, atol=t * (Cin * 9) ** 0.5, msg=what)

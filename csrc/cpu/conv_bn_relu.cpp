@@ -1,4 +1,5 @@
-// CPU kernels of the BN+ReLU ops (rules in common/bn_relu.h).
+// CPU kernels of the BN+ReLU ops (rules in common/bn_relu.h), and the convolution with
+// the inference epilogue (ATen's convolution, then scale_shift_relu).
 //
 // NCHW: each channel's values are N contiguous planes of H*W; the reductions run in
 // parallel over channels, the element-wise passes over planes. channels_last: rows of C
@@ -369,9 +370,18 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_y_in, const at::Ten
   return dx;
 }
 
+at::Tensor conv2d_scale_shift_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                       const at::Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, int64_t groups, bool relu) {
+  check_conv_epilogue("conv2d_scale_shift_relu", x, weight, scale, shift, groups);
+  const at::Tensor z = at::conv2d(x, weight, {}, stride, padding, dilation, groups);
+  return scale_shift_relu_cpu(z.contiguous(x.suggest_memory_format()), scale, shift, relu);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segnet_ext, CPU, m) {
+  m.impl("conv2d_scale_shift_relu", &conv2d_scale_shift_relu_cpu);
   m.impl("bn_stats", &bn_stats_cpu);
   m.impl("scale_shift_relu", &scale_shift_relu_cpu);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cpu);
