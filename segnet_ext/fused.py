@@ -55,6 +55,38 @@ def batch_statistics(z: Tensor, group=None) -> Tuple[Tensor, Tensor, int]:
     return global_mean.to(mean.dtype), (global_m2 / total).to(var.dtype), int(total[0].item()) if total.numel() else 0
 
 
+def bn_relu_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float, relu: bool,
+                    group=None):
+    """Training BN (+ ReLU) of z: returns y and what the backward needs,
+    (y, scale, shift, mean, var, invstd, count)."""
+    mean, var, count = batch_statistics(z, group)
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(z.shape)}")
+    acc = _acc_dtype(z)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
+    shift = (bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(scale)) - mean * scale
+    return _ops.scale_shift_relu(z, scale, shift, relu), scale, shift, mean, var, invstd, count
+
+
+def bn_relu_backward(grad_y: Tensor, z: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor,
+                     count: int, relu: bool, group=None):
+    """(grad_z, grad_bn_weight, grad_bn_bias): one reduction pass, one output pass. Under
+    data parallelism the input gradient uses the global sums and the parameter gradients
+    this process's share (DDP averages them), as nn.SyncBatchNorm."""
+    sum_g, sum_gc = _ops.bn_relu_backward_reduce(grad_y, z, scale, shift, mean, relu)
+    grad_bn_bias, grad_bn_weight = sum_g, invstd * sum_gc
+    if group is not None:
+        both = torch.stack([sum_g, sum_gc])
+        dist.all_reduce(both, group=group)
+        sum_g, sum_gc = both.unbind(0)
+    k1 = scale
+    k2 = -scale * invstd * invstd * sum_gc / count
+    k3 = -scale * sum_g / count
+    grad_z = _ops.bn_relu_backward_apply(grad_y, z, scale, shift, mean, k1, k2, k3, relu)
+    return grad_z, grad_bn_weight, grad_bn_bias
+
+
 class ConvBNReLUFunction(torch.autograd.Function):
     """y = relu(BN_train(conv2d(x, weight, bias))); returns (y, batch mean, unbiased batch var)."""
 
@@ -69,14 +101,7 @@ class ConvBNReLUFunction(torch.autograd.Function):
             b_c = None if bias is None else bias.to(dt)
         with torch.autocast(device, enabled=False):
             z = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups)
-        mean, var, count = batch_statistics(z, group)
-        if count <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(z.shape)}")
-        acc = _acc_dtype(z)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
-        shift = (bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(scale)) - mean * scale
-        y = _ops.scale_shift_relu(z, scale, shift, relu)
+        y, scale, shift, mean, var, invstd, count = bn_relu_forward(z, bn_weight, bn_bias, eps, relu, group)
 
         recipe = getattr(x, RECIPE, None)
         if recipe is not None and (recipe.version != x._version or x_c is not x):
@@ -89,8 +114,8 @@ class ConvBNReLUFunction(torch.autograd.Function):
         ctx.has_bias, ctx.dtypes = bias is not None, (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.bn_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
         setattr(y, RECIPE, _Recipe(z, scale, shift, relu, y._version))
-        ctx.mark_non_differentiable(mean, var)
         unbiased = var * (count / (count - 1))
+        ctx.mark_non_differentiable(mean, unbiased)
         return y, mean, unbiased
 
     @staticmethod
@@ -102,18 +127,8 @@ class ConvBNReLUFunction(torch.autograd.Function):
             x = _ops.scale_shift_relu(z_prev, scale_prev, shift_prev, ctx.recipe_relu)
         else:
             (x,) = inputs
-        grad_y = grad_y.to(z.dtype)
-        sum_g, sum_gc = _ops.bn_relu_backward_reduce(grad_y, z, scale, shift, mean, ctx.relu)
-        grad_bn_bias, grad_bn_weight = sum_g, invstd * sum_gc  # this process's share, as nn.SyncBatchNorm
-        if ctx.group is not None:
-            both = torch.stack([sum_g, sum_gc])
-            dist.all_reduce(both, group=ctx.group)
-            sum_g, sum_gc = both.unbind(0)
-        M = ctx.count
-        k1 = scale
-        k2 = -scale * invstd * invstd * sum_gc / M
-        k3 = -scale * sum_g / M
-        grad_z = _ops.bn_relu_backward_apply(grad_y, z, scale, shift, mean, k1, k2, k3, ctx.relu)
+        grad_z, grad_bn_weight, grad_bn_bias = bn_relu_backward(
+            grad_y.to(z.dtype), z, scale, shift, mean, invstd, ctx.count, ctx.relu, ctx.group)
         stride, padding, dilation, groups = ctx.conv_args
         needs = ctx.needs_input_grad
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(

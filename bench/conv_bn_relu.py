@@ -1,0 +1,195 @@
+"""Fused conv-BN-ReLU against the unfused PyTorch layers, side by side in one process.
+
+    python -m bench.conv_bn_relu            # prints the tables
+    python -m bench.conv_bn_relu --write    # ... and writes them into bench/RESULTS.md
+
+1. BN+ReLU training forward + backward on [4, 64, 360, 480]: segnet_ext's four ops, as
+   ConvBNReLU2d runs them (statistics, output; gradient sums, input gradient), against
+   ``BatchNorm2d`` + ``ReLU(inplace=True)`` through autograd; with the bytes floor (the
+   activation-sized tensors the fused ops must move: 8, at the copy bandwidth of this run).
+2. A stack of 4 ConvBNReLU2d (64 channels, 3x3) at 360x480, one training step (forward,
+   backward): saved-for-backward bytes (exact: unique storages seen by
+   ``saved_tensors_hooks``) and step time, against the unfused Sequential.
+3. Inference, conv-BN-ReLU 64 -> 64 at 360x480, eval mode, both memory formats.
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+import segnet_ext
+from segnet_ext import fused
+from bench.common import (ALLOCATOR_ENV, bandwidth_gbs, ensure_allocator_env, interleaved_median_ms,
+                          machine_description, replace_section)
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+TARGETS = {"bn_relu": 1.5, "over_floor": 1.5, "saved": 0.6, "step": 1.05, "inference": 1.1}
+
+
+def unfused_block(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves while ``fn`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+def bn_relu_rows(shape, repeat, device):
+    _, copy_bw = bandwidth_gbs(device=device, repeat=repeat)
+    rows = []
+    for channels_last in (False, True):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        z = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+        dy = torch.randn_like(z)
+        gamma, beta = torch.rand(shape[1], device=device) + 0.5, torch.randn(shape[1], device=device)
+
+        def ours():
+            y, scale, shift, mean, _, invstd, count = fused.bn_relu_forward(z, gamma, beta, 1e-5, True)
+            return fused.bn_relu_backward(dy, z, scale, shift, mean, invstd, count, True)
+
+        bn = nn.BatchNorm2d(shape[1]).to(device)
+        zg = z.detach().clone().requires_grad_()
+
+        def theirs():
+            y = torch.relu_(bn(zg))
+            return torch.autograd.grad(y, [zg, bn.weight, bn.bias], dy)
+
+        src, dst = z, torch.empty_like(z)
+        ours_ms, torch_ms, copy_ms = interleaved_median_ms([ours, theirs, lambda: dst.copy_(src)], repeat)
+        floor_ms = 8 / 2 * copy_ms  # 8 activation transfers; the copy is 2
+        rows.append(dict(layout="channels_last" if channels_last else "NCHW", torch_ms=torch_ms, ours_ms=ours_ms,
+                         speedup=torch_ms / ours_ms, floor_ms=floor_ms, over_floor=ours_ms / floor_ms))
+    return dict(copy_gbs=copy_bw, rows=rows)
+
+
+def stack_rows(size, repeat, device):
+    rows = []
+    for channels_last in (False, True):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        torch.manual_seed(0)
+        plain = nn.Sequential(*[unfused_block(64, 64) for _ in range(4)]).to(device).to(memory_format=fmt)
+        ours = segnet_ext.fuse(nn.Sequential(*[unfused_block(64, 64) for _ in range(4)])).to(device).to(memory_format=fmt)
+        ours.load_state_dict(plain.state_dict())
+        x = torch.randn(1, 64, *size, device=device).contiguous(memory_format=fmt)
+        bytes_plain, _ = saved_bytes(lambda: plain(x))
+        bytes_ours, _ = saved_bytes(lambda: ours(x))
+
+        def step(model):
+            def run():
+                model.zero_grad(set_to_none=True)
+                model(x).sum().backward()
+            return run
+
+        ours_ms, torch_ms = interleaved_median_ms([step(ours), step(plain)], repeat)
+        rows.append(dict(layout="channels_last" if channels_last else "NCHW", torch_mb=bytes_plain / 1e6,
+                         ours_mb=bytes_ours / 1e6, saved_ratio=bytes_ours / bytes_plain, torch_ms=torch_ms,
+                         ours_ms=ours_ms, time_ratio=ours_ms / torch_ms, activation_mb=x.numel() * 4 / 1e6))
+    return rows
+
+
+def inference_rows(size, repeat, device):
+    rows = []
+    for channels_last in (False, True):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        plain = unfused_block(64, 64).to(device).to(memory_format=fmt)
+        with torch.no_grad():
+            plain[1].running_mean.uniform_(-1, 1)
+            plain[1].running_var.uniform_(0.5, 2)
+        plain.eval()
+        ours = segnet_ext.fuse(unfused_block(64, 64)).to(device).to(memory_format=fmt)
+        ours.load_state_dict(plain.state_dict())
+        ours.eval()
+        x = torch.randn(1, 64, *size, device=device).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), plain(x), rtol=1e-3, atol=1e-3)
+            ours_ms, torch_ms = interleaved_median_ms([lambda: ours(x), lambda: plain(x)], repeat)
+        rows.append(dict(layout="channels_last" if channels_last else "NCHW", torch_ms=torch_ms, ours_ms=ours_ms,
+                         speedup=torch_ms / ours_ms))
+    return rows
+
+
+def report(result, command, device):
+    mark = lambda ok: "" if ok else " **missed**"  # noqa: E731
+    shape, size = result["bn_shape"], result["size"]
+    lines = [
+        "## Fused conv-BN-ReLU",
+        "",
+        f"`{command}` on {machine_description(device)}, torch {torch.__version__}, float32, medians of "
+        f"{result['repeat']} runs timed in alternation. Allocator: glibc with "
+        f"{', '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())} (set by the script).",
+        "",
+        f"BN+ReLU training forward + backward on {shape} (ours: the four ops as ConvBNReLU2d runs them; torch: "
+        f"`BatchNorm2d` + `ReLU(inplace=True)` through autograd). Floor: the 8 activation-sized transfers the fused "
+        f"ops must make (statistics: read; output: read + write; gradient sums: read 2; input gradient: read 2 + "
+        f"write) at the speed of a copy timed beside them ({result['bn']['copy_gbs']:.1f} GB/s at the start).",
+        "",
+        "| layout | torch ms | ours ms | speed-up (target 1.5x) | floor ms | ours / floor (target 1.5x) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["bn"]["rows"]:
+        lines.append(f"| {r['layout']} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup']:.2f}x"
+                     f"{mark(r['speedup'] >= TARGETS['bn_relu'])} | {r['floor_ms']:.1f} | {r['over_floor']:.2f}x"
+                     f"{mark(r['over_floor'] <= TARGETS['over_floor'])} |")
+    lines += [
+        "",
+        f"A stack of 4 conv-BN-ReLU blocks (64 channels, 3x3) on [1, 64, {size[0]}, {size[1]}], one training step "
+        f"(forward + backward). Saved bytes are exact (distinct storages seen by `saved_tensors_hooks`); one "
+        f"activation is {result['stack'][0]['activation_mb']:.1f} MB.",
+        "",
+        "| layout | unfused saved MB | ours saved MB | ratio (target <= 0.6) | unfused ms | ours ms | ratio (target <= 1.05) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["stack"]:
+        lines.append(f"| {r['layout']} | {r['torch_mb']:.1f} | {r['ours_mb']:.1f} | {r['saved_ratio']:.2f}"
+                     f"{mark(r['saved_ratio'] <= TARGETS['saved'])} | {r['torch_ms']:.0f} | {r['ours_ms']:.0f} | "
+                     f"{r['time_ratio']:.2f}{mark(r['time_ratio'] <= TARGETS['step'])} |")
+    lines += [
+        "",
+        f"Inference, conv-BN-ReLU 64 -> 64 on [1, 64, {size[0]}, {size[1]}], eval mode (ours: BN folded once, "
+        "oneDNN's convolution with the ReLU fused; torch: the eager Sequential).",
+        "",
+        "| layout | torch ms | ours ms | speed-up (target 1.1x) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in result["inference"]:
+        lines.append(f"| {r['layout']} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup']:.2f}x"
+                     f"{mark(r['speedup'] >= TARGETS['inference'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ensure_allocator_env()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bn-shape", type=int, nargs=4, default=[4, 64, 360, 480], metavar=("N", "C", "H", "W"))
+    parser.add_argument("--size", type=int, nargs=2, default=[360, 480], metavar=("H", "W"))
+    parser.add_argument("--repeat", type=int, default=9, help="timed runs per case (median reported)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--write", action="store_true", help=f"write the tables into {RESULTS}")
+    args = parser.parse_args(argv)
+    command = "python -m bench.conv_bn_relu " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
+    result = dict(bn_shape=args.bn_shape, size=args.size, repeat=args.repeat,
+                  bn=bn_relu_rows(args.bn_shape, args.repeat, args.device),
+                  stack=stack_rows(args.size, max(3, args.repeat // 3), args.device),
+                  inference=inference_rows(args.size, args.repeat, args.device))
+    text = report(result, command.strip(), args.device)
+    print(text)
+    if args.write:
+        replace_section(RESULTS, f"conv-bn-relu-{args.device}", text)
+        print(f"\nwritten to {RESULTS}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
