@@ -295,34 +295,33 @@ class EncoderDecoder(nn.Module):
         return self.dec(self.unpool(p, i, output_size=y.shape[-2:]))
 
 
-@pytest.mark.parametrize("make,size", [(vgg16_bn, (2, 3, 32, 32)), (EncoderDecoder, (2, 3, 9, 11))])
+@pytest.mark.parametrize("make,size", [(vgg16_bn, (2, 3, 64, 64)), (EncoderDecoder, (2, 3, 9, 11))])
 def test_fuse_keeps_outputs_and_gradients_and_unfuse_restores(make, size):
-    model = make()
-    if not isinstance(model, nn.Module) or make is vgg16_bn:
-        model.train()
+    # float64: in float32, rounding differences between the fused and the unfused BN can
+    # flip a near-tie in a max-pool window deep in the network, which moves a gradient
+    model = make().train().double()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # torchvision's classifier: same outputs on both sides
     original_keys = list(model.state_dict().keys())
     fused_model = fuse(model, inplace=False)
     assert any(isinstance(m, ConvBNReLU2d) for m in fused_model.modules())
     assert not any(type(m) is nn.MaxPool2d for m in fused_model.modules())
-    x = torch.randn(size)
-    if make is vgg16_bn and isinstance(model.classifier, nn.Sequential) and len(model.classifier) > 3:
-        model.eval(), fused_model.eval()  # torchvision's classifier has dropout
-        x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(size, dtype=torch.float64)
     outputs = []
     for m in (model, fused_model):
         xi = x.clone().requires_grad_()
         y = m(xi)
         y.square().sum().backward()
         outputs.append((y, xi.grad, {n: p.grad for n, p in m.named_parameters()}))
-    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(outputs[1][1], outputs[0][1], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(outputs[1][1], outputs[0][1], rtol=1e-7, atol=1e-9 * outputs[0][1].abs().max().item())
     back = unfuse(fused_model, inplace=False)
     assert list(back.state_dict().keys()) == original_keys
     assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
     assert not any(isinstance(m, (ConvBNReLU2d, segnet_ext.nn.MaxPool2x2)) for m in back.modules())
-    for k, v in model.state_dict().items():
-        assert torch.equal(back.state_dict()[k], fused_model.state_dict().get(k, back.state_dict()[k])) or True
-        torch.testing.assert_close(back.state_dict()[k], v)
+    for k, v in model.state_dict().items():  # running statistics updated identically on both sides
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=1e-9, atol=1e-12)
 
 
 def test_fuse_a_bare_sequential_keeps_its_keys():

@@ -147,3 +147,24 @@ def test_one_sgd_step_lowers_the_loss():
     with torch.no_grad():
         after = F.cross_entropy(model(x), target)
     assert after < before
+
+
+def test_encoder_weights_from_a_real_torchvision_vgg16_bn(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    vgg = torchvision.models.vgg16_bn(weights=None)
+    torch.save(vgg.state_dict(), tmp_path / "vgg16_bn.pth")
+    model = SegNet()
+    load_encoder_weights(model, tmp_path / "vgg16_bn.pth")
+    blocks = [block for stage in model.encoder for block in stage]
+    convs = [m for m in vgg.features if isinstance(m, nn.Conv2d)]
+    bns = [m for m in vgg.features if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(b[0].weight, c.weight) and torch.equal(b[1].running_var, n.running_var)
+               for b, c, n in zip(blocks, convs, bns))
+    # and the encoder computes what vgg16_bn's features compute, up to the last pool
+    x = torch.randn(1, 3, 32, 32)
+    model.eval(), vgg.eval()
+    with torch.no_grad():
+        h = x
+        for stage, pool in zip(model.encoder, model.pools):
+            h, _ = pool(stage(h))
+        torch.testing.assert_close(h, vgg.features(x), rtol=1e-4, atol=1e-4)
