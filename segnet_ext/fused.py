@@ -1,17 +1,11 @@
 """Fused conv-BN-ReLU: the training computation (an autograd.Function over the BN+ReLU
 ops) and the inference one (BN folded into the convolution, ReLU fused).
 
-Training memory. A block saves its convolution input, the pre-normalisation convolution
-output z and per-channel statistics; it does not save its ReLU output y. Instead y
-carries a recipe, ``(z, scale, shift, relu)``, from which ``scale_shift_relu`` recomputes
-it bit for bit (the same op that produced it). When the next block receives y as its
-convolution input, it saves the recipe (tensors the previous block saves anyway) instead
-of y and recomputes y in its backward. So a chain of blocks stores one activation-sized
-tensor per block (its z), not two. A consumer that does not know the recipe (any other
-op) simply saves y as usual: correct, just without the saving. If y is modified in place
-after the block (its version changes), the recipe is ignored. Explicit recipes were
-chosen over ``saved_tensors_hooks`` because they need no context manager around the
-user's training step and cannot capture tensors of unrelated code.
+Training memory: a block saves its convolution input (or that input's recipe, see
+:mod:`segnet_ext.recompute`), the pre-normalisation convolution output z and per-channel
+statistics; its own output y is not stored but carries a recipe from which the next
+segnet_ext layer recomputes it bit for bit in its backward. A chain of blocks thus stores
+one activation-sized tensor per block (its z), not two.
 """
 from typing import Optional, Tuple
 
@@ -20,18 +14,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .recompute import RECIPE, SavedInput, ScaleShiftReLU, attach  # noqa: F401  (RECIPE: for tests)
+
 _ops = torch.ops.segnet_ext
-RECIPE = "_segnet_recompute"
-
-
-class _Recipe:
-    __slots__ = ("z", "scale", "shift", "relu", "version")
-
-    def __init__(self, z: Tensor, scale: Tensor, shift: Tensor, relu: bool, version: int):
-        self.z, self.scale, self.shift, self.relu, self.version = z, scale, shift, relu, version
-
-    def recompute(self) -> Tensor:
-        return _ops.scale_shift_relu(self.z, self.scale, self.shift, self.relu)
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -103,30 +88,18 @@ class ConvBNReLUFunction(torch.autograd.Function):
             z = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups)
         y, scale, shift, mean, var, invstd, count = bn_relu_forward(z, bn_weight, bn_bias, eps, relu, group)
 
-        recipe = getattr(x, RECIPE, None)
-        if recipe is not None and (recipe.version != x._version or x_c is not x):
-            recipe = None
-        ctx.recipe_relu = None if recipe is None else recipe.relu
-        saved_input = (recipe.z, recipe.scale, recipe.shift) if recipe is not None else (x_c,)
-        ctx.n_input = len(saved_input)
-        ctx.save_for_backward(*saved_input, w_c, z, scale, shift, mean, invstd)
+        SavedInput.save(ctx, x_c, w_c, z, scale, shift, mean, invstd)
         ctx.conv_args, ctx.relu, ctx.group, ctx.count = conv_args, relu, group, count
         ctx.has_bias, ctx.dtypes = bias is not None, (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.bn_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
-        setattr(y, RECIPE, _Recipe(z, scale, shift, relu, y._version))
+        attach(y, ScaleShiftReLU(z, scale, shift, relu))
         unbiased = var * (count / (count - 1))
         ctx.mark_non_differentiable(mean, unbiased)
         return y, mean, unbiased
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        saved = ctx.saved_tensors
-        inputs, (w_c, z, scale, shift, mean, invstd) = saved[: ctx.n_input], saved[ctx.n_input:]
-        if ctx.recipe_relu is not None:
-            z_prev, scale_prev, shift_prev = inputs
-            x = _ops.scale_shift_relu(z_prev, scale_prev, shift_prev, ctx.recipe_relu)
-        else:
-            (x,) = inputs
+        x, (w_c, z, scale, shift, mean, invstd) = SavedInput.load(ctx)
         grad_z, grad_bn_weight, grad_bn_bias = bn_relu_backward(
             grad_y.to(z.dtype), z, scale, shift, mean, invstd, ctx.count, ctx.relu, ctx.group)
         stride, padding, dilation, groups = ctx.conv_args

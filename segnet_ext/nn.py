@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import fused, ops
+from . import fused, ops, recompute
 
 
 class MaxPool2x2(nn.Module):
@@ -32,7 +32,22 @@ class MaxUnpool2x2(nn.Module):
     def forward(self, values: Tensor, packed_indices: Tensor, output_size: Optional[Sequence[int]] = None) -> Tensor:
         if output_size is None:
             output_size = (2 * values.shape[-2], 2 * values.shape[-1])
-        return ops.max_unpool2x2(values, packed_indices, output_size)
+        y = ops.max_unpool2x2(values, packed_indices, output_size)
+        # a segnet_ext layer consuming y saves (values, packed_indices) instead of y
+        return recompute.attach(y, recompute.Unpool(values, packed_indices, output_size)) if y.dim() == 4 else y
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that, in training, saves a recomputable input (the output of a
+    ConvBNReLU2d or MaxUnpool2x2) as its recipe instead of storing it. Same parameters and
+    state_dict keys as ``nn.Conv2d``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.padding_mode != "zeros" or isinstance(self.padding, str) or not torch.is_grad_enabled()
+                or recompute.recipe_of(x) is None):
+            return super().forward(x)
+        return recompute.Conv2dFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                              self.groups)
 
 
 class ConvBNReLU2d(nn.Module):

@@ -142,7 +142,7 @@ class SegNet(_EncoderDecoder):
                 width = w
             decoder.append(nn.Sequential(*blocks))
         self.decoder = nn.ModuleList(decoder)
-        self.classifier = nn.Conv2d(64, num_classes, 3, padding=1)
+        self.classifier = _classifier(64, num_classes, 3, backend)
         self._build_pools(len(VGG16_STAGES))
         _init_weights(self)
 
@@ -159,9 +159,15 @@ class SegNetBasic(_EncoderDecoder):
             nn.Sequential(conv_bn_relu(in_channels if i == 0 else width, width, 7, backend=backend)) for i in range(4)
         )
         self.decoder = nn.ModuleList(nn.Sequential(conv_bn_relu(width, width, 7, relu=False, backend=backend)) for _ in range(4))
-        self.classifier = nn.Conv2d(width, num_classes, 1)
+        self.classifier = _classifier(width, num_classes, 1, backend)
         self._build_pools(4)
         _init_weights(self)
+
+
+def _classifier(in_channels: int, num_classes: int, kernel_size: int, backend: str) -> nn.Conv2d:
+    # segnet_ext's Conv2d recomputes its input (the last block's output) in backward
+    conv = segnet_ext.nn.Conv2d if backend == "segnet_ext" else nn.Conv2d
+    return conv(in_channels, num_classes, kernel_size, padding=kernel_size // 2)
 
 
 def _init_weights(model: nn.Module) -> None:
