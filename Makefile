@@ -39,6 +39,8 @@ test: install
 
 bench: install
 	$(PY) -m bench.pool --write
+	$(PY) -m bench.conv_bn_relu --write
+	$(PY) -m bench.report --write
 
 clean:
 	rm -rf build $(VENV) segnet_ext/*.so *.egg-info runs

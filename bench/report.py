@@ -217,7 +217,16 @@ def _peak_worker(kind, variant, model_name, H, W, batch):
         model.eval()
         for _ in range(2):
             _infer(forward, x)
-    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_mb": _peak_rss_mb()}))
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's
+    # resident set at fork, which Linux carries across exec)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---- the report ---------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 Ops (registered with the PyTorch dispatcher as ``torch.ops.segnet_ext.*``):
 ``max_pool2x2`` (2x2 arg-max pooling with 2-bit packed indices), ``max_unpool2x2``
 (sparse unpooling from them), ``pack_indices`` / ``unpack_indices`` (conversion to
-and from torch's int64 indices). Layers live in :mod:`segnet_ext.nn`.
+and from torch's int64 indices), and the BN+ReLU ops of the fused conv-BN-ReLU
+(``bn_stats``, ``scale_shift_relu``, ``bn_relu_backward_reduce``, ``bn_relu_backward_apply``,
+``conv2d_scale_shift_relu``). Layers live in :mod:`segnet_ext.nn`: ``MaxPool2x2``,
+``MaxUnpool2x2``, ``ConvBNReLU2d``, ``Conv2d``, and ``fuse`` / ``unfuse`` for whole models.
 """
 from ._loader import load_native_library
 

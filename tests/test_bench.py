@@ -17,3 +17,19 @@ def test_conv_bn_relu_benchmark_runs_on_a_tiny_input():
                   stack=stack_rows((6, 8), 1, "cpu"), inference=inference_rows((6, 8), 1, "cpu"))
     text = report(result, "python -m bench.conv_bn_relu --size 6 8", "cpu")
     assert "| NCHW |" in text and "| channels_last |" in text
+
+
+def test_segnet_report_runs_on_a_tiny_input(tmp_path):
+    from bench.report import peak_memory, plot, ratios, report, run
+
+    result = run("segnet_basic", (16, 24), [2], [(8, 12), (16, 24)], repeat=1, variants=["ours", "torch", "torch+sac"],
+                 peak=False)
+    rows = result["training"]["batch 2"]
+    assert all(rows[v]["saved_bytes"] > 0 and rows[v]["step_ms"] > 0 for v in ("ours", "torch", "torch+sac"))
+    assert result["index_bytes"]["batch 2"]["int64"] == 32 * result["index_bytes"]["batch 2"]["packed"]
+    assert set(ratios(rows)) == {"torch", "torch+sac"}
+    text = report(result, "python -m bench.report --model segnet_basic --size 16 24")
+    assert "### Training" in text and "1/32.0" in text
+    plot(result, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"memory.png", "time.png", "scaling.png"}
+    assert peak_memory("train", "ours", "segnet_basic", (16, 24), 1) > 0

@@ -1,0 +1,82 @@
+"""Recomputed activations: a SegNet-like stage stores less and computes the same gradients."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import segnet_ext
+from segnet_ext import ConvBNReLU2d, recompute
+from tests.test_conv_bn_relu import saved_bytes
+
+
+class Stage(nn.Module):
+    """conv-BN-ReLU, pool, unpool, conv-BN-ReLU, classifier: SegNet's pattern in small."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        block = (lambda i, o: ConvBNReLU2d(i, o)) if fused else (
+            lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True)))
+        self.enc, self.dec = block(3, 8), block(8, 8)
+        self.pool = segnet_ext.nn.MaxPool2x2(ceil_mode=True, return_indices=True) if fused else \
+            nn.MaxPool2d(2, 2, ceil_mode=True, return_indices=True)
+        self.unpool = segnet_ext.nn.MaxUnpool2x2() if fused else nn.MaxUnpool2d(2, 2)
+        self.classifier = (segnet_ext.nn.Conv2d if fused else nn.Conv2d)(8, 4, 3, padding=1)
+
+    def forward(self, x, in_place_after_unpool=False):
+        y = self.enc(x)
+        v, i = self.pool(y)
+        u = self.unpool(v, i, output_size=y.shape[-2:])
+        if in_place_after_unpool:
+            u.mul_(2)
+        return self.classifier(self.dec(u))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_stage_gradients_equal_the_plain_layers(in_place, fmt):
+    ours, plain = Stage(True).double(), Stage(False).double()
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 11, 13, dtype=torch.float64).contiguous(memory_format=fmt)
+    grads = []
+    for model in (ours, plain):
+        xi = x.clone().requires_grad_()
+        out = model(xi, in_place)
+        out.backward(torch.ones_like(out))
+        grads.append([xi.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_stage_stores_the_recipes_not_the_activations():
+    ours, plain = Stage(True), Stage(False)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    activation = 2 * 8 * 64 * 96 * 4
+    ours_bytes, _ = saved_bytes(lambda: ours(x))
+    plain_bytes, _ = saved_bytes(lambda: plain(x))
+    weights = sum(p.numel() * 4 for p in ours.parameters())
+    # ours: the image, two pre-BN conv outputs, the pooled values and 2-bit indices;
+    # plain also keeps both ReLU outputs, the dense unpooled map and int64 indices
+    assert ours_bytes - weights <= 2.7 * activation  # 3/8 + 1 + 1 + 1/4 (+ indices, statistics)
+    assert plain_bytes - weights >= 5.5 * activation  # 3/8 + 5 + 1/2
+
+
+def test_recipes_rebuild_bit_identically_and_expire():
+    block, pool, unpool = ConvBNReLU2d(3, 4), segnet_ext.nn.MaxPool2x2(True, True), segnet_ext.nn.MaxUnpool2x2()
+    y = block(torch.randn(2, 3, 7, 9))
+    v, i = pool(y)
+    u = unpool(v, i, y.shape[-2:])
+    assert torch.equal(recompute.recipe_of(u).recompute(), u)
+    assert torch.equal(recompute.recipe_of(y).recompute(), y)
+    u.add_(1)
+    assert recompute.recipe_of(u) is None
+
+
+def test_conv2d_is_nn_conv2d_without_a_recipe():
+    conv = segnet_ext.nn.Conv2d(3, 5, 3, padding=1)
+    ref = copy.deepcopy(conv)
+    ref.__class__ = nn.Conv2d
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    torch.testing.assert_close(conv(x), ref(x))
+    assert conv.state_dict().keys() == nn.Conv2d(3, 5, 3).state_dict().keys()
