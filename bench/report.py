@@ -376,6 +376,27 @@ def plot(result, folder):
     plt.close(fig)
 
 
+def profile(model_name, size, batch, variants=("ours", "torch")):
+    """Where a training step's time goes: torch.profiler's table per variant, and the share
+    of the convolutions (forward and backward)."""
+    torch.manual_seed(1)
+    x, target = torch.randn(batch, 3, *size), torch.randint(0, 12, (batch, *size))
+    shares = {}
+    for v in variants:
+        model, forward = build(v, model_name)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        training_step(model, forward, opt, x, target)
+        with torch.profiler.profile() as prof:
+            training_step(model, forward, opt, x, target)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        conv = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mkldnn_convolution", "aten::convolution_backward"))
+        shares[v] = conv / total
+        print(f"{v}: convolutions (forward + backward) take {100 * conv / total:.1f}% of the step's CPU time")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=44))
+    return shares
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--peak-worker"]:
@@ -391,7 +412,10 @@ def main(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--write", action="store_true", help="write RESULTS.md, results/report.json and the charts")
+    parser.add_argument("--profile", action="store_true", help="only profile one training step of ours and torch's (batch 1)")
     args = parser.parse_args(argv)
+    if args.profile:
+        return profile(args.model, tuple(args.size), 1)
     scaling = [tuple(int(v) for v in s.split("x")) for s in args.scaling.split(",") if s]
     command = "python -m bench.report " + " ".join(a for a in argv if a != "--write")
     result = run(args.model, tuple(args.size), args.batches, scaling, args.repeat, args.variants.split(","),

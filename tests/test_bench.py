@@ -33,3 +33,10 @@ def test_segnet_report_runs_on_a_tiny_input(tmp_path):
     plot(result, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"memory.png", "time.png", "scaling.png"}
     assert peak_memory("train", "ours", "segnet_basic", (16, 24), 1) > 0
+
+
+def test_segnet_report_profile_runs():
+    from bench.report import profile
+
+    shares = profile("segnet_basic", (16, 24), 1)
+    assert set(shares) == {"ours", "torch"} and all(0 < s <= 1 for s in shares.values())

@@ -267,8 +267,8 @@ class Trainer:
                 finished = self._train_epoch(stop)
                 if not finished:
                     path = self.save()
-                    if stop.received is not None:
-                        raise TrainingInterrupted(stop.received, path)
+                    if stop.received is not None or not self._max_steps_reached():
+                        raise TrainingInterrupted(stop.received or signal.SIGTERM, path)
                     return {"stopped_at_step": self.step, "checkpoint": str(path)}
                 self._end_epoch(board)
         return self.history[-1] if self.history else {}
@@ -311,9 +311,22 @@ class Trainer:
                 self._epoch_loss[1] += 1
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / (time.perf_counter() - started):.2f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 bar.update()
-                if stop.received is not None or (self.config.max_steps is not None and self.step >= self.config.max_steps):
+                if self._should_stop(stop):
                     return False
         return True
+
+    def _max_steps_reached(self) -> bool:
+        return self.config.max_steps is not None and self.step >= self.config.max_steps
+
+    def _should_stop(self, stop: _StopSignals) -> bool:
+        """A signal or max_steps; under torchrun every process stops after the same step
+        (a signal may reach them at different moments)."""
+        local = stop.received is not None or self._max_steps_reached()
+        if not self.context.enabled:
+            return local
+        flag = torch.tensor([float(local)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def step_in_epoch(self) -> int:
         return math.ceil(self.samples_done / (self.config.batch_size * self.config.accumulate))
