@@ -91,3 +91,16 @@ def replace_section(path, name, text):
         doc = doc.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(doc)
+
+
+def saved_bytes(fn):
+    """(bytes of the distinct storages autograd saves while ``fn`` runs, fn's result)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out

@@ -22,7 +22,7 @@ from torch import nn
 import segnet_ext
 from segnet_ext import fused
 from bench.common import (ALLOCATOR_ENV, bandwidth_gbs, ensure_allocator_env, interleaved_median_ms,
-                          machine_description, replace_section)
+                          machine_description, replace_section, saved_bytes)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 TARGETS = {"bn_relu": 1.5, "over_floor": 1.5, "saved": 0.6, "step": 1.05, "inference": 1.1}
@@ -30,19 +30,6 @@ TARGETS = {"bn_relu": 1.5, "over_floor": 1.5, "saved": 0.6, "step": 1.05, "infer
 
 def unfused_block(cin, cout):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-def saved_bytes(fn):
-    """Bytes of the distinct storages autograd saves while ``fn`` runs."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
 
 
 def bn_relu_rows(shape, repeat, device):

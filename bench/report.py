@@ -107,7 +107,7 @@ def training_step(model, forward, optimizer, x, target):
     return loss
 
 
-def saved_bytes(variant, model, forward, x):
+def activation_bytes(variant, model, forward, x):
     storages = {}
 
     def pack(t):
@@ -157,7 +157,7 @@ def measure_training(model_name, size, batch, repeat, variants):
             rows[v] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             continue
         built[v] = (model, forward, opt)
-        rows[v] = {"saved_bytes": saved_bytes(v, model, forward, x), "warmup_s": warmup_s}
+        rows[v] = {"saved_bytes": activation_bytes(v, model, forward, x), "warmup_s": warmup_s}
     names = list(built)
     times = interleaved_median_ms([functools.partial(training_step, *built[v][:2], built[v][2], x, target) for v in names],
                                   repeat=repeat, warmup=0)

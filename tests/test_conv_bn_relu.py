@@ -9,6 +9,7 @@ from torch import nn
 import segnet_ext
 from segnet_ext import ConvBNReLU2d, fuse, reference, unfuse
 from segnet_ext.fused import RECIPE
+from bench.common import saved_bytes
 from tests.conftest import DEVICES
 
 ops = torch.ops.segnet_ext
@@ -192,18 +193,6 @@ def test_eval_fold_is_cached_and_invalidated():
 
 
 # ---- memory: the output is recomputed, not stored ----
-
-def saved_bytes(fn):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
-
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_chain_saves_one_activation_per_block_and_gradients_match(fmt):

@@ -7,7 +7,7 @@ from torch import nn
 
 import segnet_ext
 from segnet_ext import ConvBNReLU2d, recompute
-from tests.test_conv_bn_relu import saved_bytes
+from bench.common import saved_bytes
 
 
 class Stage(nn.Module):

@@ -42,6 +42,18 @@ SEGNET_HD A affine_relu(A x, A scale, A shift, bool relu) {
   return (relu && !relu_passes(u)) ? A(0) : u;
 }
 
+// The gradient g that reaches BN through the ReLU (grad_y where the ReLU passed).
+template <typename A>
+SEGNET_HD A relu_grad(A x, A grad_y, A scale, A shift, bool relu) {
+  return (!relu || relu_passes(affine(x, scale, shift))) ? grad_y : A(0);
+}
+
+// BN+ReLU's input gradient at one element.
+template <typename A>
+SEGNET_HD A bn_relu_input_grad(A x, A grad_y, A scale, A shift, A mean, A k1, A k2, A k3, bool relu) {
+  return k1 * relu_grad(x, grad_y, scale, shift, relu) + k2 * (x - mean) + k3;
+}
+
 // Count, mean and sum of squared deviations of a set of values; two sets combine exactly
 // (Chan et al.), so partial results of any chunking give the same, stable variance.
 struct Moments {

@@ -50,6 +50,16 @@ inline void check_same_shape(const char* op, const at::Tensor& a, const char* a_
                     x.device());
 }
 
+// bn_relu_backward_apply: grad_y like x, six per-channel vectors.
+inline ChannelLayout check_backward_apply(const at::Tensor& grad_y, const at::Tensor& x,
+                                          std::initializer_list<std::pair<const at::Tensor*, const char*>> vectors) {
+  const char* op = "bn_relu_backward_apply";
+  const auto L = check_bn_input(op, x, "x");
+  check_same_shape(op, grad_y, "grad_y", x);
+  for (const auto& [v, name] : vectors) check_channel_vector(op, *v, name, x);
+  return L;
+}
+
 // conv2d_scale_shift_relu: x [N, Cin, H, W], weight [Cout, Cin / groups, kh, kw] of x's dtype,
 // scale and shift [Cout] of the accumulation type.
 inline void check_conv_epilogue(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,

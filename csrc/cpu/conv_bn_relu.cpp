@@ -63,13 +63,13 @@ SEGNET_MULTIVERSION void grad_sums(const T* __restrict__ dy, const T* __restrict
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
       const A xv = static_cast<A>(x[i + l]);
-      const A g = (!relu || relu_passes(affine(xv, scale, shift))) ? static_cast<A>(dy[i + l]) : A(0);
+      const A g = relu_grad(xv, static_cast<A>(dy[i + l]), scale, shift, relu);
       a1[l] += g;
       a2[l] += g * (xv - mean);
     }
   for (; i < n; ++i) {
     const A xv = static_cast<A>(x[i]);
-    const A g = (!relu || relu_passes(affine(xv, scale, shift))) ? static_cast<A>(dy[i]) : A(0);
+    const A g = relu_grad(xv, static_cast<A>(dy[i]), scale, shift, relu);
     a1[0] += g;
     a2[0] += g * (xv - mean);
   }
@@ -94,11 +94,9 @@ SEGNET_MULTIVERSION void apply_row(const T* __restrict__ x, int64_t C, const A* 
 template <typename T, typename A>
 SEGNET_MULTIVERSION void grad_apply_run(const T* __restrict__ dy, const T* __restrict__ x, int64_t n, A scale,
                                         A shift, A mean, A k1, A k2, A k3, bool relu, T* __restrict__ dx) {
-  for (int64_t i = 0; i < n; ++i) {
-    const A xv = static_cast<A>(x[i]);
-    const A g = (!relu || relu_passes(affine(xv, scale, shift))) ? static_cast<A>(dy[i]) : A(0);
-    dx[i] = static_cast<T>(k1 * g + k2 * (xv - mean) + k3);
-  }
+  for (int64_t i = 0; i < n; ++i)
+    dx[i] = static_cast<T>(
+        bn_relu_input_grad(static_cast<A>(x[i]), static_cast<A>(dy[i]), scale, shift, mean, k1, k2, k3, relu));
 }
 
 template <typename T, typename A>
@@ -107,11 +105,9 @@ SEGNET_MULTIVERSION void grad_apply_row(const T* __restrict__ dy, const T* __res
                                         const A* __restrict__ mean, const A* __restrict__ k1,
                                         const A* __restrict__ k2, const A* __restrict__ k3, bool relu,
                                         T* __restrict__ dx) {
-  for (int64_t c = 0; c < C; ++c) {
-    const A xv = static_cast<A>(x[c]);
-    const A g = (!relu || relu_passes(affine(xv, scale[c], shift[c]))) ? static_cast<A>(dy[c]) : A(0);
-    dx[c] = static_cast<T>(k1[c] * g + k2[c] * (xv - mean[c]) + k3[c]);
-  }
+  for (int64_t c = 0; c < C; ++c)
+    dx[c] = static_cast<T>(bn_relu_input_grad(static_cast<A>(x[c]), static_cast<A>(dy[c]), scale[c], shift[c],
+                                              mean[c], k1[c], k2[c], k3[c], relu));
 }
 
 // ---- channels_last reductions: per-channel sums over row blocks ----------------------------
@@ -164,7 +160,7 @@ SEGNET_MULTIVERSION void grad_sums_rows(const T* __restrict__ dy, const T* __res
     const T* dyr = dy + r * C;
     for (int64_t c = 0; c < C; ++c) {
       const A xv = static_cast<A>(xr[c]);
-      const A g = (!relu || relu_passes(affine(xv, scale[c], shift[c]))) ? static_cast<A>(dyr[c]) : A(0);
+      const A g = relu_grad(xv, static_cast<A>(dyr[c]), scale[c], shift[c], relu);
       sg[c] += g;
       sgc[c] += g * (xv - mean[c]);
     }
@@ -340,12 +336,8 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(const at::Tensor&
 at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& scale_in,
                                       const at::Tensor& shift_in, const at::Tensor& mean_in, const at::Tensor& k1_in,
                                       const at::Tensor& k2_in, const at::Tensor& k3_in, bool relu) {
-  const char* op = "bn_relu_backward_apply";
-  const auto L = check_bn_input(op, x_in, "x");
-  check_same_shape(op, grad_y_in, "grad_y", x_in);
-  const at::Tensor* vectors[] = {&scale_in, &shift_in, &mean_in, &k1_in, &k2_in, &k3_in};
-  const char* names[] = {"scale", "shift", "mean", "k1", "k2", "k3"};
-  for (int i = 0; i < 6; ++i) check_channel_vector(op, *vectors[i], names[i], x_in);
+  const auto L = check_backward_apply(grad_y_in, x_in, {{&scale_in, "scale"}, {&shift_in, "shift"}, {&mean_in, "mean"},
+                                                         {&k1_in, "k1"}, {&k2_in, "k2"}, {&k3_in, "k3"}});
   const auto x = dense(x_in, L), dy = dense(grad_y_in, L);
   const auto scale = scale_in.contiguous(), shift = shift_in.contiguous(), mean = mean_in.contiguous();
   const auto k1 = k1_in.contiguous(), k2 = k2_in.contiguous(), k3 = k3_in.contiguous();

@@ -93,16 +93,12 @@ std::tuple<Tensor, Tensor> bn_relu_backward_reduce_cuda(const Tensor& grad_y_in,
 Tensor bn_relu_backward_apply_cuda(const Tensor& grad_y_in, const Tensor& x_in, const Tensor& scale_in,
                                    const Tensor& shift_in, const Tensor& mean_in, const Tensor& k1_in,
                                    const Tensor& k2_in, const Tensor& k3_in, bool relu) {
-  const char* op = "bn_relu_backward_apply";
-  const auto L = check_bn_input(op, x_in, "x");
-  check_same_shape(op, grad_y_in, "grad_y", x_in);
-  const Tensor* vectors[] = {&scale_in, &shift_in, &mean_in, &k1_in, &k2_in, &k3_in};
-  const char* names[] = {"scale", "shift", "mean", "k1", "k2", "k3"};
-  for (int i = 0; i < 6; ++i) check_channel_vector(op, *vectors[i], names[i], x_in);
+  const auto L = check_backward_apply(grad_y_in, x_in, {{&scale_in, "scale"}, {&shift_in, "shift"}, {&mean_in, "mean"},
+                                                         {&k1_in, "k1"}, {&k2_in, "k2"}, {&k3_in, "k3"}});
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(L.format), dy = grad_y_in.contiguous(L.format);
-  Tensor v[6];
-  for (int i = 0; i < 6; ++i) v[i] = vectors[i]->contiguous();
+  const Tensor v[6] = {scale_in.contiguous(), shift_in.contiguous(), mean_in.contiguous(),
+                       k1_in.contiguous(), k2_in.contiguous(), k3_in.contiguous()};
   Tensor dx = at::empty_like(x, L.format);
   SEGNET_DISPATCH_FLOATING(x.scalar_type(), "bn_relu_backward_apply_cuda", [&] {
     using A = typename kernels::AccOf<scalar_t>::type;

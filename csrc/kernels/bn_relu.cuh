@@ -53,7 +53,7 @@ struct GradTerm {
   __device__ __forceinline__ A pivot(int64_t, ChannelDims) const { return A(0); }
   __device__ __forceinline__ void add(int64_t at, int64_t c, A, A& s1, A& s2) const {
     const A xv = static_cast<A>(x[at]);
-    const A g = (!relu || relu_passes(affine(xv, scale[c], shift[c]))) ? static_cast<A>(dy[at]) : A(0);
+    const A g = relu_grad(xv, static_cast<A>(dy[at]), scale[c], shift[c], relu);
     s1 += g;
     s2 += g * (xv - mean[c]);
   }
@@ -170,9 +170,8 @@ __global__ void bn_relu_backward_apply_kernel(const T* __restrict__ dy, const T*
   const int64_t n = d.numel();
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = (e / d.inner) % d.C;
-    const A xv = static_cast<A>(x[e]);
-    const A g = (!relu || relu_passes(affine(xv, scale[c], shift[c]))) ? static_cast<A>(dy[e]) : A(0);
-    dx[e] = static_cast<T>(k1[c] * g + k2[c] * (xv - mean[c]) + k3[c]);
+    dx[e] = static_cast<T>(bn_relu_input_grad(static_cast<A>(x[e]), static_cast<A>(dy[e]), scale[c], shift[c], mean[c],
+                                              k1[c], k2[c], k3[c], relu));
   }
 }
 

@@ -126,22 +126,8 @@ class SegNet(_EncoderDecoder):
     def __init__(self, num_classes: int = 11, in_channels: int = 3, backend: str = "segnet_ext"):
         super().__init__(backend)
         self.num_classes, self.in_channels = num_classes, in_channels
-        encoder, width = [], in_channels
-        for widths in VGG16_STAGES:
-            blocks = []
-            for w in widths:
-                blocks.append(conv_bn_relu(width, w, backend=backend))
-                width = w
-            encoder.append(nn.Sequential(*blocks))
-        self.encoder = nn.ModuleList(encoder)
-        decoder, width = [], VGG16_STAGES[-1][-1]
-        for widths in DECODER_STAGES:
-            blocks = []
-            for w in widths:
-                blocks.append(conv_bn_relu(width, w, backend=backend))
-                width = w
-            decoder.append(nn.Sequential(*blocks))
-        self.decoder = nn.ModuleList(decoder)
+        self.encoder = _stages(VGG16_STAGES, in_channels, backend)
+        self.decoder = _stages(DECODER_STAGES, VGG16_STAGES[-1][-1], backend)
         self.classifier = _classifier(64, num_classes, 3, backend)
         self._build_pools(len(VGG16_STAGES))
         _init_weights(self)
@@ -162,6 +148,18 @@ class SegNetBasic(_EncoderDecoder):
         self.classifier = _classifier(width, num_classes, 1, backend)
         self._build_pools(4)
         _init_weights(self)
+
+
+def _stages(stages: Tuple[Tuple[int, ...], ...], width: int, backend: str) -> nn.ModuleList:
+    """One nn.Sequential of 3x3 conv-BN-ReLU blocks per stage, with the given output widths."""
+    out = []
+    for widths in stages:
+        blocks = []
+        for w in widths:
+            blocks.append(conv_bn_relu(width, w, backend=backend))
+            width = w
+        out.append(nn.Sequential(*blocks))
+    return nn.ModuleList(out)
 
 
 def _classifier(in_channels: int, num_classes: int, kernel_size: int, backend: str) -> nn.Conv2d:
