@@ -40,10 +40,18 @@ def shutdown(context: Context) -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(t: Tensor, context: Context) -> Tensor:
-    """Sum over processes (no gradient), in place; returns ``t``."""
-    if context.enabled:
-        dist.all_reduce(t)
+def all_reduce(t: Tensor, context: Context, op=None) -> Tensor:
+    """Sum (or ``op``) over processes, no gradient, in place; returns ``t``. CPU tensors
+    travel through the GPU when the backend is NCCL, which only reduces CUDA tensors."""
+    if not context.enabled:
+        return t
+    op = dist.ReduceOp.SUM if op is None else op
+    if dist.get_backend() == "nccl" and not t.is_cuda:
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=op)
+        t.copy_(on_gpu.cpu())
+    else:
+        dist.all_reduce(t, op=op)
     return t
 
 

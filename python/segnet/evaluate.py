@@ -60,7 +60,7 @@ def confusion_over(
         logits = predict_logits(model, images.to(device), amp, channels_last)
         confusion += confusion_matrix(logits.argmax(1).cpu(), labels, num_classes)
     model.train(was_training)
-    return distributed.all_reduce_sum(confusion, context)
+    return distributed.all_reduce(confusion, context)
 
 
 def evaluate_checkpoint(

@@ -324,8 +324,7 @@ class Trainer:
         local = stop.received is not None or self._max_steps_reached()
         if not self.context.enabled:
             return local
-        flag = torch.tensor([float(local)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        flag = distributed.all_reduce(torch.tensor([float(local)]), self.context, torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
     def step_in_epoch(self) -> int:
@@ -339,7 +338,7 @@ class Trainer:
         denominator = torch.zeros((), dtype=torch.float64)
         for _, labels in batches:
             denominator += _pixel_weight(labels, self.class_weights).double().cpu()
-        distributed.all_reduce_sum(denominator, self.context)
+        distributed.all_reduce(denominator, self.context)
         denominator = max(float(denominator), 1e-12)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -357,7 +356,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        reduced = distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64), self.context)
+        reduced = distributed.all_reduce(torch.tensor([total], dtype=torch.float64), self.context)
         return float(reduced)
 
     def _end_epoch(self, board) -> None:
