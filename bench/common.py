@@ -93,8 +93,9 @@ def replace_section(path, name, text):
         f.write(doc)
 
 
-def saved_bytes(fn):
-    """(bytes of the distinct storages autograd saves while ``fn`` runs, fn's result)."""
+def saved_storages(fn):
+    """({storage pointer: bytes} of the distinct storages autograd saves while ``fn`` runs,
+    fn's result)."""
     storages = {}
 
     def pack(t):
@@ -103,4 +104,10 @@ def saved_bytes(fn):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
+    return storages, out
+
+
+def saved_bytes(fn):
+    """(bytes of the distinct storages autograd saves while ``fn`` runs, fn's result)."""
+    storages, out = saved_storages(fn)
     return sum(storages.values()), out

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from bench.common import ALLOCATOR_ENV, ensure_allocator_env, interleaved_median_ms, machine_description, replace_section
+from bench.common import (ALLOCATOR_ENV, ensure_allocator_env, interleaved_median_ms, machine_description,
+                          replace_section, saved_storages)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -108,20 +109,12 @@ def training_step(model, forward, optimizer, x, target):
 
 
 def activation_bytes(variant, model, forward, x):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     counter = _SacCounter() if variant == "torch+sac" else None
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = sac_forward(model, x, counter) if counter is not None else forward(x)
+    storages, _ = saved_storages(lambda: sac_forward(model, x, counter) if counter is not None else forward(x))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     activations = sum(n for ptr, n in storages.items() if ptr not in params)
     if counter is not None:
         activations += sum(n for key, n in counter.storages.items() if key not in storages and key not in params)
-    del out
     return activations
 
 

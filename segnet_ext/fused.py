@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops import cuda_kernels_available
 from .recompute import RECIPE, SavedInput, ScaleShiftReLU, attach  # noqa: F401  (RECIPE: for tests)
 
 _ops = torch.ops.segnet_ext
@@ -152,7 +153,7 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, conv_args, relu: boo
     stride, padding, dilation, groups = conv_args
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
     if not needs_grad and not torch.is_autocast_enabled(x.device.type):
-        if x.is_cuda and _ops.conv2d_scale_shift_relu.default.has_kernel_for_dispatch_key(torch._C.DispatchKey.CUDA):
+        if x.is_cuda and cuda_kernels_available():
             scale = torch.ones_like(bias, dtype=_acc_dtype(x))
             return _ops.conv2d_scale_shift_relu(x, weight, scale, bias.to(scale.dtype), list(stride), list(padding),
                                                 list(dilation), groups, relu)

@@ -289,13 +289,11 @@ class Trainer:
         self.ddp.train()
         if self.samples_done == 0:
             self._epoch_loss = [0.0, 0]
-        self._epoch_start = time.perf_counter()
-        self._epoch_images = 0
+        self._epoch_start, self._epoch_images = time.perf_counter(), 0
         loader = iter(self._loader())
         remaining = self.steps_per_epoch - self.step_in_epoch()
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch(), desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    unit="step", disable=not (self.config.progress and self.context.is_main), dynamic_ncols=True)
-        started, images = time.perf_counter(), 0
         with bar:
             for _ in range(remaining):
                 batches = [b for b in (next(loader, None) for _ in range(self.config.accumulate)) if b is not None]
@@ -305,11 +303,10 @@ class Trainer:
                 n = sum(len(labels) for _, labels in batches)
                 self.samples_done += n
                 self.step += 1
-                images += n * self.context.world_size
                 self._epoch_images += n * self.context.world_size
                 self._epoch_loss[0] += loss
                 self._epoch_loss[1] += 1
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / (time.perf_counter() - started):.2f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self._epoch_images / (time.perf_counter() - self._epoch_start):.2f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 bar.update()
                 if self._should_stop(stop):
                     return False
