@@ -2,6 +2,8 @@
 
 SEGNET_EXT_CUDA=1 or 0 forces the choice; TORCH_CUDA_ARCH_LIST picks the GPU
 architectures (default: sm_80 and sm_90, plus PTX); MAX_JOBS caps ninja's jobs.
+SEGNET_EXT_SANITIZE=1 builds the CPU kernels only, under AddressSanitizer and
+UndefinedBehaviorSanitizer: run Python with the ASan runtime preloaded, as README.md says.
 """
 import glob
 import os
@@ -52,7 +54,16 @@ def cuda_build_problem():
     return None
 
 
+SANITIZE = os.environ.get("SEGNET_EXT_SANITIZE") == "1"
+# vptr checks need RTTI of torch's own classes across libraries: left out, as torch does
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all",
+                  "-fno-omit-frame-pointer", "-g", "-O1"]
+
+
 def with_cuda():
+    if SANITIZE:
+        print("segnet_ext: SEGNET_EXT_SANITIZE=1, building CPU kernels only, with sanitizers")
+        return False
     forced = os.environ.get("SEGNET_EXT_CUDA")
     problem = cuda_build_problem()
     if forced == "0":
@@ -71,8 +82,9 @@ def extension():
     # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it, it runs serially.
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
     if not with_cuda():
+        cxx, link = (cxx + SANITIZE_FLAGS, ["-fopenmp"] + SANITIZE_FLAGS) if SANITIZE else (cxx, ["-fopenmp"])
         return CppExtension("segnet_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     print(f"segnet_ext: building CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
     return CUDAExtension(

@@ -9,8 +9,16 @@ REBUILD = (
 
 
 def load_native_library():
+    """segnet_ext._C, or the library file that $SEGNET_EXT_LIBRARY names (a sanitizer
+    build of the same sources, say: see setup.py), loaded in its place."""
     import torch  # noqa: F401  (the native library links against torch's libraries)
 
+    path = os.environ.get("SEGNET_EXT_LIBRARY")
+    if path:
+        if not os.path.isfile(path):
+            raise ImportError(f"segnet_ext: SEGNET_EXT_LIBRARY={path!r} is not a file")
+        torch.ops.load_library(path)
+        return None
     try:
         return importlib.import_module("segnet_ext._C")
     except ImportError as error:

@@ -88,8 +88,12 @@ def _per_channel(v: Tensor) -> Tensor:
 
 
 def bn_stats(x: Tensor):
-    """x [N, C, H, W] -> mean, biased var per channel (computed in float64)."""
+    """x [N, C, H, W] -> mean, biased var per channel (computed in float64); a channel with
+    no elements has mean 0 and var 0."""
     xd = x.double()
+    if xd.numel() == 0:
+        zeros = torch.zeros(x.shape[1], dtype=_acc(x), device=x.device)
+        return zeros, zeros.clone()
     mean, var = xd.mean((0, 2, 3)), xd.var((0, 2, 3), unbiased=False)
     return mean.to(_acc(x)), var.to(_acc(x))
 

@@ -13,6 +13,16 @@ def pytest_report_header(config):
     return f"segnet-ext test seed: {SEED} (replay with SEGNET_TEST_SEED={SEED})"
 
 
+def pytest_terminal_summary(terminalreporter):
+    import sys
+
+    fuzz = sys.modules.get("tests.test_fuzz")
+    if fuzz is not None and fuzz.CASES:
+        terminalreporter.write_sep("-", f"fuzz cases run: {sum(fuzz.CASES.values())}")
+        for what, count in sorted(fuzz.CASES.items()):
+            terminalreporter.write_line(f"{count:6d}  {what}")
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # Per-test seed derived from the run's seed and the test id: fresh every run,

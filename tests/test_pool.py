@@ -279,8 +279,9 @@ def test_missing_native_library_is_explained(tmp_path):
     shutil.copytree(pkg, tmp_path / "segnet_ext", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     # (an editable install's import hook would find the real library by name: drop it)
     code = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; import segnet_ext"
+    env = {k: v for k, v in os.environ.items() if k != "SEGNET_EXT_LIBRARY"}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                            env={**env, "PYTHONPATH": str(tmp_path)})
     assert result.returncode != 0
     assert "segnet_ext._C was not built" in result.stderr and "pip install --no-build-isolation -e ." in result.stderr
 

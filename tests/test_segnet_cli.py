@@ -107,6 +107,44 @@ def test_export_onnx(trained, tmp_path):
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_export_fp16_weights(trained, tmp_path):
+    path = tmp_path / "small.pt"
+    assert main(["export", "--checkpoint", str(trained), "--format", "fp16", "--output", str(path)]) == 0
+    small = load_checkpoint(path)
+    assert "optimizer" not in small and all(v.dtype in (torch.float16, torch.int64) for v in small["model"].values())
+    assert path.stat().st_size < 0.6 * trained.stat().st_size
+    from segnet.checkpoint import load_model
+
+    (full, _), (half, _) = load_model(trained, torch.device("cpu")), load_model(path, torch.device("cpu"))
+    x = torch.randn(1, 3, 24, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(half(x), full(x), rtol=2e-2, atol=2e-2)
+
+
+def test_recipes_by_name(tmp_path):
+    from segnet.cli import RECIPES, train_config
+
+    names = sorted(p.stem for p in RECIPES.glob("*.json"))
+    assert {"camvid_segnet_basic", "camvid_segnet"} <= set(names)
+    for name in names:
+        config = train_config(build_parser().parse_args(["train", "--config", name, "--epochs", "3"]))
+        assert config.epochs == 3 and config.model in ("segnet", "segnet_basic")  # flags override the recipe
+    assert main(["train", "--config", "no_such_recipe"]) == 2
+
+
+def test_bundled_model_by_name(tmp_path, capsys):
+    from segnet.checkpoint import pretrained_names
+
+    assert "segnet_basic_camvid" in pretrained_names()
+    assert main(["eval", "--checkpoint", "segnet_basic_camvid", "--data", "sample", "--output", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["global_accuracy"] > 60  # a trained model (the demo's gets about 40)
+    assert main(["predict", "--checkpoint", "segnet_basic_camvid", "--input", "sample", "--output", str(tmp_path / "p")]) == 0
+    assert len(list((tmp_path / "p").glob("*_labels.png"))) == 2
+    assert main(["eval", "--checkpoint", "segnet_basic_nowhere"]) == 2
+    assert "nor is it a bundled model: segnet_basic_camvid" in capsys.readouterr().err
+
+
 def test_ddp_with_sync_bn_matches_one_process(camvid_root, tmp_path):
     """2 gloo processes x batch 1 with --sync-bn end with the weights of 1 process x batch 2."""
     common = ["--data", str(camvid_root), "--model", "segnet_basic", "--epochs", "2", "--sync-bn", "--val-every", "0",

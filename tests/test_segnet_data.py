@@ -54,6 +54,74 @@ def test_bad_files_are_named(camvid_root):
         dataset[3]
 
 
+def png_header(path, width, height):
+    """A PNG whose header promises width x height RGB pixels and whose data holds none."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_untrusted_image_files(tmp_path, monkeypatch):
+    bomb = tmp_path / "bomb.png"
+    png_header(bomb, 9000, 8000)  # 72 M pixels promised in 67 bytes: refused before decoding
+    with pytest.raises(ValueError, match=r"bomb.png' is 9000x8000 = 72000000 pixels, more than the limit of 67108864"):
+        data.read_image(bomb)
+    with pytest.raises(ValueError, match="label .*bomb.png' is 9000x8000 = 72000000 pixels, more than the limit"):
+        data.read_label(bomb)
+    png_header(bomb, 50_000, 50_000)  # beyond Pillow's own guard too
+    with pytest.raises(ValueError, match="image .*bomb.png' is refused: .*decompression bomb"):
+        data.read_image(bomb)
+    png_header(bomb, 9000, 8000)
+    monkeypatch.setenv("SEGNET_MAX_IMAGE_PIXELS", str(9000 * 8000))  # allowed, it is then just broken
+    with pytest.raises(ValueError, match="cannot read image .*bomb.png"):
+        data.read_image(bomb)
+    monkeypatch.delenv("SEGNET_MAX_IMAGE_PIXELS")
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "whole.png")
+    whole = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    for name in ("truncated.png", "text.png", "empty.jpg"):
+        with pytest.raises(ValueError, match=f"cannot read image .*{name}"):
+            data.read_image(tmp_path / name)
+    Image.fromarray(np.zeros((4, 4), np.float32), "F").save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="floating-point images are not supported"):
+        data.read_image(tmp_path / "float.tif")
+
+
+def test_image_modes_and_orientation(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    as_read = lambda name: data.read_image(tmp_path / name).permute(1, 2, 0).numpy()  # noqa: E731
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    assert np.array_equal(as_read("rgb.png"), rgb)
+    Image.fromarray(np.dstack([rgb, np.full((6, 9), 7, np.uint8)]), "RGBA").save(tmp_path / "rgba.png")
+    assert np.array_equal(as_read("rgba.png"), rgb)  # alpha dropped
+    Image.fromarray(rgb).quantize(256).save(tmp_path / "palette.png")
+    palette = Image.open(tmp_path / "palette.png")
+    assert palette.mode == "P" and np.array_equal(as_read("palette.png"), np.asarray(palette.convert("RGB")))
+    grey = rgb[..., 0]
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    assert np.array_equal(as_read("grey.png"), np.repeat(grey[..., None], 3, axis=2))
+    grey16 = grey.astype(np.uint16) * 256 + 100  # 16-bit: the top 8 bits are the 8-bit grey
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    assert np.array_equal(as_read("grey16.png"), np.repeat(grey[..., None], 3, axis=2))
+    flat = np.broadcast_to(np.array([200, 100, 50], np.uint8), (6, 9, 3))
+    Image.fromarray(np.ascontiguousarray(flat)).save(tmp_path / "photo.jpg", quality=95)
+    assert np.abs(as_read("photo.jpg").astype(int) - flat).max() <= 3
+    # a camera's portrait photo: stored landscape, EXIF orientation 6 (rotate 90 degrees clockwise)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "portrait.png", exif=exif)
+    assert np.array_equal(as_read("portrait.png"), np.rot90(rgb, k=-1))
+
+
 def test_bad_layouts(camvid_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         CamVid(tmp_path / "nowhere", "train")

@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +129,87 @@ def test_checkpoints_are_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_full_or_read_only_output_is_refused_before_training(camvid_root, tmp_path, monkeypatch, capsys):
+    import errno
+    from collections import namedtuple
+
+    import segnet.checkpoint
+    from segnet.cli import main
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(segnet.checkpoint.shutil, "disk_usage", lambda _: Usage(2**30, 2**30, 2**10))
+    with pytest.raises(OSError, match=r"output folder .*run' has 0 MiB free, but its checkpoints need about \d+ MiB"):
+        Trainer(tiny_config(camvid_root, tmp_path / "run")).fit()
+    monkeypatch.undo()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(segnet.checkpoint.tempfile, "TemporaryFile", read_only)
+    args = ["train", "--data", str(camvid_root), "--output", str(tmp_path / "ro"), "--model", "segnet_basic", "--no-progress"]
+    assert main(args) == 2
+    assert re.search(r"segnet train: error: .*output folder .*ro' is not writable: the file system is read-only", capsys.readouterr().err)
+    assert not (tmp_path / "ro" / "last.pt").exists()
+
+
+def test_disk_full_at_save_keeps_the_previous_checkpoint(camvid_root, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    Trainer(tiny_config(camvid_root, out, epochs=1, val_every=0)).fit()
+    before = load_checkpoint(out / "last.pt")
+
+    def disk_full(obj, f):
+        f.write(b"part of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*last.pt': the disk is full .*; the previous last.pt is unchanged"):
+        Trainer(tiny_config(camvid_root, out, epochs=2, val_every=0), resume=True).fit()
+    monkeypatch.undo()
+    after = load_checkpoint(out / "last.pt")
+    assert after["step"] == before["step"]
+    assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sigkill_at_random_moments_loses_nothing(camvid_root, tmp_path):
+    """Killed with SIGKILL (no chance to save) at random moments, mid-epoch or mid-save, and
+    resumed each time, a run ends with the weights and logs of one never interrupted."""
+    import random
+
+    epochs = 8
+    common = [sys.executable, "-m", "segnet", "train", "--data", str(camvid_root), "--model", "segnet_basic", "--epochs",
+              str(epochs), "--batch-size", "1", "--val-every", "2", "--no-progress", "--seed", "3"]
+    whole = tmp_path / "whole"
+    subprocess.run(common + ["--output", str(whole)], check=True, capture_output=True, timeout=300)
+    out, kills, rng = tmp_path / "killed", 0, random.Random()
+    for attempt in range(20):
+        resume = ["--resume"] if (out / "last.pt").exists() else []
+        proc = subprocess.Popen(common + ["--output", str(out)] + resume, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        rows = lambda: len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0  # noqa: E731
+        start, deadline = rows(), time.time() + 120
+        while proc.poll() is None and rows() == start and time.time() < deadline:
+            time.sleep(0.02)  # until this process has finished an epoch of its own ...
+        time.sleep(rng.uniform(0, 0.4))  # ... then at a random moment of the next
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert proc.returncode == 0 and kills >= 2, (proc.returncode, kills)
+    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(out / "last.pt")
+    assert b["epoch"] == epochs
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    assert [r.get("val_mean_iou") for r in rows] == [r.get("val_mean_iou") for r in a["history"]]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 class _Exploit:

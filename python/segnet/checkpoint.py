@@ -1,36 +1,79 @@
 """Checkpoints: written atomically, loaded without unpickling arbitrary objects."""
+import errno
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .model import build_model
 
+# Trained models shipped with the package, loadable by name (see pretrained/README.md).
+PRETRAINED = Path(__file__).parent / "pretrained"
+
 
 def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> Path:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed
     to disk, then renamed over ``path``. A crash leaves the previous file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+        raise OSError(e.errno, f"cannot write checkpoint {str(path)!r}: {_why(e)}; {kept}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def remove_partial_writes(folder: Union[str, Path]) -> None:
+    """Delete the temporary files of saves that a killed process never finished."""
+    for tmp in Path(folder).glob(".*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _why(e: OSError) -> str:
+    hint = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied"}.get(e.errno)
+    return f"{hint} ({e.strerror or e})" if hint else str(e.strerror or e)
+
+
+def ensure_writable(folder: Union[str, Path], need_bytes: int) -> None:
+    """Fail early, with a clear message, when ``folder`` cannot be created or written, or
+    its disk has less than ``need_bytes`` free."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        raise OSError(e.errno, f"output folder {str(folder)!r} is not writable: {_why(e)}") from None
+    if free < need_bytes:
+        raise OSError(errno.ENOSPC, f"output folder {str(folder)!r} has {free / 2**20:.0f} MiB free, but its checkpoints "
+                                    f"need about {need_bytes / 2**20:.0f} MiB")
 
 
 def _umask() -> int:
@@ -55,10 +98,8 @@ def _fsync_dir(folder: Path) -> None:
 def load_checkpoint(path: Union[str, Path], trust: bool = False) -> Dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (tensors, numbers, strings, lists and
     dicts only: a crafted file cannot run code). ``trust=True`` allows full unpickling, for
-    files from a source you trust, with a warning."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    files from a source you trust, with a warning. ``path`` may also name a bundled model."""
+    path = resolve_checkpoint(path)
     if not (zipfile.is_zipfile(path) or _first_byte(path) == b"\x80"):  # torch.save's zip, or a raw pickle
         raise ValueError(f"checkpoint {str(path)!r} is not a readable torch file (neither a torch.save archive nor a pickle)")
     try:
@@ -76,6 +117,30 @@ def load_checkpoint(path: Union[str, Path], trust: bool = False) -> Dict[str, An
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"checkpoint {str(path)!r} is not a segnet checkpoint (it lacks 'model' and 'config')")
     return state
+
+
+def pretrained_names() -> List[str]:
+    return sorted(p.stem for p in PRETRAINED.glob("*.pt"))
+
+
+def resolve_checkpoint(name_or_path: Union[str, Path]) -> Path:
+    """A checkpoint file, or the bundled model of that name (``segnet_basic_camvid``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = PRETRAINED / f"{name_or_path}.pt"
+    if path.name == str(name_or_path) and bundled.is_file():
+        return bundled
+    raise FileNotFoundError(f"checkpoint {str(name_or_path)!r} does not exist (nor is it a bundled model: "
+                            f"{', '.join(pretrained_names()) or 'none'})")
+
+
+def weights_only_checkpoint(state: Dict[str, Any], dtype: torch.dtype = torch.float16) -> Dict[str, Any]:
+    """What inference needs from a training checkpoint: the weights (floating-point ones in
+    ``dtype``; they load into float32 models), the settings and the history; no optimiser."""
+    model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state["model"].items()}
+    keep = ("config", "epoch", "step", "best_miou", "history")
+    return {"model": model, **{k: state[k] for k in keep if k in state}}
 
 
 def _first_byte(path: Path) -> bytes:

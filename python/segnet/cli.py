@@ -11,6 +11,7 @@ from .train import TrainConfig, TrainingInterrupted
 
 DEFAULTS = TrainConfig()
 SUPPRESS = argparse.SUPPRESS
+RECIPES = Path(__file__).parent / "recipes"  # training recipes, usable by name with --config
 
 
 def _hw(text: str):
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model", description="Train SegNet or SegNet-Basic. Settings come from "
                                 "the defaults, then --config, then the flags given; all are saved with each checkpoint. "
                                 "Run under torchrun for data parallelism.")
-    train.add_argument("--config", type=Path, default=None, help="JSON file of settings (keys as the flags, with underscores)")
+    train.add_argument("--config", type=Path, default=None,
+                       help="JSON file of settings (keys as the flags, with underscores), or a bundled recipe's name: "
+                            f"{', '.join(sorted(p.stem for p in RECIPES.glob('*.json')))}")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt exactly where it stopped")
     train.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint (only for files you trust)")
     for flag, name, kwargs, text in TRAIN_OPTIONS:
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="evaluate a checkpoint (G, C, per-class IoU, mIoU)",
                              description="Evaluate a checkpoint on a split with one confusion matrix; void (11) is ignored.")
-    ev.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train")
+    ev.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train, or a bundled model's name (segnet_basic_camvid)")
     ev.add_argument("--data", default="sample", help="CamVid root or 'sample' (default: sample)")
     ev.add_argument("--split", default="val", help="split to evaluate (default: val)")
     ev.add_argument("--output", default=None, help="metrics JSON file, or a folder for metrics.json (default: next to the checkpoint)")
@@ -99,16 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr = commands.add_parser("predict", help="segment images: class ids, colours, overlays",
                              description="Write NAME_labels.png (class ids), NAME_color.png (CamVid palette) and "
                              "NAME_overlay.png (photo | blend) for an image or every image of a folder, any size.")
-    pr.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train")
+    pr.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train, or a bundled model's name (segnet_basic_camvid)")
     pr.add_argument("--input", required=True, help="an image, a folder of images, or 'sample' (the bundled val images)")
     pr.add_argument("--output", required=True, help="folder for the PNGs")
     _common_inference(pr)
 
-    ex = commands.add_parser("export", help="export to TorchScript or ONNX (plain-PyTorch layers)",
-                             description="Export a checkpoint with the plain-PyTorch backend, for use without segnet_ext.")
-    ex.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train")
-    ex.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", help="(default: torchscript)")
-    ex.add_argument("--output", required=True, help="file to write (.pt for TorchScript, .onnx)")
+    ex = commands.add_parser("export", help="export to TorchScript or ONNX (plain-PyTorch layers), or float16 weights",
+                             description="Export a checkpoint with the plain-PyTorch backend, for use without segnet_ext "
+                                         "(torchscript, onnx), or as a small float16 weights file for eval and predict (fp16).")
+    ex.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train, or a bundled model's name (segnet_basic_camvid)")
+    ex.add_argument("--format", choices=["torchscript", "onnx", "fp16"], default="torchscript", help="(default: torchscript)")
+    ex.add_argument("--output", required=True, help="file to write (.pt for TorchScript and fp16, .onnx)")
     ex.add_argument("--size", type=_hw, default=(360, 480), help="example input HxW (default: 360x480)")
     ex.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint")
     return parser
@@ -124,8 +128,10 @@ def _common_inference(sub: argparse.ArgumentParser) -> None:
 def train_config(args: argparse.Namespace) -> TrainConfig:
     values: Dict = {}
     if args.config is not None:
+        recipe = RECIPES / f"{args.config}.json"
+        path = recipe if not args.config.exists() and str(args.config) == args.config.name and recipe.is_file() else args.config
         try:
-            values.update(json.loads(args.config.read_text()))
+            values.update(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--config {str(args.config)!r}: {e}") from None
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -140,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingInterrupted as e:
         print(f"{e}\nresume with: segnet train --resume --output {e.checkpoint.parent} (and the same settings)", file=sys.stderr)
         return 128 + e.signum
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"segnet {args.command}: error: {e}", file=sys.stderr)
         return 2
 

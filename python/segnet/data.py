@@ -18,7 +18,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 NUM_CLASSES = 11
@@ -37,6 +37,9 @@ PAPER_CLASS_WEIGHTS = (0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Files are untrusted: a header may promise far more pixels than its bytes (a decompression
+# bomb). The size is checked before decoding; SEGNET_MAX_IMAGE_PIXELS raises the limit.
+MAX_IMAGE_PIXELS = 64 * 2**20
 
 
 def sample_root() -> Path:
@@ -88,26 +91,49 @@ def _inside(root: Path, relative: str, list_file: Path, line_no: int) -> Path:
     return path
 
 
-def read_image(path: Union[str, Path]) -> Tensor:
-    """An RGB image as uint8 [3, H, W]."""
+def _open(path: Union[str, Path], what: str):
+    """Opens an image file lazily (nothing decoded yet) after checking its pixel count."""
+    limit = int(os.environ.get("SEGNET_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS))
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            array = np.asarray(im).copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+        im = Image.open(path)
+    except Image.DecompressionBombError as e:  # Pillow's own, coarser guard
+        raise ValueError(f"{what} {str(path)!r} is refused: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {what} {str(path)!r}: {e}") from None
+    if im.width * im.height > limit:
+        im.close()
+        raise ValueError(f"{what} {str(path)!r} is {im.width}x{im.height} = {im.width * im.height} pixels, more than "
+                         f"the limit of {limit} (a guard against decompression bombs; set SEGNET_MAX_IMAGE_PIXELS to raise it)")
+    return im
+
+
+def read_image(path: Union[str, Path]) -> Tensor:
+    """An RGB image as uint8 [3, H, W]: 8- or 16-bit, grey, palette or colour, alpha dropped,
+    turned upright as its EXIF orientation says."""
+    with _open(path, "image") as im:
+        try:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the top 8 bits
+                array = np.asarray(im).astype(np.int64)
+                array = np.repeat((np.clip(array, 0, 65535) >> 8).astype(np.uint8)[..., None], 3, axis=2)
+            elif im.mode == "F":
+                raise ValueError("floating-point images are not supported; save it as 8- or 16-bit")
+            else:
+                array = np.asarray(im.convert("RGB")).copy()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def read_label(path: Union[str, Path]) -> Tensor:
     """A label map of class ids 0..11 as int64 [H, W]."""
-    try:
-        with Image.open(path) as im:
+    with _open(path, "label") as im:
+        try:
             if im.mode not in ("L", "P", "I", "I;16"):
                 raise ValueError(f"expected a single-channel PNG of class ids, got mode {im.mode}")
             array = np.asarray(im).astype(np.int64)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read label {str(path)!r}: {e}") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"cannot read label {str(path)!r}: {e}") from None
     if array.size and (array.min() < 0 or array.max() > VOID):
         bad = np.unique(array[(array < 0) | (array > VOID)])[:5].tolist()
         raise ValueError(f"label {str(path)!r} has values {bad} outside 0..{VOID} (11 = void)")

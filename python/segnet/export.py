@@ -1,13 +1,13 @@
 """Export a checkpoint for people without segnet_ext: the same weights in the plain-PyTorch
-backend, as TorchScript or ONNX."""
+backend, as TorchScript or ONNX; or, for segnet itself, as a small float16 weights file."""
 from pathlib import Path
 from typing import Tuple, Union
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import load_checkpoint, load_model, save_checkpoint, weights_only_checkpoint
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "fp16")
 
 
 def export(
@@ -18,9 +18,12 @@ def export(
     trust: bool = False,
 ) -> Path:
     """Write the model of ``checkpoint`` to ``output``, traced at input size ``size``
-    (H, W): the exported graph takes [N, 3, H, W] images of that size, any batch N."""
+    (H, W): the exported graph takes [N, 3, H, W] images of that size, any batch N.
+    ``fp16``: the weights in float16 without the optimiser state, for eval and predict."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format == "fp16":
+        return save_checkpoint(weights_only_checkpoint(load_checkpoint(checkpoint, trust=trust)), output)
     model, _ = load_model(checkpoint, torch.device("cpu"), backend="torch", trust=trust)
     model.to(memory_format=torch.contiguous_format)
     example = torch.randn(1, model.in_channels, *size)

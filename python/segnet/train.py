@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import ensure_writable, load_checkpoint, remove_partial_writes, save_checkpoint
 from .data import NUM_CLASSES, VOID, Augment, CamVid, EpochSampler, class_weights, collate
 from .evaluate import autocast, confusion_over, resolve_device
 from .metrics import scores
@@ -260,8 +260,11 @@ class Trainer:
     def fit(self) -> Dict:
         """Train to ``config.epochs`` (or ``max_steps``); returns the last history row."""
         if self.context.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
+            ensure_writable(self.output, 2 * self._checkpoint_bytes())  # a new last.pt beside the old, and best.pt
+            remove_partial_writes(self.output)
             (self.output / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+            if self.history or self.step:
+                self._rewrite_logs()
         with _StopSignals() as stop, self._tensorboard() as board:
             while self.epoch < self.config.epochs:
                 finished = self._train_epoch(stop)
@@ -380,17 +383,40 @@ class Trainer:
         improved = result is not None and result["mean_iou"] is not None and (self.best_miou is None or result["mean_iou"] > self.best_miou)
         if improved:
             self.best_miou = result["mean_iou"]
-        self.save("last.pt")
-        if improved:
+        if improved:  # best.pt first: a crash between the two repeats the epoch, which writes both again
             self.save("best.pt")
+        self.save("last.pt")
         if self.context.is_main:
             self._log(row, board)
             summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
             print(f"epoch {row['epoch']}: {summary}" + (" (best)" if improved else ""), flush=True)
 
+    def _checkpoint_bytes(self) -> int:
+        """About the size of a checkpoint: the model, and the optimiser's state per parameter."""
+        slots = {"adam": 2, "sgd": 1}[self.config.optimizer]
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
+        return params * (1 + slots) + buffers + 2**20
+
     # ---- logs --------------------------------------------------------------------------
 
+    def _rewrite_logs(self) -> None:
+        """On resume, the logs say what the checkpoint says: rows written after it (a run
+        killed between its log and its checkpoint) are dropped, missing ones restored."""
+        for name in ("metrics.jsonl", "metrics.csv"):
+            (self.output / name).unlink(missing_ok=True)
+        for row in self.history:
+            self._write_row(row)
+
     def _log(self, row: Dict, board) -> None:
+        self._write_row(row)
+        if board is not None:
+            for k, v in row.items():
+                if k not in ("epoch", "step") and v is not None:
+                    board.add_scalar(k, v, row["epoch"])
+        plot_curves(self.history, self.output / "curves.png")
+
+    def _write_row(self, row: Dict) -> None:
         with open(self.output / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         columns = ["epoch", "step", "lr", "train_loss", "images_per_s", "epoch_s", "val_global_accuracy", "val_class_accuracy", "val_mean_iou"]
@@ -401,11 +427,6 @@ class Trainer:
             if new:
                 writer.writeheader()
             writer.writerow({k: row.get(k) for k in columns})
-        if board is not None:
-            for k, v in row.items():
-                if k not in ("epoch", "step") and v is not None:
-                    board.add_scalar(k, v, row["epoch"])
-        plot_curves(self.history, self.output / "curves.png")
 
     def _tensorboard(self):
         if not self.context.is_main:

@@ -210,6 +210,14 @@ void shuffle_past_partial_warp(int threads) {
   SEGNET_LAUNCH(kernel, 1, threads, nullptr, out.mutable_data_ptr<float>());
 }
 
+Tensor copy_off_by_one(const Tensor& x, int threads, int blocks) {
+  Tensor y = at::empty_like(x);
+  auto kernel = selftest::copy_off_by_one;
+  SEGNET_LAUNCH(kernel, blocks, threads, nullptr, x.const_data_ptr<float>(), x.numel(),
+                y.mutable_data_ptr<float>());
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -226,4 +234,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shuffles", &shuffles);
   m.def("atomics", &atomics);
   m.def("shuffle_past_partial_warp", &shuffle_past_partial_warp);
+  m.def("copy_off_by_one", &copy_off_by_one);
 }

@@ -53,4 +53,13 @@ __global__ void shuffle_past_partial_warp(float* out) {
   out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.f, 16);
 }
 
+// A grid-stride copy with the classic off-by-one bound (i <= n): the last thread reads and
+// writes one element past both buffers. Only the sanitizer job calls it, to show that such
+// a kernel is caught; it is never part of the shipped library.
+__global__ void copy_off_by_one(const float* x, int64_t n, float* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i <= n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = x[i];
+}
+
 }  // namespace selftest
