@@ -118,7 +118,8 @@ def test_export_fp16_weights(trained, tmp_path):
     (full, _), (half, _) = load_model(trained, torch.device("cpu")), load_model(path, torch.device("cpu"))
     x = torch.randn(1, 3, 24, 32)
     with torch.no_grad():
-        torch.testing.assert_close(half(x), full(x), rtol=2e-2, atol=2e-2)
+        a, b = half(x), full(x)
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()  # float16 weights: 3 significant digits
 
 
 def test_recipes_by_name(tmp_path):
