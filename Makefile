@@ -41,6 +41,7 @@ bench: install
 	$(PY) -m bench.pool --write
 	$(PY) -m bench.conv_bn_relu --write
 	$(PY) -m bench.report --write
+	$(PY) -m bench.recipe --write
 
 clean:
 	rm -rf build $(VENV) segnet_ext/*.so *.egg-info runs

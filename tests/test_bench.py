@@ -40,3 +40,10 @@ def test_segnet_report_profile_runs():
 
     shares = profile("segnet_basic", (16, 24), 1)
     assert set(shares) == {"ours", "torch"} and all(0 < s <= 1 for s in shares.values())
+
+
+def test_recipe_benchmark_runs_on_a_tiny_input():
+    from bench.recipe import run
+
+    text = run(1, 1, "python -m bench.recipe", crop=(16, 24), full=(24, 32))
+    assert text.count("| bf16 autocast") == 3 and "| 1.00x |" in text

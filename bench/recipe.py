@@ -1,0 +1,84 @@
+"""What the speed choices of the CamVid recipe (python/segnet/recipes/camvid_segnet_basic.json)
+buy: SegNet-Basic training steps (forward, class-weighted loss, backward, Adam step) in
+images per second, the variants timed in alternation in one process.
+
+    python -m bench.recipe            # prints the table
+    python -m bench.recipe --write    # ... and writes it into bench/RESULTS.md
+
+Variants: float32 NCHW, bf16 autocast NCHW, bf16 autocast channels_last, each on the
+recipe's 192x256 crops, and the last also on whole 360x480 images (what training without
+crops would cost per image).
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import ensure_allocator_env, interleaved_median_ms, machine_description, replace_section
+from segnet.model import build_model
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def variants(crop=(192, 256), full=(360, 480)):
+    """(name, bf16, channels_last, (H, W)) of each variant."""
+    c, f = "x".join(map(str, crop)), "x".join(map(str, full))
+    return [
+        (f"float32, NCHW, {c} crops", False, False, crop),
+        (f"bf16 autocast, NCHW, {c} crops", True, False, crop),
+        (f"bf16 autocast, channels_last, {c} crops (the recipe)", True, True, crop),
+        (f"bf16 autocast, channels_last, whole {f} images", True, True, full),
+    ]
+
+
+def training_step(bf16: bool, channels_last: bool, size, batch: int):
+    torch.manual_seed(0)
+    model = build_model("segnet_basic").train()
+    x, y = torch.randn(batch, 3, *size), torch.randint(0, 11, (batch, *size))
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    weights = torch.rand(11) + 0.2
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, weight=weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def run(batch: int, repeat: int, command: str, crop=(192, 256), full=(360, 480)) -> str:
+    """The table, as markdown."""
+    cases = variants(crop, full)
+    ms = interleaved_median_ms([training_step(bf16, cl, size, batch) for _, bf16, cl, size in cases], repeat=repeat, warmup=1)
+    rate = [batch * 1e3 / t for t in ms]
+    lines = [f"SegNet-Basic training step, batch {batch}, median of {repeat} (`{command}`; {machine_description()}):", "",
+             "| variant | ms / step | images / s | vs float32 |", "|---|---|---|---|"]
+    for (name, *_), t, r in zip(cases, ms, rate):
+        lines.append(f"| {name} | {t:.0f} | {r:.2f} | {r / rate[0]:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ensure_allocator_env()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=5, help="timed steps per variant (median reported)")
+    parser.add_argument("--write", action="store_true", help=f"write the table into {RESULTS}")
+    args = parser.parse_args(argv)
+    command = "python -m bench.recipe " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
+    text = run(args.batch_size, args.repeat, command.strip())
+    print(text)
+    if args.write:
+        replace_section(RESULTS, "camvid-recipe-cpu", text)
+        print(f"\nwritten to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
