@@ -11,6 +11,9 @@
    backward): saved-for-backward bytes (exact: unique storages seen by
    ``saved_tensors_hooks``) and step time, against the unfused Sequential.
 3. Inference, conv-BN-ReLU 64 -> 64 at 360x480, eval mode, both memory formats.
+4. The CPU's Winograd F(2x2, 3x3) convolution against oneDNN's direct one (conv + bias +
+   ReLU fused in both) on SegNet's 3x3 layer shapes: the measurements behind
+   ``segnet_ext.fused.winograd_pays_off``.
 """
 import argparse
 import os
@@ -106,6 +109,35 @@ def inference_rows(size, repeat, device):
     return rows
 
 
+# SegNet's 3x3 convolutions on a 360x480 image: (in channels, out channels, height, width)
+SEGNET_LAYERS = [(64, 64, 360, 480), (128, 128, 180, 240), (256, 256, 90, 120), (512, 512, 45, 60),
+                 (512, 512, 22, 30)]
+
+
+def winograd_rows(repeat, layers=SEGNET_LAYERS):
+    rows = []
+    for cin, cout, h, w in layers:
+        for channels_last in (False, True):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            x = torch.randn(1, cin, h, w).contiguous(memory_format=fmt)
+            weight, bias = torch.randn(cout, cin, 3, 3) / (3 * cin ** 0.5), torch.randn(cout)
+            ones = torch.ones(cout)
+            args = ([1, 1], [1, 1], [1, 1], 1)
+
+            def winograd():
+                return torch.ops.segnet_ext.conv2d_scale_shift_relu(x, weight, ones, bias, *args, True)
+
+            def onednn():
+                return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "relu",
+                                                               [None], "")
+            torch.testing.assert_close(winograd(), onednn(), rtol=1e-4, atol=1e-4)
+            wino_ms, onednn_ms = interleaved_median_ms([winograd, onednn], repeat)
+            rows.append(dict(shape=f"{cin} -> {cout}, {h}x{w}", layout="channels_last" if channels_last else "NCHW",
+                             onednn_ms=onednn_ms, winograd_ms=wino_ms, speedup=onednn_ms / wino_ms,
+                             chosen=fused.winograd_pays_off(x, weight, args)))
+    return rows
+
+
 def report(result, command, device):
     mark = lambda ok: "" if ok else " **missed**"  # noqa: E731
     shape, size = result["bn_shape"], result["size"]
@@ -144,7 +176,9 @@ def report(result, command, device):
     lines += [
         "",
         f"Inference, conv-BN-ReLU 64 -> 64 on [1, 64, {size[0]}, {size[1]}], eval mode (ours: BN folded once, "
-        "oneDNN's convolution with the ReLU fused; torch: the eager Sequential).",
+        "then on the CPU the Winograd F(2x2, 3x3) convolution with bias and ReLU fused into its output transform, "
+        "on CUDA the implicit-GEMM kernel; torch: the eager Sequential, oneDNN's direct convolution then BN and "
+        "ReLU).",
         "",
         "| layout | torch ms | ours ms | speed-up (target 1.1x) |",
         "|---|---:|---:|---:|",
@@ -152,6 +186,20 @@ def report(result, command, device):
     for r in result["inference"]:
         lines.append(f"| {r['layout']} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup']:.2f}x"
                      f"{mark(r['speedup'] >= TARGETS['inference'])} |")
+    if result.get("winograd"):
+        lines += [
+            "",
+            "The CPU's convolutions with bias and ReLU fused, batch 1, on SegNet's 3x3 layer shapes: segnet_ext's "
+            "Winograd F(2x2, 3x3) (transforms by hand, its 16 GEMMs by ATen's BLAS) against oneDNN's direct "
+            "convolution (`mkldnn._convolution_pointwise`). The last column is what the eval path "
+            "(`segnet_ext.fused.winograd_pays_off`) runs.",
+            "",
+            "| layer | layout | oneDNN ms | Winograd ms | speed-up | eval path |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        for r in result["winograd"]:
+            lines.append(f"| {r['shape']} | {r['layout']} | {r['onednn_ms']:.1f} | {r['winograd_ms']:.1f} | "
+                         f"{r['speedup']:.2f}x | {'Winograd' if r['chosen'] else 'oneDNN'} |")
     return "\n".join(lines)
 
 
@@ -169,7 +217,8 @@ def main(argv=None):
     result = dict(bn_shape=args.bn_shape, size=args.size, repeat=args.repeat,
                   bn=bn_relu_rows(args.bn_shape, args.repeat, args.device),
                   stack=stack_rows(args.size, max(3, args.repeat // 3), args.device),
-                  inference=inference_rows(args.size, args.repeat, args.device))
+                  inference=inference_rows(args.size, args.repeat, args.device),
+                  winograd=winograd_rows(args.repeat) if args.device == "cpu" else [])
     text = report(result, command.strip(), args.device)
     print(text)
     if args.write:

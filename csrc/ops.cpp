@@ -34,7 +34,8 @@ TORCH_LIBRARY(segnet_ext, m) {
         " Tensor k2, Tensor k3, bool relu) -> Tensor");
   // Inference epilogue: y = relu(conv2d(x, weight) * scale[co] + shift[co]), in x's memory
   // format. CUDA: an implicit-GEMM kernel for 3x3 / stride 1 / padding 1 (cuDNN + the
-  // epilogue kernel otherwise); CPU: ATen's convolution + the epilogue.
+  // epilogue kernel otherwise); CPU: Winograd F(2x2, 3x3) for 3x3 / stride 1 / padding 1 in
+  // float32 and float64 (ATen's convolution + the epilogue otherwise).
   m.def("conv2d_scale_shift_relu(Tensor x, Tensor weight, Tensor scale, Tensor shift, int[2] stride,"
         " int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
 }

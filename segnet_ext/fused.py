@@ -145,15 +145,29 @@ def _mkldnn_conv_relu_available() -> bool:
 _MKLDNN_CONV_RELU = _mkldnn_conv_relu_available()
 
 
+def winograd_pays_off(x: Tensor, weight: Tensor, conv_args) -> bool:
+    """Whether the CPU's Winograd F(2x2, 3x3) path of conv2d_scale_shift_relu beats oneDNN's
+    direct convolution for this input: 3x3 / stride 1 / padding 1 in float32 or float64,
+    with 16 to 256 channels in and out and rows of at least 64 pixels. Measured with
+    ``python -m bench.conv_bn_relu`` (its Winograd table): outside these bounds its GEMMs are
+    too narrow (few channels, short rows) or its transformed weights too large for the cache."""
+    stride, padding, dilation, groups = conv_args
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+            and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
+            and tuple(dilation) == (1, 1) and groups == 1 and 16 <= weight.shape[0] <= 256
+            and 16 <= weight.shape[1] <= 256 and x.shape[3] >= 64)
+
+
 def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, conv_args, relu: bool) -> Tensor:
-    """conv2d + bias (+ ReLU) in one pass where no gradient is needed: on CUDA segnet_ext's
-    conv2d_scale_shift_relu (an implicit-GEMM kernel for 3x3/stride 1/padding 1, cuDNN +
-    the fused epilogue otherwise), on CPU oneDNN's convolution with the ReLU fused;
-    otherwise (gradients, autocast) ATen's convolution and an in-place ReLU."""
+    """conv2d + bias (+ ReLU) in one pass where no gradient is needed: segnet_ext's
+    conv2d_scale_shift_relu on CUDA (an implicit-GEMM kernel for 3x3/stride 1/padding 1,
+    cuDNN + the fused epilogue otherwise) and on the CPU where its Winograd path pays off;
+    otherwise on the CPU oneDNN's convolution with the ReLU fused; otherwise (gradients,
+    autocast) ATen's convolution and an in-place ReLU."""
     stride, padding, dilation, groups = conv_args
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
     if not needs_grad and not torch.is_autocast_enabled(x.device.type):
-        if x.is_cuda and cuda_kernels_available():
+        if (x.is_cuda and cuda_kernels_available()) or winograd_pays_off(x, weight, conv_args):
             scale = torch.ones_like(bias, dtype=_acc_dtype(x))
             return _ops.conv2d_scale_shift_relu(x, weight, scale, bias.to(scale.dtype), list(stride), list(padding),
                                                 list(dilation), groups, relu)

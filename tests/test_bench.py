@@ -11,12 +11,14 @@ def test_pool_benchmark_runs_on_a_tiny_input():
 
 
 def test_conv_bn_relu_benchmark_runs_on_a_tiny_input():
-    from bench.conv_bn_relu import bn_relu_rows, inference_rows, report, stack_rows
+    from bench.conv_bn_relu import bn_relu_rows, inference_rows, report, stack_rows, winograd_rows
 
     result = dict(bn_shape=[2, 4, 5, 7], size=[6, 8], repeat=1, bn=bn_relu_rows((2, 4, 5, 7), 1, "cpu"),
-                  stack=stack_rows((6, 8), 1, "cpu"), inference=inference_rows((6, 8), 1, "cpu"))
+                  stack=stack_rows((6, 8), 1, "cpu"), inference=inference_rows((6, 8), 1, "cpu"),
+                  winograd=winograd_rows(1, [(16, 16, 5, 64), (8, 16, 5, 7)]))
     text = report(result, "python -m bench.conv_bn_relu --size 6 8", "cpu")
     assert "| NCHW |" in text and "| channels_last |" in text
+    assert "| 16 -> 16, 5x64 | NCHW |" in text and text.count("| Winograd |") == 2 and text.count("| oneDNN |") == 2
 
 
 def test_segnet_report_runs_on_a_tiny_input(tmp_path):

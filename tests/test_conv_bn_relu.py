@@ -341,3 +341,80 @@ def test_conv_epilogue_op(fmt, geometry):
     torch.library.opcheck(ops.conv2d_scale_shift_relu, (x, w, scale, shift, *args, False))
     with pytest.raises(ValueError, match="x has 4 channels but weight of shape"):
         ops.conv2d_scale_shift_relu(x, torch.randn(6, 3, 3, 3), scale, shift, *args, True)
+
+
+# ---- the CPU's Winograd F(2x2, 3x3) path of conv2d_scale_shift_relu ----
+
+def direct_epilogue(x, w, scale, shift, relu):
+    """float64 direct convolution + epilogue, and the sum of |products| of each output
+    (what a float32 rounding error is proportional to)."""
+    z = F.conv2d(x.double(), w.double(), None, 1, 1)
+    bound = F.conv2d(x.double().abs(), w.double().abs(), None, 1, 1) * scale.double().abs().view(1, -1, 1, 1)
+    return reference.scale_shift_relu(z, scale.double(), shift.double(), relu), bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 3, 5, 2, 3), (1, 17, 19, 7, 9), (3, 16, 16, 1, 8),
+                                   (1, 8, 4, 6, 1), (0, 4, 4, 3, 3), (2, 5, 3, 11, 130), (1, 4, 4, 3, 1101),
+                                   (1, 200, 256, 3, 131)])
+def test_winograd_equals_the_direct_convolution(dtype, fmt, shape):
+    N, cin, cout, H, W = shape  # the last two: several blocks per tile row
+    x = torch.randn(N, cin, H, W, dtype=dtype).contiguous(memory_format=fmt)
+    w = torch.randn(cout, cin, 3, 3, dtype=dtype)
+    scale, shift = torch.rand(cout, dtype=dtype) + 0.5, torch.randn(cout, dtype=dtype)
+    for relu in (True, False):
+        y = ops.conv2d_scale_shift_relu(x, w, scale, shift, [1, 1], [1, 1], [1, 1], 1, relu)
+        want, bound = direct_epilogue(x, w, scale, shift, relu)
+        assert y.dtype == dtype and y.shape == want.shape and (y.is_contiguous(memory_format=fmt) or not y.numel())
+        eps = torch.finfo(dtype).eps
+        err = (y.double() - want).abs()
+        assert (err <= 8 * eps * (bound + shift.double().abs().view(1, -1, 1, 1))).all(), err.max()
+
+
+def test_winograd_with_no_input_channels_gives_the_shift():
+    x, w = torch.randn(2, 0, 5, 6), torch.randn(3, 0, 3, 3)
+    scale, shift = torch.rand(3), torch.randn(3)
+    y = ops.conv2d_scale_shift_relu(x, w, scale, shift, [1, 1], [1, 1], [1, 1], 1, False)
+    torch.testing.assert_close(y, shift.view(1, 3, 1, 1).expand(2, 3, 5, 6), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_winograd_propagates_nan_and_inf_to_every_output_they_reach(fmt):
+    # Every output the direct convolution makes non-finite is non-finite; outputs whose 2x2
+    # tile reads only finite inputs are unchanged. (Within a tile that reads one, an output
+    # may be NaN where the direct convolution gives a number or inf, as in any Winograd
+    # convolution, cuDNN's and oneDNN's included.)
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 12, 14)
+    x[0, 3, 5, 6], x[0, 7, 0, 13], x[0, 1, 11, 0] = float("nan"), float("inf"), float("-inf")
+    x = x.contiguous(memory_format=fmt)
+    w, scale, shift = torch.randn(16, 16, 3, 3), torch.rand(16) + 0.5, torch.randn(16)
+    y = ops.conv2d_scale_shift_relu(x, w, scale, shift, [1, 1], [1, 1], [1, 1], 1, False)
+    want, _ = direct_epilogue(x, w, scale, shift, False)
+    assert (~torch.isfinite(y))[~torch.isfinite(want)].all()
+    bad = (~torch.isfinite(x)).any(1, keepdim=True).double()
+    patch_bad = F.max_pool2d(F.pad(bad, (1, 1, 1, 1)), 4, 2)  # tile (i, j) reads input rows 2i-1 .. 2i+2
+    tile_bad = F.interpolate(patch_bad, scale_factor=2)[..., :12, :14].bool().expand_as(y)
+    assert tile_bad.any() and not tile_bad.all()
+    torch.testing.assert_close(y[~tile_bad], want[~tile_bad].float(), rtol=1e-5, atol=1e-4)
+
+
+def test_eval_uses_winograd_where_it_pays_off():
+    from segnet_ext.fused import winograd_pays_off
+
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    assert winograd_pays_off(torch.empty(1, 64, 8, 64), torch.empty(64, 64, 3, 3), args)
+    assert not winograd_pays_off(torch.empty(1, 3, 8, 64), torch.empty(64, 3, 3, 3), args)  # too few channels
+    assert not winograd_pays_off(torch.empty(1, 512, 8, 64), torch.empty(512, 512, 3, 3), args)  # U too large
+    assert not winograd_pays_off(torch.empty(1, 64, 8, 32), torch.empty(64, 64, 3, 3), args)  # rows too short
+    assert not winograd_pays_off(torch.empty(1, 64, 8, 64, dtype=torch.bfloat16),
+                                 torch.empty(64, 64, 3, 3, dtype=torch.bfloat16), args)
+    assert not winograd_pays_off(torch.empty(1, 64, 8, 64), torch.empty(64, 64, 3, 3), ((2, 2), (1, 1), (1, 1), 1))
+    block = ConvBNReLU2d(32, 32).eval()
+    x = torch.randn(2, 32, 9, 70)
+    with torch.no_grad():
+        block.bn.running_mean.uniform_(-1, 1)
+        block.bn.running_var.uniform_(0.5, 2)
+        plain = unfuse(copy.deepcopy(block))
+        torch.testing.assert_close(block(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 // CPU kernels of the BN+ReLU ops (rules in common/bn_relu.h), and the convolution with
-// the inference epilogue (ATen's convolution, then scale_shift_relu).
+// the inference epilogue (Winograd for 3x3 / stride 1 / padding 1, see winograd3x3.cpp;
+// otherwise ATen's convolution, then scale_shift_relu).
 //
 // NCHW: each channel's values are N contiguous planes of H*W; the reductions run in
 // parallel over channels, the element-wise passes over planes. channels_last: rows of C
@@ -22,6 +23,7 @@
 #include "common/bn_relu.h"
 #include "common/bn_relu_args.h"
 #include "cpu/vectorize.h"
+#include "cpu/winograd3x3.h"
 
 namespace segnet {
 namespace {
@@ -366,6 +368,8 @@ at::Tensor conv2d_scale_shift_relu_cpu(const at::Tensor& x, const at::Tensor& we
                                        const at::Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups, bool relu) {
   check_conv_epilogue("conv2d_scale_shift_relu", x, weight, scale, shift, groups);
+  if (winograd3x3_applies(x, weight, stride, padding, dilation, groups))
+    return winograd3x3_scale_shift_relu(x, weight, scale, shift, relu);
   const at::Tensor z = at::conv2d(x, weight, {}, stride, padding, dilation, groups);
   return scale_shift_relu_cpu(z.contiguous(x.suggest_memory_format()), scale, shift, relu);
 }
