@@ -39,9 +39,9 @@ def median_ms(fn, repeat=9, warmup=3):
     return statistics.median(times)
 
 
-def interleaved_median_ms(fns, repeat=15, warmup=3):
-    """Median ms of each fn, timed in alternation (a b c a b c ...) so that a drift in the
-    machine's speed (a busy neighbour, memory clock) hits all of them alike."""
+def interleaved_ms(fns, repeat=15, warmup=3):
+    """Each fn's times in ms over `repeat` rounds, timed in alternation (a b c a b c ...) so
+    that a drift in the machine's speed (a busy neighbour, memory clock) hits all of them alike."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = [[] for _ in fns]
     for i in range(warmup + repeat):
@@ -51,7 +51,20 @@ def interleaved_median_ms(fns, repeat=15, warmup=3):
             sync()
             if i >= warmup:
                 t.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def interleaved_median_ms(fns, repeat=15, warmup=3):
+    """Median ms of each fn, timed in alternation (see interleaved_ms)."""
+    return [statistics.median(t) for t in interleaved_ms(fns, repeat, warmup)]
+
+
+def median_ratio(numerator, denominator):
+    """The median over rounds of numerator[i] / denominator[i]: the ratio of two things timed
+    side by side. This VM switches between a fast and a slow memory regime for seconds at a
+    time; two medians taken apart can then come from different regimes, a ratio per round
+    cannot."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def bandwidth_gbs(numel=4 * 64 * 360 * 480, device="cpu", repeat=7):

@@ -18,14 +18,15 @@
 import argparse
 import os
 import sys
+from statistics import median
 
 import torch
 from torch import nn
 
 import segnet_ext
 from segnet_ext import fused
-from bench.common import (ALLOCATOR_ENV, bandwidth_gbs, ensure_allocator_env, interleaved_median_ms,
-                          machine_description, replace_section, saved_bytes)
+from bench.common import (ALLOCATOR_ENV, bandwidth_gbs, ensure_allocator_env, interleaved_ms, machine_description,
+                          median_ratio, replace_section, saved_bytes)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 TARGETS = {"bn_relu": 1.5, "over_floor": 1.5, "saved": 0.6, "step": 1.05, "inference": 1.1}
@@ -56,10 +57,11 @@ def bn_relu_rows(shape, repeat, device):
             return torch.autograd.grad(y, [zg, bn.weight, bn.bias], dy)
 
         src, dst = z, torch.empty_like(z)
-        ours_ms, torch_ms, copy_ms = interleaved_median_ms([ours, theirs, lambda: dst.copy_(src)], repeat)
-        floor_ms = 8 / 2 * copy_ms  # 8 activation transfers; the copy is 2
-        rows.append(dict(layout="channels_last" if channels_last else "NCHW", torch_ms=torch_ms, ours_ms=ours_ms,
-                         speedup=torch_ms / ours_ms, floor_ms=floor_ms, over_floor=ours_ms / floor_ms))
+        ours_t, torch_t, copy_t = interleaved_ms([ours, theirs, lambda: dst.copy_(src)], repeat)
+        floor_t = [8 / 2 * t for t in copy_t]  # 8 activation transfers; the copy is 2
+        rows.append(dict(layout="channels_last" if channels_last else "NCHW", torch_ms=median(torch_t),
+                         ours_ms=median(ours_t), speedup=median_ratio(torch_t, ours_t), floor_ms=median(floor_t),
+                         over_floor=median_ratio(ours_t, floor_t)))
     return dict(copy_gbs=copy_bw, rows=rows)
 
 
@@ -81,10 +83,11 @@ def stack_rows(size, repeat, device):
                 model(x).sum().backward()
             return run
 
-        ours_ms, torch_ms = interleaved_median_ms([step(ours), step(plain)], repeat)
+        ours_t, torch_t = interleaved_ms([step(ours), step(plain)], repeat)
         rows.append(dict(layout="channels_last" if channels_last else "NCHW", torch_mb=bytes_plain / 1e6,
-                         ours_mb=bytes_ours / 1e6, saved_ratio=bytes_ours / bytes_plain, torch_ms=torch_ms,
-                         ours_ms=ours_ms, time_ratio=ours_ms / torch_ms, activation_mb=x.numel() * 4 / 1e6))
+                         ours_mb=bytes_ours / 1e6, saved_ratio=bytes_ours / bytes_plain, torch_ms=median(torch_t),
+                         ours_ms=median(ours_t), time_ratio=median_ratio(ours_t, torch_t),
+                         activation_mb=x.numel() * 4 / 1e6))
     return rows
 
 
@@ -103,9 +106,9 @@ def inference_rows(size, repeat, device):
         x = torch.randn(1, 64, *size, device=device).contiguous(memory_format=fmt)
         with torch.no_grad():
             torch.testing.assert_close(ours(x), plain(x), rtol=1e-3, atol=1e-3)
-            ours_ms, torch_ms = interleaved_median_ms([lambda: ours(x), lambda: plain(x)], repeat)
-        rows.append(dict(layout="channels_last" if channels_last else "NCHW", torch_ms=torch_ms, ours_ms=ours_ms,
-                         speedup=torch_ms / ours_ms))
+            ours_t, torch_t = interleaved_ms([lambda: ours(x), lambda: plain(x)], repeat)
+        rows.append(dict(layout="channels_last" if channels_last else "NCHW", torch_ms=median(torch_t),
+                         ours_ms=median(ours_t), speedup=median_ratio(torch_t, ours_t)))
     return rows
 
 
@@ -131,9 +134,10 @@ def winograd_rows(repeat, layers=SEGNET_LAYERS):
                 return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "relu",
                                                                [None], "")
             torch.testing.assert_close(winograd(), onednn(), rtol=1e-4, atol=1e-4)
-            wino_ms, onednn_ms = interleaved_median_ms([winograd, onednn], repeat)
+            wino_t, onednn_t = interleaved_ms([winograd, onednn], repeat)
             rows.append(dict(shape=f"{cin} -> {cout}, {h}x{w}", layout="channels_last" if channels_last else "NCHW",
-                             onednn_ms=onednn_ms, winograd_ms=wino_ms, speedup=onednn_ms / wino_ms,
+                             onednn_ms=median(onednn_t), winograd_ms=median(wino_t),
+                             speedup=median_ratio(onednn_t, wino_t),
                              chosen=fused.winograd_pays_off(x, weight, args)))
     return rows
 
@@ -144,8 +148,9 @@ def report(result, command, device):
     lines = [
         "## Fused conv-BN-ReLU",
         "",
-        f"`{command}` on {machine_description(device)}, torch {torch.__version__}, float32, medians of "
-        f"{result['repeat']} runs timed in alternation. Allocator: glibc with "
+        f"`{command}` on {machine_description(device)}, torch {torch.__version__}, float32, "
+        f"{result['repeat']} rounds timed in alternation: medians of the times, and of the ratios within each "
+        "round. Allocator: glibc with "
         f"{', '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())} (set by the script).",
         "",
         f"BN+ReLU training forward + backward on {shape} (ours: the four ops as ConvBNReLU2d runs them; torch: "

@@ -10,14 +10,15 @@ divided by the copy bandwidth measured in this run.
 """
 import argparse
 import os
+import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 import segnet_ext
-from bench.common import (ALLOCATOR_ENV, bandwidth_gbs, ensure_allocator_env, interleaved_median_ms,
-                          machine_description, replace_section)
+from bench.common import (ALLOCATOR_ENV, bandwidth_gbs, ensure_allocator_env, interleaved_ms, machine_description,
+                          median_ratio, replace_section)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -71,11 +72,12 @@ def run(shape, repeat=9, device="cpu"):
     for channels_last in (False, True):
         for name, ours, theirs, ours_bytes, torch_bytes in cases(shape, channels_last, device):
             # the copy that sets the floor is timed in alternation with the two ops
-            ours_ms, torch_ms, copy_ms = interleaved_median_ms([ours, theirs, lambda: dst.copy_(src)], repeat)
-            floor_ms = ours_bytes / copy_bytes * copy_ms
+            ours_t, torch_t, copy_t = interleaved_ms([ours, theirs, lambda: dst.copy_(src)], repeat)
+            floor_t = [ours_bytes / copy_bytes * t for t in copy_t]
             rows.append(dict(op=name, layout="channels_last" if channels_last else "NCHW",
-                             torch_ms=torch_ms, ours_ms=ours_ms, speedup=torch_ms / ours_ms,
-                             floor_ms=floor_ms, over_floor=ours_ms / floor_ms,
+                             torch_ms=statistics.median(torch_t), ours_ms=statistics.median(ours_t),
+                             speedup=median_ratio(torch_t, ours_t), floor_ms=statistics.median(floor_t),
+                             over_floor=median_ratio(ours_t, floor_t),
                              ours_mb=ours_bytes / 1e6, torch_mb=torch_bytes / 1e6))
     return dict(read_gbs=read_bw, copy_gbs=copy_bw, rows=rows, repeat=repeat)
 
@@ -85,8 +87,9 @@ def report(result, shape, device, command):
         "## 2x2 arg-max pooling and unpooling",
         "",
         f"`{command}` on {machine_description(device)}, torch {torch.__version__}, "
-        f"input {list(shape)} float32, medians of {result['repeat']} runs, ours, torch's and a copy timed in "
-        f"alternation. Memory bandwidth at the start of the run: read {result['read_gbs']:.1f} GB/s, copy "
+        f"input {list(shape)} float32, {result['repeat']} rounds of ours, torch's and a copy timed in alternation: "
+        "medians of the times, and of the ratios within each round (speed-up, ours / floor). Memory bandwidth at "
+        f"the start of the run: read {result['read_gbs']:.1f} GB/s, copy "
         f"{result['copy_gbs']:.1f} GB/s (read + write). Floor: the bytes the op must move at the speed of the copy "
         "timed beside it (a copy of the input: read + write). Backwards are timed through autograd on both sides. "
         f"Allocator: glibc with {', '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())} (set by the script), so "

@@ -50,6 +50,17 @@ def test_forward_every_small_size(device, kind, channels_last, ceil_mode):
             check_forward(x, ceil_mode, f"H={H} W={W}")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_forward_channels_last_rows_of_whole_bytes(kind, ceil_mode):
+    # channels_last float32 rows of 4k full windows with C % 8 == 0 take the loop that writes
+    # packed bytes directly (CPU); the other rows of the same tensors (a partial last row in
+    # ceil mode, Wo % 4 != 0) take the per-window loop
+    for shape in [(2, 8, 6, 8), (1, 16, 7, 16), (1, 24, 4, 32), (1, 24, 5, 17), (2, 64, 9, 24), (1, 8, 3, 9)]:
+        x = make_input(shape, torch.float32, kind, channels_last=True)
+        check_forward(x, ceil_mode, f"{kind} {shape}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])

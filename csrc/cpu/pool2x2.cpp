@@ -54,21 +54,24 @@ SEGNET_MULTIVERSION void unpack_bytes(const uint8_t* __restrict__ packed, int64_
   }
 }
 
-// Four rows of codes -> one row of bytes (element-wise), and back.
-SEGNET_MULTIVERSION void join_codes(const uint8_t* __restrict__ c0, const uint8_t* __restrict__ c1,
-                                    const uint8_t* __restrict__ c2, const uint8_t* __restrict__ c3,
-                                    int64_t n, uint8_t* __restrict__ bytes) {
-  for (int64_t i = 0; i < n; ++i) bytes[i] = c0[i] | (c1[i] << 2) | (c2[i] << 4) | (c3[i] << 6);
+// channels_last: the codes of 4 consecutive windows of each of C planes (codes[i * C + c])
+// joined into plane c's byte, dst[c * plane_bytes].
+SEGNET_MULTIVERSION void join_codes_across_planes(const uint8_t* __restrict__ codes, int64_t C,
+                                                  uint8_t* __restrict__ dst, int64_t plane_bytes) {
+  for (int64_t c = 0; c < C; ++c)
+    dst[c * plane_bytes] = codes[c] | (codes[C + c] << 2) | (codes[2 * C + c] << 4) | (codes[3 * C + c] << 6);
 }
 
-SEGNET_MULTIVERSION void split_codes(const uint8_t* __restrict__ bytes, int64_t n,
-                                     uint8_t* __restrict__ c0, uint8_t* __restrict__ c1,
-                                     uint8_t* __restrict__ c2, uint8_t* __restrict__ c3) {
-  for (int64_t i = 0; i < n; ++i) {
-    c0[i] = bytes[i] & 3;
-    c1[i] = (bytes[i] >> 2) & 3;
-    c2[i] = (bytes[i] >> 4) & 3;
-    c3[i] = bytes[i] >> 6;
+// channels_last, the reverse: plane c's byte src[c * plane_bytes] split into the codes of
+// its 4 windows, codes[i * C + c].
+SEGNET_MULTIVERSION void split_codes_across_planes(const uint8_t* __restrict__ src, int64_t C, int64_t plane_bytes,
+                                                   uint8_t* __restrict__ codes) {
+  for (int64_t c = 0; c < C; ++c) {
+    const uint8_t b = src[c * plane_bytes];
+    codes[c] = b & 3;
+    codes[C + c] = (b >> 2) & 3;
+    codes[2 * C + c] = (b >> 4) & 3;
+    codes[3 * C + c] = b >> 6;
   }
 }
 
@@ -241,16 +244,11 @@ void load_codes(const uint8_t* packed, int64_t k0, int64_t n, uint8_t* codes) {
 }
 
 // channels_last: codes [Wo][C] of row oh of image n (plane c's windows lie Ho*Wo apart).
-void load_codes_nhwc(const uint8_t* packed, const PoolGeometry& g, int64_t n, int64_t oh,
-                     uint8_t* codes, uint8_t* bytes) {
+void load_codes_nhwc(const uint8_t* packed, const PoolGeometry& g, int64_t n, int64_t oh, uint8_t* codes) {
   const int64_t C = g.C, plane = g.Ho * g.Wo, first = (n * C * g.Ho + oh) * g.Wo;
   if (g.Wo % 4 == 0) {  // every row starts a byte: 4 windows of a channel per byte
-    for (int64_t ow = 0; ow < g.Wo; ow += 4) {
-      const uint8_t* src = packed + (first + ow) / 4;
-      for (int64_t c = 0; c < C; ++c) bytes[c] = src[c * plane / 4];
-      uint8_t* dst = codes + ow * C;
-      split_codes(bytes, C, dst, dst + C, dst + 2 * C, dst + 3 * C);
-    }
+    for (int64_t ow = 0; ow < g.Wo; ow += 4)
+      split_codes_across_planes(packed + (first + ow) / 4, C, plane / 4, codes + ow * C);
     return;
   }
   for (int64_t c = 0; c < C; ++c)
@@ -292,45 +290,55 @@ void pool_nchw(const T* x, T* y, uint8_t* packed, const PoolGeometry& g) {
   });
 }
 
+// channels_last: a row of n full windows (n % 4 == 0), codes straight into the packed
+// planes (see avx2::pool_row_packed); false where no such loop serves T and C.
+template <typename T>
+bool pool_row_packed(const T* top, const T* bottom, int64_t n, int64_t C, T* y, uint8_t* packed,
+                     int64_t plane_bytes) {
+#ifdef SEGNET_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2::cpu_has_avx2()) return avx2::pool_row_packed(top, bottom, n, C, y, packed, plane_bytes);
+  }
+#endif
+  return false;
+}
+
 template <typename T>
 void pool_nhwc(const T* x, T* y, uint8_t* packed, const PoolGeometry& g) {
-  const int64_t C = g.C;
-  // Blocks of 4k rows of one image: with Wo % 4 == 0 every block starts on a byte in every plane.
-  const int64_t rows = 4 * std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, 4 * C * g.Wo));
-  const int64_t blocks_per_image = (g.Ho + rows - 1) / rows;
-  at::parallel_for(0, g.N * blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint8_t> codes(rows * g.Wo * C), bytes(C);  // codes: [oh - oh0][ow][c]
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / blocks_per_image, oh0 = (b % blocks_per_image) * rows;
-      const int64_t oh1 = std::min(oh0 + rows, g.Ho);
-      for (int64_t oh = oh0; oh < oh1; ++oh) {
-        const bool row1 = 2 * oh + 1 < g.H;
-        for (int64_t ow = 0; ow < g.Wo; ++ow) {
-          const T* p = x + ((n * g.H + 2 * oh) * g.W + 2 * ow) * C;
-          T* yp = y + ((n * g.Ho + oh) * g.Wo + ow) * C;
-          uint8_t* cp = codes.data() + ((oh - oh0) * g.Wo + ow) * C;
-          if (row1 && 2 * ow + 1 < g.W) {
-            pool_channels(p, p + C, p + g.W * C, p + g.W * C + C, C, yp, cp);
-          } else {
-            for (int64_t c = 0; c < C; ++c)
-              cp[c] = border_window(p + c, C, g.W * C, 2 * ow + 1 < g.W, row1, yp + c);
-          }
-        }
-      }
-      const int64_t span = (oh1 - oh0) * g.Wo, plane = g.Ho * g.Wo;
-      const int64_t first = (n * C * g.Ho + oh0) * g.Wo;  // window of channel 0 at (oh0, 0)
-      int64_t s = 0;
-      if (g.Wo % 4 == 0) {  // byte-aligned in every plane: join 4 windows, scatter C bytes
-        for (; s + 4 <= span; s += 4) {
-          const uint8_t* cp = codes.data() + s * C;
-          join_codes(cp, cp + C, cp + 2 * C, cp + 3 * C, C, bytes.data());
-          uint8_t* dst = packed + (first + s) / 4;
-          for (int64_t c = 0; c < C; ++c) dst[c * plane / 4] = bytes[c];
-        }
-      }
-      if (s < span) {
+  const int64_t C = g.C, plane = g.Ho * g.Wo;
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, C * g.Wo));
+  at::parallel_for(0, g.N * g.Ho, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<uint8_t> codes(g.Wo * C);  // [ow][c]
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.Ho, oh = r % g.Ho;
+      const T* top = x + (n * g.H + 2 * oh) * g.W * C;
+      T* yrow = y + r * g.Wo * C;
+      const int64_t first = (n * C * g.Ho + oh) * g.Wo;  // window of channel 0 at (oh, 0)
+      const bool row1 = 2 * oh + 1 < g.H;
+      // Wo % 4 == 0: every row starts a byte in every plane. A row of full windows goes to
+      // its bytes in one pass (written per plane, [c][ow / 4], then copied out: storing them
+      // straight into the planes, 64 pages apart, was slower).
+      if (g.Wo % 4 == 0 && row1 && 2 * g.Wo <= g.W &&
+          pool_row_packed(top, top + g.W * C, g.Wo, C, yrow, codes.data(), g.Wo / 4)) {
         for (int64_t c = 0; c < C; ++c)
-          store_codes(packed, first + c * plane + s, codes.data() + s * C + c, span - s, C);
+          std::memcpy(packed + (first + c * plane) / 4, codes.data() + c * (g.Wo / 4), g.Wo / 4);
+        continue;
+      }
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        const T* p = top + 2 * ow * C;
+        uint8_t* cp = codes.data() + ow * C;
+        if (row1 && 2 * ow + 1 < g.W) {
+          pool_channels(p, p + C, p + g.W * C, p + g.W * C + C, C, yrow + ow * C, cp);
+        } else {
+          for (int64_t c = 0; c < C; ++c)
+            cp[c] = border_window(p + c, C, g.W * C, 2 * ow + 1 < g.W, row1, yrow + ow * C + c);
+        }
+      }
+      if (g.Wo % 4 == 0) {
+        for (int64_t s = 0; s < g.Wo; s += 4)
+          join_codes_across_planes(codes.data() + s * C, C, packed + (first + s) / 4, plane / 4);
+      } else {
+        for (int64_t c = 0; c < C; ++c) store_codes(packed, first + c * plane, codes.data() + c, g.Wo, C);
       }
     }
     end_of_task<T>();
@@ -375,10 +383,10 @@ template <typename T>
 void unpool_nhwc(const T* v, const uint8_t* packed, T* y, const PoolGeometry& g) {
   const int64_t C = g.C, pairs = (g.H + 1) / 2;
   at::parallel_for(0, g.N * pairs, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint8_t> codes(g.Wo * C), bytes(C);  // codes: [ow][c]
+    std::vector<uint8_t> codes(g.Wo * C);  // [ow][c]
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / pairs, oh = t % pairs;
-      if (oh < g.Ho) load_codes_nhwc(packed, g, n, oh, codes.data(), bytes.data());
+      if (oh < g.Ho) load_codes_nhwc(packed, g, n, oh, codes.data());
       for (int dy = 0; dy < 2 && 2 * oh + dy < g.H; ++dy) {
         T* o = y + (n * g.H + 2 * oh + dy) * g.W * C;
         for (int64_t w = 0; w < g.W; ++w, o += C) {
@@ -436,11 +444,11 @@ template <typename T>
 void gather_nhwc(const T* go, const uint8_t* packed, T* gv, const PoolGeometry& g) {
   const int64_t C = g.C;
   at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint8_t> codes(g.Wo * C), bytes(C);  // codes: [ow][c]
+    std::vector<uint8_t> codes(g.Wo * C);  // [ow][c]
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / g.Ho, oh = t % g.Ho;
       const bool row1 = 2 * oh + 1 < g.H;
-      load_codes_nhwc(packed, g, n, oh, codes.data(), bytes.data());
+      load_codes_nhwc(packed, g, n, oh, codes.data());
       for (int64_t ow = 0; ow < g.Wo; ++ow) {
         const T* p = go + ((n * g.H + 2 * oh) * g.W + 2 * ow) * C;
         const uint8_t* cp = codes.data() + ow * C;

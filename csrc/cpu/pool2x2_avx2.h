@@ -3,6 +3,7 @@
 // has the instructions (cpu_has_avx2), so the library still runs on any x86-64.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -134,6 +135,49 @@ inline int64_t pool_channels(const float* p00, const float* p01, const float* p1
                              const float* p11, int64_t C, float* y, uint8_t* codes) {
   return aligned32(y) && C % 8 == 0 ? pool_channels_impl<true>(p00, p01, p10, p11, C, y, codes)
                                     : pool_channels_impl<false>(p00, p01, p10, p11, C, y, codes);
+}
+
+// channels_last, 4 consecutive full windows across C channels (C % 8 == 0, C <= kQuadChannels),
+// whose codes make one packed byte per channel: written to bytes[c * stride] with no code
+// buffer to join. Each window is read whole (its 4 pixels, sequential as the prefetchers
+// like), the code bits gathered per 8 channels. top, bottom: the windows' 8 pixels in each
+// row; y: the 4 output pixels.
+constexpr int64_t kQuadChannels = 1024;
+
+template <bool STREAM>
+__attribute__((target("avx2,bmi2"))) inline void pool_quad_impl(
+    const float* __restrict__ top, const float* __restrict__ bottom, int64_t C, float* __restrict__ y,
+    uint8_t* __restrict__ bytes, int64_t stride) {
+  uint64_t acc[kQuadChannels / 8];  // code bytes of channels c .. c + 7
+  std::fill(acc, acc + C / 8, uint64_t(0));
+  for (int j = 0; j < 4; ++j) {
+    const float* p0 = top + 2 * j * C;
+    const float* p1 = bottom + 2 * j * C;
+    for (int64_t c = 0; c < C; c += 8) {
+      unsigned k1, k2, k3;
+      const __m256 m = window_max(_mm256_loadu_ps(p0 + c), _mm256_loadu_ps(p0 + C + c), _mm256_loadu_ps(p1 + c),
+                                  _mm256_loadu_ps(p1 + C + c), k1, k2, k3);
+      store8<STREAM>(y + j * C + c, m);
+      acc[c / 8] |= code_bytes(k1, k2, k3) << (2 * j);
+    }
+  }
+  for (int64_t c = 0; c < C; c += 8)
+    for (int i = 0; i < 8; ++i) bytes[(c + i) * stride] = static_cast<uint8_t>(acc[c / 8] >> (8 * i));
+}
+
+// A row of n full windows (n % 4 == 0) as quads; false (nothing done) where C does not fit.
+inline bool pool_row_packed(const float* top, const float* bottom, int64_t n, int64_t C, float* y,
+                            uint8_t* bytes, int64_t stride) {
+  if (C % 8 != 0 || C > kQuadChannels) return false;
+  const bool stream = aligned32(y) && aligned32(y + C);
+  for (int64_t q = 0; q < n / 4; ++q) {
+    const int64_t w = 4 * q;
+    if (stream)
+      pool_quad_impl<true>(top + 2 * w * C, bottom + 2 * w * C, C, y + w * C, bytes + q, stride);
+    else
+      pool_quad_impl<false>(top + 2 * w * C, bottom + 2 * w * C, C, y + w * C, bytes + q, stride);
+  }
+  return true;  // streamed stores: the caller fences once per task (store_fence)
 }
 
 // channels_last unpooling, one output pixel across C channels (8 at a time); streamed
