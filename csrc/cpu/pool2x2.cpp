@@ -103,6 +103,19 @@ SEGNET_MULTIVERSION void pool_span_generic(const T* __restrict__ r0, const T* __
     full_window(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1], &y[i], &codes[i]);
 }
 
+// NCHW: the first windows of a row segment starting at window k, up to n, whose values and
+// packed bytes an AVX2 loop writes directly; returns how many (0 where no such loop serves
+// T, or k does not start a byte).
+template <typename T>
+int64_t pool_span_packed(const T* r0, const T* r1, int64_t k, int64_t n, T* y, uint8_t* packed) {
+#ifdef SEGNET_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (k % 4 == 0 && avx2::cpu_has_avx2()) return avx2::pool_span_packed(r0, r1, n, y, packed + k / 4);
+  }
+#endif
+  return 0;
+}
+
 template <typename T>
 void pool_span(const T* r0, const T* r1, int64_t n, T* y, uint8_t* codes) {
   int64_t done = 0;
@@ -278,14 +291,16 @@ void pool_nchw(const T* x, T* y, uint8_t* packed, const PoolGeometry& g) {
         const T* r0 = x + ((row / g.Ho) * g.H + h) * g.W;
         const bool row1 = h + 1 < g.H;
         const int64_t full_end = row1 ? std::min(ow0 + n, g.W / 2) : ow0;
-        pool_span(r0 + 2 * ow0, r0 + g.W + 2 * ow0, full_end - ow0, y + k, codes + (k - k0));
-        for (int64_t ow = full_end; ow < ow0 + n; ++ow) {
-          codes[k - k0 + ow - ow0] = border_window(r0 + 2 * ow, 1, g.W, 2 * ow + 1 < g.W, row1,
-                                                   y + k + ow - ow0);
-        }
+        // windows whose packed bytes the AVX2 loop writes itself; the rest go through codes
+        const int64_t direct = pool_span_packed(r0 + 2 * ow0, r0 + g.W + 2 * ow0, k, full_end - ow0, y + k, packed);
+        const int64_t ow1 = ow0 + direct;
+        uint8_t* c = codes + (k - k0) - ow0;  // c[ow]: the code of window ow of this row
+        pool_span(r0 + 2 * ow1, r0 + g.W + 2 * ow1, full_end - ow1, y + k + direct, c + ow1);
+        for (int64_t ow = full_end; ow < ow0 + n; ++ow)
+          c[ow] = border_window(r0 + 2 * ow, 1, g.W, 2 * ow + 1 < g.W, row1, y + k + ow - ow0);
+        store_codes(packed, k + direct, c + ow1, n - direct, 1);
         k += n;
       }
-      store_codes(packed, k0, codes, k1 - k0, 1);
     }
   });
 }
