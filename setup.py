@@ -55,9 +55,12 @@ def cuda_build_problem():
 
 
 SANITIZE = os.environ.get("SEGNET_EXT_SANITIZE") == "1"
-# vptr checks need RTTI of torch's own classes across libraries: left out, as torch does
-SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all",
-                  "-fno-omit-frame-pointer", "-g", "-O1"]
+
+
+def sanitize_flags():
+    """csrc/sanitize_flags.txt (shared with the emulator's build), at -O1."""
+    with open(os.path.join(ROOT, "csrc", "sanitize_flags.txt")) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")] + ["-O1"]
 
 
 def with_cuda():
@@ -82,7 +85,7 @@ def extension():
     # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it, it runs serially.
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
     if not with_cuda():
-        cxx, link = (cxx + SANITIZE_FLAGS, ["-fopenmp"] + SANITIZE_FLAGS) if SANITIZE else (cxx, ["-fopenmp"])
+        cxx, link = (cxx + sanitize_flags(), ["-fopenmp"] + sanitize_flags()) if SANITIZE else (cxx, ["-fopenmp"])
         return CppExtension("segnet_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                             extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)

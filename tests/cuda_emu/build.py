@@ -7,8 +7,8 @@ from torch.utils.cpp_extension import load
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all",
-                  "-fno-omit-frame-pointer", "-g"]
+with open(os.path.join(ROOT, "csrc", "sanitize_flags.txt")) as f:  # the library's sanitizer build uses them too
+    SANITIZE_FLAGS = [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
 def build_emulator(verbose: bool = False):
