@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from bench.common import (ALLOCATOR_ENV, ensure_allocator_env, interleaved_median_ms, machine_description,
+from bench.common import (ALLOCATOR_ENV, ensure_allocator_env, interleaved_ms, machine_description, median_ratio,
                           replace_section, saved_storages)
 
 HERE = Path(__file__).resolve().parent
@@ -152,10 +153,10 @@ def measure_training(model_name, size, batch, repeat, variants):
         built[v] = (model, forward, opt)
         rows[v] = {"saved_bytes": activation_bytes(v, model, forward, x), "warmup_s": warmup_s}
     names = list(built)
-    times = interleaved_median_ms([functools.partial(training_step, *built[v][:2], built[v][2], x, target) for v in names],
-                                  repeat=repeat, warmup=0)
-    for v, ms in zip(names, times):
-        rows[v]["step_ms"] = ms
+    times = interleaved_ms([functools.partial(training_step, *built[v][:2], built[v][2], x, target) for v in names],
+                           repeat=repeat, warmup=0)
+    for v, t in zip(names, times):
+        rows[v].update(step_ms=statistics.median(t), rounds=dict(step_ms=t))
     return rows
 
 
@@ -176,9 +177,10 @@ def measure_inference(model_name, size, batch, repeat, variants):
             continue
         fns[v] = functools.partial(_infer, forward, x)
     names = list(fns)
-    times = interleaved_median_ms([fns[v] for v in names], repeat=repeat, warmup=1)
-    for v, ms in zip(names, times):
-        rows[v] = {"ms_per_image": ms / batch}
+    times = interleaved_ms([fns[v] for v in names], repeat=repeat, warmup=1)
+    for v, t in zip(names, times):
+        per_image = [ms / batch for ms in t]
+        rows[v] = {"ms_per_image": statistics.median(per_image), "rounds": {"ms_per_image": per_image}}
     return rows
 
 
@@ -247,6 +249,7 @@ def run(model_name, size, batches, scaling_sizes, repeat, variants, peak=True):
 
 
 def ratios(rows):
+    """ours / each variant; times as the median of per-round ratios (bench.common.median_ratio)."""
     ours = rows.get("ours", {})
     out = {}
     for v, r in rows.items():
@@ -254,6 +257,9 @@ def ratios(rows):
             continue
         out[v] = {k: ours[k] / r[k] for k in ("saved_bytes", "step_ms", "peak_mb", "ms_per_image")
                   if r.get(k) and ours.get(k)}
+        for k, t in r.get("rounds", {}).items():
+            if k in ours.get("rounds", {}):
+                out[v][k] = median_ratio(ours["rounds"][k], t)
     return out
 
 
@@ -272,7 +278,8 @@ def report(result, command):
         "",
         f"`{command}` on {result['machine']}, torch {result['torch']}, {result['model']} at "
         f"{result['size'][0]}x{result['size'][1]}, float32, random weights and inputs (the same for every variant), "
-        f"medians of {result['repeat']} steps timed in alternation in one process. Allocator: glibc with "
+        f"{result['repeat']} steps of each timed in alternation in one process: medians of the times, and of "
+        f"the ratios within each round. Allocator: glibc with "
         f"{', '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())}. Variants: **ours** = `backend=\"segnet_ext\"`; "
         "**torch** (a) = `backend=\"torch\"`; **torch+sac** (b) = (a) with selective activation checkpointing, one "
         "region per stage, saving convolution outputs and recomputing BN/ReLU; **torch+compile** (c) = (a) under "
