@@ -110,7 +110,7 @@ template <typename T>
 int64_t pool_span_packed(const T* r0, const T* r1, int64_t k, int64_t n, T* y, uint8_t* packed) {
 #ifdef SEGNET_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<T, float>) {
-    if (k % 4 == 0 && avx2::cpu_has_avx2()) return avx2::pool_span_packed(r0, r1, n, y, packed + k / 4);
+    if (k % 4 == 0 && avx2::cpu_has_avx2()) return avx2::pool_span<true>(r0, r1, n, y, packed + k / 4);
   }
 #endif
   return 0;
@@ -121,7 +121,7 @@ void pool_span(const T* r0, const T* r1, int64_t n, T* y, uint8_t* codes) {
   int64_t done = 0;
 #ifdef SEGNET_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<T, float>) {
-    if (avx2::cpu_has_avx2()) done = avx2::pool_span(r0, r1, n, y, codes);
+    if (avx2::cpu_has_avx2()) done = avx2::pool_span<false>(r0, r1, n, y, codes);
   }
 #endif
   pool_span_generic(r0 + 2 * done, r1 + 2 * done, n - done, y + done, codes + done);

@@ -86,38 +86,14 @@ __attribute__((target("avx2,bmi2"))) inline uint64_t code_bytes(unsigned k1, uns
          _pdep_u64(k2 | k3, 0x0202020202020202ull);
 }
 
-// NCHW, n full windows (8 at a time; the caller does the rest): values y[0, n), one code
-// byte per window.
-template <bool STREAM>
+// NCHW, n full windows (8 at a time; the caller does the rest): values y[0, n), and either
+// one code byte per window (out = codes) or, PACKED, the 2 packed bytes of each 8 windows
+// (window k's code in bits 2k, 2k + 1: the movemasks' bits interleaved; out = the byte of
+// window 0, which must start a byte), so no code buffer is written and packed afterwards.
+template <bool STREAM, bool PACKED>
 __attribute__((target("avx2,bmi2"))) inline int64_t pool_span_impl(
     const float* __restrict__ r0, const float* __restrict__ r1, int64_t n, float* __restrict__ y,
-    uint8_t* __restrict__ codes) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 a, b, c, d;
-    load_windows(r0 + 2 * i, r1 + 2 * i, a, b, c, d);
-    unsigned k1, k2, k3;
-    const __m256 m = window_max(a, b, c, d, k1, k2, k3);
-    store8<STREAM>(y + i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), 0xD8)));
-    const uint64_t bytes = code_bytes(window_order(k1), window_order(k2), window_order(k3));
-    std::memcpy(codes + i, &bytes, 8);
-  }
-  if constexpr (STREAM) _mm_sfence();
-  return i;
-}
-
-inline int64_t pool_span(const float* r0, const float* r1, int64_t n, float* y, uint8_t* codes) {
-  return aligned32(y) ? pool_span_impl<true>(r0, r1, n, y, codes)
-                      : pool_span_impl<false>(r0, r1, n, y, codes);
-}
-
-// NCHW, as pool_span but with the codes of each 8 windows written as their 2 packed bytes
-// (window k's code in bits 2k, 2k + 1: the movemasks' bits interleaved), so no code buffer
-// is written and packed afterwards. packed: the byte of window 0, which must start a byte.
-template <bool STREAM>
-__attribute__((target("avx2,bmi2"))) inline int64_t pool_span_packed_impl(
-    const float* __restrict__ r0, const float* __restrict__ r1, int64_t n, float* __restrict__ y,
-    uint8_t* __restrict__ packed) {
+    uint8_t* __restrict__ out) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 a, b, c, d;
@@ -126,16 +102,22 @@ __attribute__((target("avx2,bmi2"))) inline int64_t pool_span_packed_impl(
     const __m256 m = window_max(a, b, c, d, k1, k2, k3);
     store8<STREAM>(y + i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), 0xD8)));
     k1 = window_order(k1), k2 = window_order(k2), k3 = window_order(k3);
-    const uint16_t bytes = static_cast<uint16_t>(_pdep_u32(k3 | (k1 & ~k2), 0x5555u) | _pdep_u32(k2 | k3, 0xAAAAu));
-    std::memcpy(packed + i / 4, &bytes, 2);
+    if constexpr (PACKED) {
+      const auto bytes = static_cast<uint16_t>(_pdep_u32(k3 | (k1 & ~k2), 0x5555u) | _pdep_u32(k2 | k3, 0xAAAAu));
+      std::memcpy(out + i / 4, &bytes, 2);
+    } else {
+      const uint64_t bytes = code_bytes(k1, k2, k3);
+      std::memcpy(out + i, &bytes, 8);
+    }
   }
   if constexpr (STREAM) _mm_sfence();
   return i;
 }
 
-inline int64_t pool_span_packed(const float* r0, const float* r1, int64_t n, float* y, uint8_t* packed) {
-  return aligned32(y) ? pool_span_packed_impl<true>(r0, r1, n, y, packed)
-                      : pool_span_packed_impl<false>(r0, r1, n, y, packed);
+template <bool PACKED>
+inline int64_t pool_span(const float* r0, const float* r1, int64_t n, float* y, uint8_t* out) {
+  return aligned32(y) ? pool_span_impl<true, PACKED>(r0, r1, n, y, out)
+                      : pool_span_impl<false, PACKED>(r0, r1, n, y, out);
 }
 
 // Orders streamed stores before whatever follows (the end of a parallel task).
