@@ -61,6 +61,25 @@ def test_forward_channels_last_rows_of_whole_bytes(kind, ceil_mode):
         check_forward(x, ceil_mode, f"{kind} {shape}")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_wide_rows_forward_unpool_and_gradient(kind, channels_last, ceil_mode):
+    # NCHW float32 rows of more than 512 windows are read in several chunks (CPU AVX2 loops),
+    # and tasks of 8192 windows then start mid-row, not always on a byte
+    for shape in [(1, 2, 4, 1030), (2, 3, 3, 2101), (1, 1, 2, 4097)]:
+        x = make_input(shape, torch.float32, kind, channels_last)
+        values, packed, indices = check_forward(x, ceil_mode, f"{kind} {shape}")
+        v = make_input(values.shape, torch.float32, kind, channels_last)
+        H, W = shape[-2:]
+        assert_bitwise_equal(segnet_ext.max_unpool2x2(v, packed, (H, W)),
+                             F.max_unpool2d(v, indices, 2, 2, output_size=(H, W)), f"unpool {kind} {shape}")
+        g = make_input(shape, torch.float32, kind, channels_last)
+        expected = g.flatten(2).gather(2, indices.flatten(2)).view_as(values)
+        assert_bitwise_equal(torch.ops.segnet_ext.max_unpool2x2_backward(g, packed, list(values.shape[-2:])),
+                             expected, f"unpool backward {kind} {shape}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -302,6 +302,7 @@ void pool_nchw(const T* x, T* y, uint8_t* packed, const PoolGeometry& g) {
         k += n;
       }
     }
+    end_of_task<T>();
   });
 }
 
@@ -391,6 +392,7 @@ void unpool_nchw(const T* v, const uint8_t* packed, T* y, const PoolGeometry& g)
         std::fill(o + std::min(g.W, 2 * g.Wo), o + g.W, T(0));
       }
     }
+    end_of_task<T>();
   });
 }
 
@@ -452,6 +454,7 @@ void gather_nchw(const T* go, const uint8_t* packed, T* gv, const PoolGeometry& 
       for (int64_t ow = full_end; ow < g.Wo; ++ow)
         out[ow] = border_pick(top + 2 * ow, 1, g.W, codes[ow - done], 2 * ow + 1 < g.W, row1);
     }
+    end_of_task<T>();
   });
 }
 
