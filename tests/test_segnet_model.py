@@ -59,12 +59,15 @@ def test_backends_agree_forward_and_backward(cls, channels_last):
 
 
 def test_checkpoint_moves_between_backends():
-    a = SegNetBasic(backend="segnet_ext").eval()
-    b = SegNetBasic(backend="torch").eval()
+    # float64: in float32 the backends' rounding differs by ~1e-6 (BN folded or not), enough
+    # to flip a near-tie inside a pooling window now and then, and the unpooled maps then
+    # differ by a whole value (seen once in ~100 random draws)
+    a = SegNetBasic(backend="segnet_ext").double().eval()
+    b = SegNetBasic(backend="torch").double().eval()
     b.load_state_dict(a.state_dict())
-    x = torch.randn(1, 3, 45, 61)
+    x = torch.randn(1, 3, 45, 61, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a(x), b(x), rtol=1e-10, atol=1e-10)
 
 
 def test_bad_arguments():
