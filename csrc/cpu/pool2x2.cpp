@@ -3,9 +3,10 @@
 // Each kernel reads and writes every element once. The inner loops over full 2x2
 // windows are branch-free leaf functions the compiler vectorises (vectorize.h builds
 // them per ISA), with AVX2 versions of the float32 ones (pool2x2_avx2.h); the partial
-// border windows of odd sizes take scalar code. Outside the AVX2 NCHW unpooling loops,
-// 2-bit codes pass through a small L1-resident buffer of one byte per window between
-// the arithmetic and the packing, which keeps both loops simple and vectorisable.
+// border windows of odd sizes take scalar code. Outside the AVX2 loops that read or write
+// the packed bytes themselves (NCHW rows starting a byte; channels_last rows of whole
+// bytes), 2-bit codes pass through a small L1-resident buffer of one byte per window
+// between the arithmetic and the packing, which keeps both loops simple and vectorisable.
 //
 // Work is split into tasks over disjoint window ranges; a packed byte that two tasks
 // share (a range not starting or ending on a multiple of 4 windows) is OR-ed
