@@ -4,6 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/vectorize.h"
+
 // Importing segnet_ext._C runs the static registrations below; the module itself is empty.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -38,4 +42,8 @@ TORCH_LIBRARY(segnet_ext, m) {
   // float32 and float64 (ATen's convolution + the epilogue otherwise).
   m.def("conv2d_scale_shift_relu(Tensor x, Tensor weight, Tensor scale, Tensor shift, int[2] stride,"
         " int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+
+  // The x86-64 level the CPU kernels run at: "AVX512", "AVX2" or "DEFAULT", as
+  // torch.backends.cpu.get_cpu_capability() names ATen's (cpu/vectorize.h).
+  m.def("cpu_capability() -> str", [] { return std::string(segnet::cpu_level_name(segnet::cpu_level())); });
 }

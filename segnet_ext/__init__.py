@@ -13,6 +13,7 @@ from ._loader import load_native_library
 _C = load_native_library()
 
 from .ops import (  # noqa: E402
+    cpu_capability,
     cuda_kernels_available,
     max_pool2x2,
     max_unpool2x2,
@@ -24,6 +25,7 @@ from .nn import ConvBNReLU2d, fuse, unfuse  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
+    "cpu_capability",
     "cuda_kernels_available",
     "max_pool2x2",
     "max_unpool2x2",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ops import cuda_kernels_available
-from .recompute import RECIPE, SavedInput, ScaleShiftReLU, attach  # noqa: F401  (RECIPE: for tests)
+from .recompute import RECIPE, SavedInput, ScaleShiftReLU, attach, autocast_operands, dtypes, grads_as  # noqa: F401  (RECIPE: for tests)
 
 _ops = torch.ops.segnet_ext
 
@@ -80,19 +80,14 @@ class ConvBNReLUFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, conv_args, eps: float, relu: bool, group):
         stride, padding, dilation, groups = conv_args
         device = x.device.type
-        x_c, w_c, b_c = x, weight, bias
-        if torch.is_autocast_enabled(device):  # the convolution runs in autocast's dtype, as nn.Conv2d would
-            dt = torch.get_autocast_dtype(device)
-            x_c, w_c = x.to(dt), weight.to(dt)
-            b_c = None if bias is None else bias.to(dt)
+        x_c, w_c, b_c = autocast_operands(device, x, weight, bias)  # as nn.Conv2d's under autocast
         with torch.autocast(device, enabled=False):
             z = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups)
         y, scale, shift, mean, var, invstd, count = bn_relu_forward(z, bn_weight, bn_bias, eps, relu, group)
 
         SavedInput.save(ctx, x_c, w_c, z, scale, shift, mean, invstd)
         ctx.conv_args, ctx.relu, ctx.group, ctx.count = conv_args, relu, group, count
-        ctx.has_bias, ctx.dtypes = bias is not None, (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.bn_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
+        ctx.has_bias, ctx.dtypes = bias is not None, dtypes(x, weight, bias, bn_weight, bn_bias)
         attach(y, ScaleShiftReLU(z, scale, shift, relu))
         unbiased = var * (count / (count - 1))
         ctx.mark_non_differentiable(mean, unbiased)
@@ -109,16 +104,8 @@ class ConvBNReLUFunction(torch.autograd.Function):
             grad_z, x, w_c, [w_c.shape[0]] if ctx.has_bias else None, list(stride), list(padding), list(dilation),
             False, [0, 0], groups, [needs[0], needs[1], needs[2] and ctx.has_bias],
         )
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        bn_w_dtype, bn_b_dtype = ctx.bn_dtypes
-        return (
-            None if grad_x is None else grad_x.to(x_dtype),
-            None if grad_w is None else grad_w.to(w_dtype),
-            None if grad_b is None else grad_b.to(b_dtype),
-            None if bn_w_dtype is None or not needs[3] else grad_bn_weight.to(bn_w_dtype),
-            None if bn_b_dtype is None or not needs[4] else grad_bn_bias.to(bn_b_dtype),
-            None, None, None, None,
-        )
+        grad_bn = (grad_bn_weight if needs[3] else None, grad_bn_bias if needs[4] else None)
+        return (*grads_as((grad_x, grad_w, grad_b, *grad_bn), ctx.dtypes), None, None, None, None)
 
 
 def fold_bn(weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],

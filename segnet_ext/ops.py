@@ -23,6 +23,14 @@ def cuda_kernels_available() -> bool:
     return _CUDA_KERNELS
 
 
+def cpu_capability() -> str:
+    """The x86-64 level segnet_ext's CPU kernels run at in this process: "AVX512", "AVX2" or
+    "DEFAULT" (baseline x86-64), as ``torch.backends.cpu.get_cpu_capability()`` names ATen's.
+    The best the CPU has, lowered by SEGNET_EXT_NO_AVX512=1 (to AVX2) or SEGNET_EXT_NO_AVX2=1
+    (to DEFAULT), read once, when the first kernel runs."""
+    return _ops.cpu_capability()
+
+
 def _check_device(t: Tensor, name: str, op: str) -> None:
     if t.is_cuda and not _CUDA_KERNELS:
         raise RuntimeError(

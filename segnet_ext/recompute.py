@@ -103,21 +103,49 @@ class SavedInput:
         return x, others
 
 
+def autocast_operands(device: str, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """A convolution's operands as autocast would hand them to it: where autocast is on for
+    ``device``, float tensors other than float64 cast to its dtype (None stays None).
+
+    An autograd.Function that runs a convolution must cast explicitly and save what it
+    cast: its backward runs outside autocast, and ATen's ``convolution_backward`` needs one
+    dtype across gradient, input and weight. oneDNN happens to accept a mix on CPUs with
+    AVX-512; ATen's own kernels (CPUs with AVX2 only, oneDNN off, cuDNN) do not."""
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
+def grads_as(grads: Sequence[Optional[Tensor]], like: Sequence[Optional[torch.dtype]]) -> Tuple[Optional[Tensor], ...]:
+    """Each gradient in the dtype of the input it belongs to (autocast's casts undone)."""
+    return tuple(None if g is None or dtype is None else g.to(dtype) for g, dtype in zip(grads, like))
+
+
+def dtypes(*tensors: Optional[Tensor]) -> Tuple[Optional[torch.dtype], ...]:
+    return tuple(None if t is None else t.dtype for t in tensors)
+
+
 class Conv2dFunction(torch.autograd.Function):
     """F.conv2d that saves a recomputable input as its recipe."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.conv = (list(stride), list(padding), list(dilation), groups, bias is not None)
+        ctx.dtypes = dtypes(x, weight, bias)
+        device = x.device.type
+        x, weight, bias = autocast_operands(device, x, weight, bias)
         SavedInput.save(ctx, x, weight)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        with torch.autocast(device, enabled=False):
+            return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         x, (weight,) = SavedInput.load(ctx)
         stride, padding, dilation, groups, has_bias = ctx.conv
         needs = ctx.needs_input_grad
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0],
-            groups, [needs[0], needs[1], needs[2] and has_bias])
-        return gx, gw, gb, None, None, None, None
+        grads = torch.ops.aten.convolution_backward(
+            grad.to(x.dtype), x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False,
+            [0, 0], groups, [needs[0], needs[1], needs[2] and has_bias])
+        return (*grads_as(grads, ctx.dtypes), None, None, None, None)

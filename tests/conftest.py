@@ -11,7 +11,11 @@ SEED = int(os.environ.get("SEGNET_TEST_SEED", random.SystemRandom().randrange(2*
 
 
 def pytest_report_header(config):
-    return f"segnet-ext test seed: {SEED} (replay with SEGNET_TEST_SEED={SEED})"
+    import segnet_ext
+
+    return [f"segnet-ext test seed: {SEED} (replay with SEGNET_TEST_SEED={SEED})",
+            f"CPU kernels: segnet_ext {segnet_ext.cpu_capability()}, ATen {torch.backends.cpu.get_cpu_capability()}; "
+            f"torch {torch.__version__}, segnet_ext CUDA kernels: {segnet_ext.cuda_kernels_available()}"]
 
 
 def pytest_terminal_summary(terminalreporter):

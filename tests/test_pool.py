@@ -1,6 +1,8 @@
 """max_pool2x2 / max_unpool2x2 / their backwards against torch and the pure-PyTorch reference."""
 import itertools
 import os
+import platform
+import re
 import subprocess
 import sys
 
@@ -341,3 +343,27 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                             env={**os.environ, "SEGNET_EXT_NO_AVX2": "1"})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def _cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo"), reason="x86-64 Linux")
+@pytest.mark.parametrize("switch", [None, "SEGNET_EXT_NO_AVX512", "SEGNET_EXT_NO_AVX2"])
+def test_isa_level_follows_the_cpu_and_the_switches(switch):
+    # what CI's `make test-isa` relies on to run other CPUs' loops here
+    flags = _cpu_flags()
+    v3 = {"avx2", "bmi1", "bmi2", "fma", "f16c", "movbe", "abm"} <= flags
+    best = "AVX512" if v3 and {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags else \
+        "AVX2" if v3 else "DEFAULT"
+    expected = {None: best, "SEGNET_EXT_NO_AVX512": "DEFAULT" if best == "DEFAULT" else "AVX2",
+                "SEGNET_EXT_NO_AVX2": "DEFAULT"}[switch]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGNET_EXT_NO_")}
+    if switch:
+        env[switch] = "1"
+    result = subprocess.run([sys.executable, "-c", "import segnet_ext; print(segnet_ext.cpu_capability())"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected

@@ -236,12 +236,15 @@ def test_crafted_checkpoint_does_not_run_code(tmp_path):
         load_checkpoint(tmp_path / "pickle.pt")
 
 
-def test_bf16_autocast_and_channels_last(camvid_root, tmp_path):
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten-native"])
+def test_bf16_autocast_and_channels_last(camvid_root, tmp_path, onednn):
+    # oneDNN off: ATen's own convolutions, as on a CPU without AVX-512
     losses = {}
-    for name, options in {"fp32": {}, "bf16": {"amp": "bf16"}, "channels_last": {"channels_last": True}}.items():
-        trainer = Trainer(tiny_config(camvid_root, tmp_path / name, epochs=1, max_steps=1, val_every=0, **options))
-        batch = trainer.train_set[(0, 1)]
-        losses[name] = trainer._step([(batch[0][None], batch[1][None])])
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        for name, options in {"fp32": {}, "bf16": {"amp": "bf16"}, "channels_last": {"channels_last": True}}.items():
+            trainer = Trainer(tiny_config(camvid_root, tmp_path / name, epochs=1, max_steps=1, val_every=0, **options))
+            batch = trainer.train_set[(0, 1)]
+            losses[name] = trainer._step([(batch[0][None], batch[1][None])])
     assert losses["channels_last"] == pytest.approx(losses["fp32"], rel=1e-4)
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
 

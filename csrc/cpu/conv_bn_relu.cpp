@@ -37,7 +37,7 @@ constexpr int64_t kMaxPartials = 256;  // channels_last: row ranges with their o
 
 // Sums of (x - pivot) and its square over a contiguous run.
 template <typename T, typename A>
-SEGNET_MULTIVERSION void shifted_sums(const T* __restrict__ x, int64_t n, A pivot, A* s1, A* s2) {
+SEGNET_LEAF void shifted_sums(const T* __restrict__ x, int64_t n, A pivot, A* s1, A* s2) {
   A a1[kLanes] = {}, a2[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -63,7 +63,7 @@ SEGNET_MULTIVERSION void shifted_sums(const T* __restrict__ x, int64_t n, A pivo
 
 // Sums of g and g * (x - mean) over a contiguous run of one channel.
 template <typename T, typename A>
-SEGNET_MULTIVERSION void grad_sums(const T* __restrict__ dy, const T* __restrict__ x, int64_t n, A scale,
+SEGNET_LEAF void grad_sums(const T* __restrict__ dy, const T* __restrict__ x, int64_t n, A scale,
                                    A shift, A mean, bool relu, A* sg, A* sgc) {
   A a1[kLanes] = {}, a2[kLanes] = {};
   int64_t i = 0;
@@ -89,19 +89,19 @@ SEGNET_MULTIVERSION void grad_sums(const T* __restrict__ dy, const T* __restrict
 }
 
 template <typename T, typename A>
-SEGNET_MULTIVERSION void apply_run(const T* __restrict__ x, int64_t n, A scale, A shift, bool relu,
+SEGNET_LEAF void apply_run(const T* __restrict__ x, int64_t n, A scale, A shift, bool relu,
                                    T* __restrict__ y) {
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(affine_relu(static_cast<A>(x[i]), scale, shift, relu));
 }
 
 template <typename T, typename A>
-SEGNET_MULTIVERSION void apply_row(const T* __restrict__ x, int64_t C, const A* __restrict__ scale,
+SEGNET_LEAF void apply_row(const T* __restrict__ x, int64_t C, const A* __restrict__ scale,
                                    const A* __restrict__ shift, bool relu, T* __restrict__ y) {
   for (int64_t c = 0; c < C; ++c) y[c] = static_cast<T>(affine_relu(static_cast<A>(x[c]), scale[c], shift[c], relu));
 }
 
 template <typename T, typename A>
-SEGNET_MULTIVERSION void grad_apply_run(const T* __restrict__ dy, const T* __restrict__ x, int64_t n, A scale,
+SEGNET_LEAF void grad_apply_run(const T* __restrict__ dy, const T* __restrict__ x, int64_t n, A scale,
                                         A shift, A mean, A k1, A k2, A k3, bool relu, T* __restrict__ dx) {
   for (int64_t i = 0; i < n; ++i)
     dx[i] = static_cast<T>(
@@ -109,7 +109,7 @@ SEGNET_MULTIVERSION void grad_apply_run(const T* __restrict__ dy, const T* __res
 }
 
 template <typename T, typename A>
-SEGNET_MULTIVERSION void grad_apply_row(const T* __restrict__ dy, const T* __restrict__ x, int64_t C,
+SEGNET_LEAF void grad_apply_row(const T* __restrict__ dy, const T* __restrict__ x, int64_t C,
                                         const A* __restrict__ scale, const A* __restrict__ shift,
                                         const A* __restrict__ mean, const A* __restrict__ k1,
                                         const A* __restrict__ k2, const A* __restrict__ k3, bool relu,
@@ -160,7 +160,7 @@ void reduce_rows(int64_t rows, int64_t C, Body body, Finish finish) {
 }
 
 template <typename T, typename A>
-SEGNET_MULTIVERSION void shifted_sums_rows(const T* __restrict__ x, int64_t row0, int64_t row1, int64_t C,
+SEGNET_LEAF void shifted_sums_rows(const T* __restrict__ x, int64_t row0, int64_t row1, int64_t C,
                                            const A* __restrict__ pivot, A* __restrict__ s1, A* __restrict__ s2) {
   for (int64_t r = row0; r < row1; ++r) {
     const T* xr = x + r * C;
@@ -173,7 +173,7 @@ SEGNET_MULTIVERSION void shifted_sums_rows(const T* __restrict__ x, int64_t row0
 }
 
 template <typename T, typename A>
-SEGNET_MULTIVERSION void grad_sums_rows(const T* __restrict__ dy, const T* __restrict__ x, int64_t row0,
+SEGNET_LEAF void grad_sums_rows(const T* __restrict__ dy, const T* __restrict__ x, int64_t row0,
                                         int64_t row1, int64_t C, const A* __restrict__ scale,
                                         const A* __restrict__ shift, const A* __restrict__ mean, bool relu,
                                         A* __restrict__ sg, A* __restrict__ sgc) {
@@ -214,7 +214,7 @@ void stats_kernel(const at::Tensor& x, const ChannelLayout& L, at::Tensor& mean,
           for (int64_t i = 0; i < L.inner; i += kChunk) {
             const int64_t len = std::min(kChunk, L.inner - i);
             A s1, s2;
-            shifted_sums<T, A>(plane + i, len, pivot, &s1, &s2);
+            SEGNET_VECTORIZED(shifted_sums<T, A>(plane + i, len, pivot, &s1, &s2));
             m.combine(Moments::from_shifted(len, pivot, s1, s2));
           }
         }
@@ -230,7 +230,7 @@ void stats_kernel(const at::Tensor& x, const ChannelLayout& L, at::Tensor& mean,
   for (int64_t c = 0; c < L.C; ++c) pivot[c] = static_cast<A>(xp[c]);
   reduce_rows<A>(
       L.outer, L.C,
-      [&](int64_t r0, int64_t r1, A* s1, A* s2) { shifted_sums_rows<T, A>(xp, r0, r1, L.C, pivot.data(), s1, s2); },
+      [&](int64_t r0, int64_t r1, A* s1, A* s2) { SEGNET_VECTORIZED(shifted_sums_rows<T, A>(xp, r0, r1, L.C, pivot.data(), s1, s2)); },
       [&](int64_t c, const DoubleSums& total) {
         const Moments m = Moments::from_shifted(L.outer, pivot[c], total.s1, total.s2);
         mp[c] = static_cast<A>(m.mean);
@@ -281,8 +281,8 @@ at::Tensor scale_shift_relu_cpu(const at::Tensor& x_in, const at::Tensor& scale_
     const A* tp = shift.const_data_ptr<A>();
     for_each_run(
         L,
-        [&](int64_t p, int64_t c) { apply_run<scalar_t, A>(xp + p * L.inner, L.inner, sp[c], tp[c], relu, yp + p * L.inner); },
-        [&](int64_t r) { apply_row<scalar_t, A>(xp + r * L.C, L.C, sp, tp, relu, yp + r * L.C); });
+        [&](int64_t p, int64_t c) { SEGNET_VECTORIZED(apply_run<scalar_t, A>(xp + p * L.inner, L.inner, sp[c], tp[c], relu, yp + p * L.inner)); },
+        [&](int64_t r) { SEGNET_VECTORIZED(apply_row<scalar_t, A>(xp + r * L.C, L.C, sp, tp, relu, yp + r * L.C)); });
   });
   return y;
 }
@@ -316,8 +316,8 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(const at::Tensor&
             const int64_t off = (n * L.C + c) * L.inner;
             for (int64_t i = 0; i < L.inner; i += kChunk) {
               A s1, s2;
-              grad_sums<scalar_t, A>(dp + off + i, xp + off + i, std::min(kChunk, L.inner - i), sp[c], tp[c], mp[c],
-                                     relu, &s1, &s2);
+              SEGNET_VECTORIZED(grad_sums<scalar_t, A>(dp + off + i, xp + off + i, std::min(kChunk, L.inner - i), sp[c], tp[c], mp[c],
+                                     relu, &s1, &s2));
               g += s1;
               gc += s2;
             }
@@ -331,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(const at::Tensor&
     reduce_rows<A>(
         L.outer, L.C,
         [&](int64_t r0, int64_t r1, A* s1, A* s2) {
-          grad_sums_rows<scalar_t, A>(dp, xp, r0, r1, L.C, sp, tp, mp, relu, s1, s2);
+          SEGNET_VECTORIZED(grad_sums_rows<scalar_t, A>(dp, xp, r0, r1, L.C, sp, tp, mp, relu, s1, s2));
         },
         [&](int64_t c, const DoubleSums& total) {
           gp[c] = static_cast<A>(total.s1);
@@ -361,10 +361,10 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_y_in, const at::Ten
         L,
         [&](int64_t p, int64_t c) {
           const int64_t off = p * L.inner;
-          grad_apply_run<scalar_t, A>(dp + off, xp + off, L.inner, sp[c], tp[c], mp[c], a[c], b[c], k[c], relu, gx + off);
+          SEGNET_VECTORIZED(grad_apply_run<scalar_t, A>(dp + off, xp + off, L.inner, sp[c], tp[c], mp[c], a[c], b[c], k[c], relu, gx + off));
         },
         [&](int64_t r) {
-          grad_apply_row<scalar_t, A>(dp + r * L.C, xp + r * L.C, L.C, sp, tp, mp, a, b, k, relu, gx + r * L.C);
+          SEGNET_VECTORIZED(grad_apply_row<scalar_t, A>(dp + r * L.C, xp + r * L.C, L.C, sp, tp, mp, a, b, k, relu, gx + r * L.C));
         });
   });
   return dx;

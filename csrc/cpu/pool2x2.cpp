@@ -34,7 +34,7 @@ using at::Tensor;
 // ---- vectorised leaf loops ------------------------------------------------------
 
 // codes [4 * nbytes] -> packed [nbytes]
-SEGNET_MULTIVERSION void pack_bytes(const uint8_t* __restrict__ codes, int64_t nbytes,
+SEGNET_LEAF void pack_bytes(const uint8_t* __restrict__ codes, int64_t nbytes,
                                     uint8_t* __restrict__ packed) {
   for (int64_t i = 0; i < nbytes; ++i) {
     uint32_t w;
@@ -44,7 +44,7 @@ SEGNET_MULTIVERSION void pack_bytes(const uint8_t* __restrict__ codes, int64_t n
 }
 
 // packed [nbytes] -> codes [4 * nbytes]
-SEGNET_MULTIVERSION void unpack_bytes(const uint8_t* __restrict__ packed, int64_t nbytes,
+SEGNET_LEAF void unpack_bytes(const uint8_t* __restrict__ packed, int64_t nbytes,
                                       uint8_t* __restrict__ codes) {
   for (int64_t i = 0; i < nbytes; ++i) {
     const uint8_t b = packed[i];
@@ -57,7 +57,7 @@ SEGNET_MULTIVERSION void unpack_bytes(const uint8_t* __restrict__ packed, int64_
 
 // channels_last: the codes of 4 consecutive windows of each of C planes (codes[i * C + c])
 // joined into plane c's byte, dst[c * plane_bytes].
-SEGNET_MULTIVERSION void join_codes_across_planes(const uint8_t* __restrict__ codes, int64_t C,
+SEGNET_LEAF void join_codes_across_planes(const uint8_t* __restrict__ codes, int64_t C,
                                                   uint8_t* __restrict__ dst, int64_t plane_bytes) {
   for (int64_t c = 0; c < C; ++c)
     dst[c * plane_bytes] = codes[c] | (codes[C + c] << 2) | (codes[2 * C + c] << 4) | (codes[3 * C + c] << 6);
@@ -65,7 +65,7 @@ SEGNET_MULTIVERSION void join_codes_across_planes(const uint8_t* __restrict__ co
 
 // channels_last, the reverse: plane c's byte src[c * plane_bytes] split into the codes of
 // its 4 windows, codes[i * C + c].
-SEGNET_MULTIVERSION void split_codes_across_planes(const uint8_t* __restrict__ src, int64_t C, int64_t plane_bytes,
+SEGNET_LEAF void split_codes_across_planes(const uint8_t* __restrict__ src, int64_t C, int64_t plane_bytes,
                                                    uint8_t* __restrict__ codes) {
   for (int64_t c = 0; c < C; ++c) {
     const uint8_t b = src[c * plane_bytes];
@@ -97,7 +97,7 @@ inline void full_window(T a, T b, T c, T d, T* max_out, uint8_t* code_out) {
 
 // NCHW: n full windows whose top-left elements are r0[0], r0[2], ...; r1 = the row below.
 template <typename T>
-SEGNET_MULTIVERSION void pool_span_generic(const T* __restrict__ r0, const T* __restrict__ r1,
+SEGNET_LEAF void pool_span_generic(const T* __restrict__ r0, const T* __restrict__ r1,
                                            int64_t n, T* __restrict__ y,
                                            uint8_t* __restrict__ codes) {
   for (int64_t i = 0; i < n; ++i)
@@ -125,12 +125,12 @@ void pool_span(const T* r0, const T* r1, int64_t n, T* y, uint8_t* codes) {
     if (avx2::cpu_has_avx2()) done = avx2::pool_span<false>(r0, r1, n, y, codes);
   }
 #endif
-  pool_span_generic(r0 + 2 * done, r1 + 2 * done, n - done, y + done, codes + done);
+  SEGNET_VECTORIZED(pool_span_generic(r0 + 2 * done, r1 + 2 * done, n - done, y + done, codes + done));
 }
 
 // channels_last: one full window across C channels, from its four pixels.
 template <typename T>
-SEGNET_MULTIVERSION void pool_channels_generic(const T* __restrict__ p00, const T* __restrict__ p01,
+SEGNET_LEAF void pool_channels_generic(const T* __restrict__ p00, const T* __restrict__ p01,
                                        const T* __restrict__ p10, const T* __restrict__ p11,
                                        int64_t C, T* __restrict__ y, uint8_t* __restrict__ codes) {
   for (int64_t c = 0; c < C; ++c) full_window(p00[c], p01[c], p10[c], p11[c], &y[c], &codes[c]);
@@ -145,13 +145,13 @@ void pool_channels(const T* p00, const T* p01, const T* p10, const T* p11, int64
     if (avx2::cpu_has_avx2()) done = avx2::pool_channels(p00, p01, p10, p11, C, y, codes);
   }
 #endif
-  pool_channels_generic(p00 + done, p01 + done, p10 + done, p11 + done, C - done, y + done,
-                        codes + done);
+  SEGNET_VECTORIZED(pool_channels_generic(p00 + done, p01 + done, p10 + done, p11 + done, C - done, y + done,
+                        codes + done));
 }
 
 // NCHW: output row dy of n windows (2n elements), zero where the code points elsewhere.
 template <typename T>
-SEGNET_MULTIVERSION void unpool_span(const T* __restrict__ v, const uint8_t* __restrict__ codes,
+SEGNET_LEAF void unpool_span(const T* __restrict__ v, const uint8_t* __restrict__ codes,
                                      int64_t n, int dy, T* __restrict__ out) {
   for (int64_t i = 0; i < n; ++i) {
     out[2 * i] = codes[i] == 2 * dy ? v[i] : T(0);
@@ -161,7 +161,7 @@ SEGNET_MULTIVERSION void unpool_span(const T* __restrict__ v, const uint8_t* __r
 
 // channels_last: one output pixel across C channels.
 template <typename T>
-SEGNET_MULTIVERSION void unpool_channels_generic(const T* __restrict__ v, const uint8_t* __restrict__ codes,
+SEGNET_LEAF void unpool_channels_generic(const T* __restrict__ v, const uint8_t* __restrict__ codes,
                                          int64_t C, uint8_t want, T* __restrict__ out) {
   for (int64_t c = 0; c < C; ++c) out[c] = codes[c] == want ? v[c] : T(0);
 }
@@ -174,7 +174,7 @@ void unpool_channels(const T* v, const uint8_t* codes, int64_t C, uint8_t want, 
     if (avx2::cpu_has_avx2()) done = avx2::unpool_channels(v, codes, C, want, out);
   }
 #endif
-  unpool_channels_generic(v + done, codes + done, C - done, want, out + done);
+  SEGNET_VECTORIZED(unpool_channels_generic(v + done, codes + done, C - done, want, out + done));
 }
 
 // Whether the AVX2 NCHW loops, which read 2-bit codes straight from the packed bytes, serve
@@ -198,7 +198,7 @@ void end_of_task() {
 
 // NCHW: gradients of n full windows from rows g0, g1 of grad_output.
 template <typename T>
-SEGNET_MULTIVERSION void gather_span(const T* __restrict__ g0, const T* __restrict__ g1,
+SEGNET_LEAF void gather_span(const T* __restrict__ g0, const T* __restrict__ g1,
                                      const uint8_t* __restrict__ codes, int64_t n, T* __restrict__ out) {
   for (int64_t i = 0; i < n; ++i) {  // loads unconditional, so the loop vectorises
     const uint8_t k = codes[i];
@@ -210,7 +210,7 @@ SEGNET_MULTIVERSION void gather_span(const T* __restrict__ g0, const T* __restri
 
 // channels_last: gradients of one full window across C channels.
 template <typename T>
-SEGNET_MULTIVERSION void gather_channels(const T* __restrict__ g00, const T* __restrict__ g01,
+SEGNET_LEAF void gather_channels(const T* __restrict__ g00, const T* __restrict__ g01,
                                          const T* __restrict__ g10, const T* __restrict__ g11,
                                          const uint8_t* __restrict__ codes, int64_t C,
                                          T* __restrict__ out) {
@@ -238,7 +238,7 @@ void store_codes(uint8_t* packed, int64_t k0, const uint8_t* codes, int64_t n, i
   if (k & 3) store_partial(std::min(end, (k + 3) & ~int64_t(3)));
   if (stride == 1) {
     const int64_t full = (end - k) / 4;
-    pack_bytes(codes + (k - k0), full, packed + (k >> 2));
+    SEGNET_VECTORIZED(pack_bytes(codes + (k - k0), full, packed + (k >> 2)));
     k += 4 * full;
   }
   for (; k + 4 <= end; k += 4) {
@@ -253,7 +253,7 @@ void load_codes(const uint8_t* packed, int64_t k0, int64_t n, uint8_t* codes) {
   int64_t i = 0;
   for (; i < n && ((k0 + i) & 3); ++i) codes[i] = read_code(packed, k0 + i);
   const int64_t full = (n - i) / 4;
-  unpack_bytes(packed + ((k0 + i) >> 2), full, codes + i);
+  SEGNET_VECTORIZED(unpack_bytes(packed + ((k0 + i) >> 2), full, codes + i));
   for (i += 4 * full; i < n; ++i) codes[i] = read_code(packed, k0 + i);
 }
 
@@ -262,7 +262,7 @@ void load_codes_nhwc(const uint8_t* packed, const PoolGeometry& g, int64_t n, in
   const int64_t C = g.C, plane = g.Ho * g.Wo, first = (n * C * g.Ho + oh) * g.Wo;
   if (g.Wo % 4 == 0) {  // every row starts a byte: 4 windows of a channel per byte
     for (int64_t ow = 0; ow < g.Wo; ow += 4)
-      split_codes_across_planes(packed + (first + ow) / 4, C, plane / 4, codes + ow * C);
+      SEGNET_VECTORIZED(split_codes_across_planes(packed + (first + ow) / 4, C, plane / 4, codes + ow * C));
     return;
   }
   for (int64_t c = 0; c < C; ++c)
@@ -353,7 +353,7 @@ void pool_nhwc(const T* x, T* y, uint8_t* packed, const PoolGeometry& g) {
       }
       if (g.Wo % 4 == 0) {
         for (int64_t s = 0; s < g.Wo; s += 4)
-          join_codes_across_planes(codes.data() + s * C, C, packed + (first + s) / 4, plane / 4);
+          SEGNET_VECTORIZED(join_codes_across_planes(codes.data() + s * C, C, packed + (first + s) / 4, plane / 4));
       } else {
         for (int64_t c = 0; c < C; ++c) store_codes(packed, first + c * plane, codes.data() + c, g.Wo, C);
       }
@@ -388,7 +388,7 @@ void unpool_nchw(const T* v, const uint8_t* packed, T* y, const PoolGeometry& g)
                             reinterpret_cast<float*>(o));
         }
 #endif
-        unpool_span(v + k + done, codes.data(), paired - done, dy, o + 2 * done);
+        SEGNET_VECTORIZED(unpool_span(v + k + done, codes.data(), paired - done, dy, o + 2 * done));
         if (paired < g.Wo) o[2 * paired] = codes[paired - done] == 2 * dy ? v[k + paired] : T(0);
         std::fill(o + std::min(g.W, 2 * g.Wo), o + g.W, T(0));
       }

@@ -5,9 +5,10 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
+
+#include "cpu/vectorize.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -16,12 +17,9 @@
 namespace segnet {
 namespace avx2 {
 
-// SEGNET_EXT_NO_AVX2=1 turns these loops off (the tests use it to run the portable ones).
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2") &&
-                          std::getenv("SEGNET_EXT_NO_AVX2") == nullptr;
-  return has;
-}
+// Whether these loops run: the CPU has AVX2 and BMI2 (x86-64-v3) and SEGNET_EXT_NO_AVX2 is
+// unset (vectorize.h; the tests set it to run the portable loops).
+inline bool cpu_has_avx2() { return cpu_level() >= CpuLevel::avx2; }
 
 // Windows are processed 8 at a time in the lane order 0 1 4 5 2 3 6 7 that
 // _mm256_shuffle_ps leaves them in; this puts the 8 bits of a movemask back in order.

@@ -39,7 +39,7 @@ constexpr int64_t kMaxTiles = 512;
 // B^T applied along one direction: with B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], four
 // runs a, b, c, d (a patch's rows or columns) become four.
 template <typename T>
-SEGNET_MULTIVERSION void bt_runs(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ c,
+SEGNET_LEAF void bt_runs(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ c,
                                  const T* __restrict__ d, int64_t n, T* __restrict__ o0, T* __restrict__ o1,
                                  T* __restrict__ o2, T* __restrict__ o3) {
   for (int64_t i = 0; i < n; ++i) {
@@ -52,7 +52,7 @@ SEGNET_MULTIVERSION void bt_runs(const T* __restrict__ a, const T* __restrict__ 
 
 // A^T applied along one direction: A^T = [1 1 1 0; 0 1 -1 -1].
 template <typename T>
-SEGNET_MULTIVERSION void at_runs(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ c,
+SEGNET_LEAF void at_runs(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ c,
                                  const T* __restrict__ d, int64_t n, T* __restrict__ o0, T* __restrict__ o1) {
   for (int64_t i = 0; i < n; ++i) {
     o0[i] = a[i] + b[i] + c[i];
@@ -61,7 +61,7 @@ SEGNET_MULTIVERSION void at_runs(const T* __restrict__ a, const T* __restrict__ 
 }
 
 template <typename T>
-SEGNET_MULTIVERSION void deinterleave(const T* __restrict__ src, int64_t n, T* __restrict__ even,
+SEGNET_LEAF void deinterleave(const T* __restrict__ src, int64_t n, T* __restrict__ even,
                                       T* __restrict__ odd) {
   for (int64_t i = 0; i < n; ++i) {
     even[i] = src[2 * i];
@@ -77,7 +77,7 @@ inline T epilogue(T v, T scale, T shift, bool relu) {
 
 // NCHW output: the even and odd columns of one output row, through the epilogue.
 template <typename T>
-SEGNET_MULTIVERSION void epilogue_interleave(const T* __restrict__ even, const T* __restrict__ odd, int64_t n,
+SEGNET_LEAF void epilogue_interleave(const T* __restrict__ even, const T* __restrict__ odd, int64_t n,
                                              T scale, T shift, bool relu, T* __restrict__ out) {
   for (int64_t i = 0; i < n; ++i) {
     out[2 * i] = epilogue(even[i], scale, shift, relu);
@@ -87,7 +87,7 @@ SEGNET_MULTIVERSION void epilogue_interleave(const T* __restrict__ even, const T
 
 // channels_last output: one pixel's channels, through the epilogue.
 template <typename T>
-SEGNET_MULTIVERSION void epilogue_channels(const T* __restrict__ v, int64_t n, const T* __restrict__ scale,
+SEGNET_LEAF void epilogue_channels(const T* __restrict__ v, int64_t n, const T* __restrict__ scale,
                                            const T* __restrict__ shift, bool relu, T* __restrict__ out) {
   for (int64_t i = 0; i < n; ++i) out[i] = epilogue(v[i], scale[i], shift[i], relu);
 }
@@ -128,16 +128,16 @@ void block_nchw(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t
         o[k] = c + 1 >= 0 && c + 1 < W ? xr[c + 1] : T(0);
       };
       for (int64_t k = 0; k < k0; ++k) at_edge(k);
-      deinterleave(xr + c0 + 2 * k0, k1 - k0, e + k0, o + k0);
+      SEGNET_VECTORIZED(deinterleave(xr + c0 + 2 * k0, k1 - k0, e + k0, o + k0));
       for (int64_t k = k1; k < half; ++k) at_edge(k);
     }
-    bt_runs(E(0, 0), E(0, 1), E(0, 2), E(0, 3), half, E(1, 0), E(1, 1), E(1, 2), E(1, 3));
-    bt_runs(O(0, 0), O(0, 1), O(0, 2), O(0, 3), half, O(1, 0), O(1, 1), O(1, 2), O(1, 3));
+    SEGNET_VECTORIZED(bt_runs(E(0, 0), E(0, 1), E(0, 2), E(0, 3), half, E(1, 0), E(1, 1), E(1, 2), E(1, 3)));
+    SEGNET_VECTORIZED(bt_runs(O(0, 0), O(0, 1), O(0, 2), O(0, 3), half, O(1, 0), O(1, 1), O(1, 2), O(1, 3)));
     T* vc = v + ci * nt;  // V[k][ci][t], k = 4 i + j
     const int64_t k = C * nt;
     for (int i = 0; i < 4; ++i)
-      bt_runs(E(1, i), O(1, i), E(1, i) + 1, O(1, i) + 1, nt, vc + (4 * i) * k, vc + (4 * i + 1) * k,
-              vc + (4 * i + 2) * k, vc + (4 * i + 3) * k);
+      SEGNET_VECTORIZED(bt_runs(E(1, i), O(1, i), E(1, i) + 1, O(1, i) + 1, nt, vc + (4 * i) * k, vc + (4 * i + 1) * k,
+              vc + (4 * i + 2) * k, vc + (4 * i + 3) * k));
   }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto V = at::from_blob(v, {16, C, nt}, opts);
@@ -148,18 +148,18 @@ void block_nchw(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t
   for (int64_t co = 0; co < Cout; ++co) {
     const T* mc = m + co * nt;
     const int64_t k = Cout * nt;
-    for (int j = 0; j < 4; ++j) at_runs(mc + j * k, mc + (4 + j) * k, mc + (8 + j) * k, mc + (12 + j) * k, nt,
-                                        s + j * nt, s + (4 + j) * nt);
+    for (int j = 0; j < 4; ++j) SEGNET_VECTORIZED(at_runs(mc + j * k, mc + (4 + j) * k, mc + (8 + j) * k, mc + (12 + j) * k, nt,
+                                        s + j * nt, s + (4 + j) * nt));
     for (int i = 0; i < 2 && 2 * ty + i < H; ++i) {
       T* yrow = y + (co * H + 2 * ty + i) * W + w0;
       T* even = s + (8 + 2 * i) * nt;
       T* odd = even + nt;
       const T* si = s + 4 * i * nt;
-      at_runs(si, si + nt, si + 2 * nt, si + 3 * nt, nt, even, odd);
+      SEGNET_VECTORIZED(at_runs(si, si + nt, si + 2 * nt, si + 3 * nt, nt, even, odd));
       if (width == 2 * nt) {
-        epilogue_interleave(even, odd, nt, scale[co], shift[co], relu, yrow);
+        SEGNET_VECTORIZED(epilogue_interleave(even, odd, nt, scale[co], shift[co], relu, yrow));
       } else {
-        epilogue_interleave(even, odd, nt, scale[co], shift[co], relu, out);
+        SEGNET_VECTORIZED(epilogue_interleave(even, odd, nt, scale[co], shift[co], relu, out));
         std::copy(out, out + width, yrow);
       }
     }
@@ -185,13 +185,13 @@ void block_nhwc(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t
         d[4 * i + j] = (row >= 0 && row < H && col >= 0 && col < W) ? x + (row * W + col) * C : zeros;
       }
     for (int j = 0; j < 4; ++j)  // columns of the patch: r[4 i + j] = (B^T d)[i][j]
-      bt_runs(d[j], d[4 + j], d[8 + j], d[12 + j], C, r + j * Cm, r + (4 + j) * Cm, r + (8 + j) * Cm,
-              r + (12 + j) * Cm);
+      SEGNET_VECTORIZED(bt_runs(d[j], d[4 + j], d[8 + j], d[12 + j], C, r + j * Cm, r + (4 + j) * Cm, r + (8 + j) * Cm,
+              r + (12 + j) * Cm));
     T* vt = v + t * C;  // V[k][t][ci]
     const int64_t k = nt * C;
     for (int i = 0; i < 4; ++i)
-      bt_runs(r + 4 * i * Cm, r + (4 * i + 1) * Cm, r + (4 * i + 2) * Cm, r + (4 * i + 3) * Cm, C, vt + 4 * i * k,
-              vt + (4 * i + 1) * k, vt + (4 * i + 2) * k, vt + (4 * i + 3) * k);
+      SEGNET_VECTORIZED(bt_runs(r + 4 * i * Cm, r + (4 * i + 1) * Cm, r + (4 * i + 2) * Cm, r + (4 * i + 3) * Cm, C, vt + 4 * i * k,
+              vt + (4 * i + 1) * k, vt + (4 * i + 2) * k, vt + (4 * i + 3) * k));
   }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto V = at::from_blob(v, {16, nt, C}, opts);
@@ -201,12 +201,12 @@ void block_nhwc(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t
     const T* mt = m + t * Cout;
     const int64_t k = nt * Cout;
     for (int j = 0; j < 4; ++j)  // r[4 i + j] = (A^T m)[i][j], i = 0, 1
-      at_runs(mt + j * k, mt + (4 + j) * k, mt + (8 + j) * k, mt + (12 + j) * k, Cout, r + j * Cm, r + (4 + j) * Cm);
+      SEGNET_VECTORIZED(at_runs(mt + j * k, mt + (4 + j) * k, mt + (8 + j) * k, mt + (12 + j) * k, Cout, r + j * Cm, r + (4 + j) * Cm));
     for (int i = 0; i < 2 && 2 * ty + i < H; ++i) {
       T* out = r + (8 + 2 * i) * Cm;
-      at_runs(r + 4 * i * Cm, r + (4 * i + 1) * Cm, r + (4 * i + 2) * Cm, r + (4 * i + 3) * Cm, Cout, out, out + Cm);
+      SEGNET_VECTORIZED(at_runs(r + 4 * i * Cm, r + (4 * i + 1) * Cm, r + (4 * i + 2) * Cm, r + (4 * i + 3) * Cm, Cout, out, out + Cm));
       for (int j = 0; j < 2 && 2 * (tx0 + t) + j < W; ++j)
-        epilogue_channels(out + j * Cm, Cout, scale, shift, relu, y + ((2 * ty + i) * W + 2 * (tx0 + t) + j) * Cout);
+        SEGNET_VECTORIZED(epilogue_channels(out + j * Cm, Cout, scale, shift, relu, y + ((2 * ty + i) * W + 2 * (tx0 + t) + j) * Cout));
     }
   }
 }
