@@ -1,27 +1,40 @@
 """Timing, bandwidth and report helpers shared by the benchmarks."""
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 
-
-# glibc returns every freed block above 32 MB to the OS, so each fresh activation-sized
-# output is page-faulted (and zeroed by the kernel) again: ~55 ms per 177 MB here, more than
-# the ops themselves. Raising the thresholds makes freed memory reusable, as the tcmalloc /
-# jemalloc that PyTorch's CPU performance guides recommend do. Both sides run under it.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+from segnet import malloc
 
 
-def ensure_allocator_env():
-    """Re-runs this process with ALLOCATOR_ENV set (glibc reads it only at start-up)."""
-    if all(os.environ.get(k) == v for k, v in ALLOCATOR_ENV.items()):
-        return
-    os.environ.update(ALLOCATOR_ENV)
-    os.execv(sys.executable, sys.orig_argv)
+def add_allocator_arguments(parser):
+    parser.add_argument("--allocator", choices=["both", "tuned", "default"], default="both",
+                        help="glibc's malloc with the large-block thresholds of segnet.malloc (tuned), with its "
+                             "defaults, or both: tuned here and the defaults in a child process (default: both)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
+
+def start_under_allocator(args):
+    """Re-executes this process under the allocator args.allocator asks for (glibc reads the
+    thresholds only at start-up): the defaults for "default", the tuned thresholds otherwise."""
+    malloc.use_allocator(args.allocator != "default")
+
+
+def under_default_allocator(module, argv):
+    """The JSON result of ``python -m module *argv --allocator default --json``, run in a
+    child process under glibc's defaults: how a user runs the op unless told otherwise."""
+    env = {k: v for k, v in os.environ.items() if k not in malloc.THRESHOLDS}
+    done = subprocess.run([sys.executable, "-m", module, *map(str, argv), "--allocator", "default", "--json"],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} under glibc's default allocator failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def median_ms(fn, repeat=9, warmup=3):
@@ -77,16 +90,32 @@ def bandwidth_gbs(numel=4 * 64 * 360 * 480, device="cpu", repeat=7):
     return nbytes / read_ms / 1e6, 2 * nbytes / copy_ms / 1e6
 
 
+def cpu_isa(cpuinfo: str) -> str:
+    """The vector ISA a /proc/cpuinfo text lists: AVX-512 (with BF16, AMX where present), or AVX2."""
+    match = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+    flags = set(match.group(1).split()) if match else set()
+    if "avx512f" in flags:
+        extras = [name for flag, name in (("avx512_bf16", "BF16"), ("amx_tile", "AMX")) if flag in flags]
+        return " + ".join(["AVX-512", *extras])
+    return "AVX2 (no AVX-512)" if "avx2" in flags else "no AVX2"
+
+
 def machine_description(device="cpu"):
+    """The CPU, its ISA and the levels ATen's and segnet_ext's kernels run at (which
+    ATEN_CPU_CAPABILITY and SEGNET_EXT_NO_AVX512 / SEGNET_EXT_NO_AVX2 can lower)."""
+    import segnet_ext
+
     if device == "cuda":
         return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
+    cpu, isa = platform.processor() or platform.machine(), "ISA unknown"
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+            text = f.read()
+        cpu, isa = re.search(r"model name\s*:\s*(.*)", text).group(1), cpu_isa(text)
     except (OSError, AttributeError):
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+    return (f"{cpu} ({isa}), {torch.get_num_threads()} threads, kernels at: ATen "
+            f"{torch.backends.cpu.get_cpu_capability()}, segnet_ext {segnet_ext.cpu_capability()}")
 
 
 def replace_section(path, name, text):

@@ -1,12 +1,14 @@
 """Fused conv-BN-ReLU against the unfused PyTorch layers, side by side in one process.
 
     python -m bench.conv_bn_relu            # prints the tables
-    python -m bench.conv_bn_relu --write    # ... and writes them into bench/RESULTS.md
+    python -m bench.conv_bn_relu --write    # ... and writes them into bench/RESULTS.md, in the
+                                            # section of the ISA level segnet_ext's kernels ran at
 
 1. BN+ReLU training forward + backward on [4, 64, 360, 480]: segnet_ext's four ops, as
    ConvBNReLU2d runs them (statistics, output; gradient sums, input gradient), against
    ``BatchNorm2d`` + ``ReLU(inplace=True)`` through autograd; with the bytes floor (the
-   activation-sized tensors the fused ops must move: 8, at the copy bandwidth of this run).
+   activation-sized tensors the fused ops must move: 8, at the copy bandwidth of this run);
+   under segnet.malloc's thresholds, and again in a child process under glibc's defaults.
 2. A stack of 4 ConvBNReLU2d (64 channels, 3x3) at 360x480, one training step (forward,
    backward): saved-for-backward bytes (exact: unique storages seen by
    ``saved_tensors_hooks``) and step time, against the unfused Sequential.
@@ -16,6 +18,7 @@
    ``segnet_ext.fused.winograd_pays_off``.
 """
 import argparse
+import json
 import os
 import sys
 from statistics import median
@@ -25,8 +28,9 @@ from torch import nn
 
 import segnet_ext
 from segnet_ext import fused
-from bench.common import (ALLOCATOR_ENV, bandwidth_gbs, ensure_allocator_env, interleaved_ms, machine_description,
-                          median_ratio, replace_section, saved_bytes)
+from bench.common import (add_allocator_arguments, bandwidth_gbs, interleaved_ms, machine_description, median_ratio,
+                          replace_section, saved_bytes, start_under_allocator, under_default_allocator)
+from segnet import malloc
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 TARGETS = {"bn_relu": 1.5, "over_floor": 1.5, "saved": 0.6, "step": 1.05, "inference": 1.1}
@@ -150,21 +154,28 @@ def report(result, command, device):
         "",
         f"`{command}` on {machine_description(device)}, torch {torch.__version__}, float32, "
         f"{result['repeat']} rounds timed in alternation: medians of the times, and of the ratios within each "
-        "round. Allocator: glibc with "
-        f"{', '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())} (set by the script).",
+        f"round. Allocator: {malloc.describe()} (set by the script; what `segnet` uses).",
         "",
         f"BN+ReLU training forward + backward on {shape} (ours: the four ops as ConvBNReLU2d runs them; torch: "
         f"`BatchNorm2d` + `ReLU(inplace=True)` through autograd). Floor: the 8 activation-sized transfers the fused "
         f"ops must make (statistics: read; output: read + write; gradient sums: read 2; input gradient: read 2 + "
         f"write) at the speed of a copy timed beside them ({result['bn']['copy_gbs']:.1f} GB/s at the start).",
-        "",
-        "| layout | torch ms | ours ms | speed-up (target 1.5x) | floor ms | ours / floor (target 1.5x) |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
+    default = {r["layout"]: r for r in result["default"]["rows"]} if result.get("default") else {}
+    if default:
+        lines[-1] += (" Last columns: the same in a child process under glibc's defaults, where every new "
+                      "output above 32 MB is page-faulted in, on both sides.")
+    lines += ["", "| layout | torch ms | ours ms | speed-up (target 1.5x) | floor ms | ours / floor (target 1.5x) |"
+              + (" default malloc: torch ms | ours ms | speed-up (target 1.0x) |" if default else ""),
+              "|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if default else "")]
     for r in result["bn"]["rows"]:
-        lines.append(f"| {r['layout']} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup']:.2f}x"
-                     f"{mark(r['speedup'] >= TARGETS['bn_relu'])} | {r['floor_ms']:.1f} | {r['over_floor']:.2f}x"
-                     f"{mark(r['over_floor'] <= TARGETS['over_floor'])} |")
+        line = (f"| {r['layout']} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup']:.2f}x"
+                f"{mark(r['speedup'] >= TARGETS['bn_relu'])} | {r['floor_ms']:.1f} | {r['over_floor']:.2f}x"
+                f"{mark(r['over_floor'] <= TARGETS['over_floor'])} |")
+        if default:
+            d = default[r["layout"]]
+            line += f" {d['torch_ms']:.1f} | {d['ours_ms']:.1f} | {d['speedup']:.2f}x{mark(d['speedup'] >= 1.0)} |"
+        lines.append(line)
     lines += [
         "",
         f"A stack of 4 conv-BN-ReLU blocks (64 channels, 3x3) on [1, 64, {size[0]}, {size[1]}], one training step "
@@ -209,25 +220,33 @@ def report(result, command, device):
 
 
 def main(argv=None):
-    ensure_allocator_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bn-shape", type=int, nargs=4, default=[4, 64, 360, 480], metavar=("N", "C", "H", "W"))
     parser.add_argument("--size", type=int, nargs=2, default=[360, 480], metavar=("H", "W"))
     parser.add_argument("--repeat", type=int, default=9, help="timed runs per case (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--write", action="store_true", help=f"write the tables into {RESULTS}")
+    add_allocator_arguments(parser)  # --json: the BN+ReLU table's figures only
     args = parser.parse_args(argv)
+    start_under_allocator(args)
+    bn = bn_relu_rows(args.bn_shape, args.repeat, args.device)
+    if args.json:
+        print(json.dumps(bn))
+        return bn
     command = "python -m bench.conv_bn_relu " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
-    result = dict(bn_shape=args.bn_shape, size=args.size, repeat=args.repeat,
-                  bn=bn_relu_rows(args.bn_shape, args.repeat, args.device),
+    result = dict(bn_shape=args.bn_shape, size=args.size, repeat=args.repeat, bn=bn,
                   stack=stack_rows(args.size, max(3, args.repeat // 3), args.device),
                   inference=inference_rows(args.size, args.repeat, args.device),
                   winograd=winograd_rows(args.repeat) if args.device == "cpu" else [])
+    if args.allocator == "both" and args.device == "cpu":
+        result["default"] = under_default_allocator(
+            "bench.conv_bn_relu", ["--bn-shape", *args.bn_shape, "--repeat", args.repeat, "--device", args.device])
     text = report(result, command.strip(), args.device)
     print(text)
     if args.write:
-        replace_section(RESULTS, f"conv-bn-relu-{args.device}", text)
+        section = f"conv-bn-relu-{args.device}" + (f"-{segnet_ext.cpu_capability().lower()}" if args.device == "cpu" else "")
+        replace_section(RESULTS, section, text)
         print(f"\nwritten to {RESULTS}")
     return result
 

@@ -2,13 +2,19 @@
 side by side in one process, with the memory bandwidth measured in the same run.
 
     python -m bench.pool                 # [4, 64, 360, 480] float32, prints the table
-    python -m bench.pool --write         # ... and writes it into bench/RESULTS.md
+    python -m bench.pool --write         # ... and writes it into bench/RESULTS.md, in the
+                                         # section of the ISA level segnet_ext's kernels ran at
+
+The table is measured under glibc with the large-block thresholds of segnet.malloc (what
+the segnet command uses), and again, in a child process, under glibc's defaults (how a
+user's own program runs unless told otherwise): ours must beat torch under both.
 
 Both sides run through autograd the same way for the backwards. The bytes floor of an
 op is the bytes it must move (read + write, at the element size, indices included)
 divided by the copy bandwidth measured in this run.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -17,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import segnet_ext
-from bench.common import (ALLOCATOR_ENV, bandwidth_gbs, ensure_allocator_env, interleaved_ms, machine_description,
-                          median_ratio, replace_section)
+from bench.common import (add_allocator_arguments, bandwidth_gbs, interleaved_ms, machine_description, median_ratio,
+                          replace_section, start_under_allocator, under_default_allocator)
+from segnet import malloc
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -92,19 +99,29 @@ def report(result, shape, device, command):
         f"the start of the run: read {result['read_gbs']:.1f} GB/s, copy "
         f"{result['copy_gbs']:.1f} GB/s (read + write). Floor: the bytes the op must move at the speed of the copy "
         "timed beside it (a copy of the input: read + write). Backwards are timed through autograd on both sides. "
-        f"Allocator: glibc with {', '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())} (set by the script), so "
-        "freed outputs are reused instead of page-faulted back, for both sides.",
+        f"Allocator: {malloc.describe()} (set by the script; what `segnet` uses), so freed outputs are reused "
+        "instead of page-faulted back, for both sides."
+        + (" Last columns: the same ops in a child process under glibc's defaults, where every new output "
+           "above 32 MB is page-faulted in, on both sides." if result.get("default") else ""),
         "",
-        "| op | layout | torch ms | ours ms | speed-up (target) | bytes floor ms | ours / floor (target 1.5x) | MB moved: ours / torch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    default = {(r["op"], r["layout"]): r for r in result["default"]["rows"]} if result.get("default") else {}
+    header = ("| op | layout | torch ms | ours ms | speed-up (target) | bytes floor ms | ours / floor (target 1.5x) "
+              "| MB moved: ours / torch |")
+    if default:
+        header += " default malloc: torch ms | ours ms | speed-up (target 1.0x) |"
+    lines += [header, "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if default else "")]
+    mark = lambda ok: "" if ok else " **missed**"  # noqa: E731
     for r in result["rows"]:
         target = TARGET_SPEEDUP.get((r["op"], r["layout"]), DEFAULT_TARGET_SPEEDUP)
-        mark = lambda ok: "" if ok else " **missed**"  # noqa: E731
-        lines.append(f"| {r['op']} | {r['layout']} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | "
-                     f"{r['speedup']:.2f}x (>= {target}x){mark(r['speedup'] >= target)} | {r['floor_ms']:.1f} | "
-                     f"{r['over_floor']:.2f}x{mark(r['over_floor'] <= TARGET_OVER_FLOOR)} | "
-                     f"{r['ours_mb']:.0f} / {r['torch_mb']:.0f} |")
+        line = (f"| {r['op']} | {r['layout']} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | "
+                f"{r['speedup']:.2f}x (>= {target}x){mark(r['speedup'] >= target)} | {r['floor_ms']:.1f} | "
+                f"{r['over_floor']:.2f}x{mark(r['over_floor'] <= TARGET_OVER_FLOOR)} | "
+                f"{r['ours_mb']:.0f} / {r['torch_mb']:.0f} |")
+        if default:
+            d = default[(r["op"], r["layout"])]
+            line += f" {d['torch_ms']:.1f} | {d['ours_ms']:.1f} | {d['speedup']:.2f}x{mark(d['speedup'] >= 1.0)} |"
+        lines.append(line)
     windows = shape[0] * shape[1] * (shape[2] // 2) * (shape[3] // 2)
     lines += ["", f"Index memory for this input: {(windows + 3) // 4:,} bytes packed vs {windows * 8:,} bytes of "
               f"int64 indices: exactly 1/32."]
@@ -112,19 +129,27 @@ def report(result, shape, device, command):
 
 
 def main(argv=None):
-    ensure_allocator_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=4, default=[4, 64, 360, 480], metavar=("N", "C", "H", "W"))
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per op (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--write", action="store_true", help=f"write the table into {RESULTS}")
+    add_allocator_arguments(parser)
     args = parser.parse_args(argv)
-    command = "python -m bench.pool " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
+    start_under_allocator(args)
     result = run(args.shape, args.repeat, args.device)
+    if args.json:
+        print(json.dumps(result))
+        return result
+    if args.allocator == "both" and args.device == "cpu":
+        result["default"] = under_default_allocator(
+            "bench.pool", ["--shape", *args.shape, "--repeat", args.repeat, "--device", args.device])
+    command = "python -m bench.pool " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
     text = report(result, args.shape, args.device, command.strip())
     print(text)
     if args.write:
-        replace_section(RESULTS, f"pool-{args.device}", text)
+        section = f"pool-{args.device}" + (f"-{segnet_ext.cpu_capability().lower()}" if args.device == "cpu" else "")
+        replace_section(RESULTS, section, text)
         print(f"\nwritten to {RESULTS}")
     return result
 

@@ -7,16 +7,20 @@ images per second, the variants timed in alternation in one process.
 
 Variants: float32 NCHW, bf16 autocast NCHW, bf16 autocast channels_last, each on the
 recipe's 192x256 crops, and the last also on whole 360x480 images (what training without
-crops would cost per image).
+crops would cost per image). Under the malloc thresholds the segnet command sets
+(segnet.malloc), and again in a child process under glibc's defaults: what they save.
 """
 import argparse
+import json
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import ensure_allocator_env, interleaved_median_ms, machine_description, replace_section
+from bench.common import (add_allocator_arguments, interleaved_median_ms, machine_description, replace_section,
+                          start_under_allocator, under_default_allocator)
+from segnet import malloc
 from segnet.model import build_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -53,27 +57,45 @@ def training_step(bf16: bool, channels_last: bool, size, batch: int):
     return step
 
 
-def run(batch: int, repeat: int, command: str, crop=(192, 256), full=(360, 480)) -> str:
-    """The table, as markdown."""
-    cases = variants(crop, full)
-    ms = interleaved_median_ms([training_step(bf16, cl, size, batch) for _, bf16, cl, size in cases], repeat=repeat, warmup=1)
+def measure(batch: int, repeat: int, crop=(192, 256), full=(360, 480)):
+    """Median ms per step of each variant."""
+    steps = [training_step(bf16, cl, size, batch) for _, bf16, cl, size in variants(crop, full)]
+    return interleaved_median_ms(steps, repeat=repeat, warmup=1)
+
+
+def report(ms, batch: int, repeat: int, command: str, crop=(192, 256), full=(360, 480), default_ms=None) -> str:
+    """The table, as markdown; default_ms: the same under glibc's default allocator."""
     rate = [batch * 1e3 / t for t in ms]
-    lines = [f"SegNet-Basic training step, batch {batch}, median of {repeat} (`{command}`; {machine_description()}):", "",
-             "| variant | ms / step | images / s | vs float32 |", "|---|---|---|---|"]
-    for (name, *_), t, r in zip(cases, ms, rate):
-        lines.append(f"| {name} | {t:.0f} | {r:.2f} | {r / rate[0]:.2f}x |")
+    lines = [f"SegNet-Basic training step, batch {batch}, median of {repeat} (`{command}`; {machine_description()}; "
+             f"allocator: {malloc.describe()}, as `segnet train` sets it"
+             + ("; last columns: the same steps in a child process under glibc's defaults" if default_ms else "")
+             + "):", "",
+             "| variant | ms / step | images / s | vs float32 |" + (" default malloc ms / step | time saved |" if default_ms else ""),
+             "|---|---|---|---|" + ("---|---|" if default_ms else "")]
+    for i, ((name, *_), t, r) in enumerate(zip(variants(crop, full), ms, rate)):
+        line = f"| {name} | {t:.0f} | {r:.2f} | {r / rate[0]:.2f}x |"
+        if default_ms:
+            line += f" {default_ms[i]:.0f} | {1 - t / default_ms[i]:.0%} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
 def main(argv=None):
-    ensure_allocator_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=5, help="timed steps per variant (median reported)")
     parser.add_argument("--write", action="store_true", help=f"write the table into {RESULTS}")
+    add_allocator_arguments(parser)
     args = parser.parse_args(argv)
+    start_under_allocator(args)
+    ms = measure(args.batch_size, args.repeat)
+    if args.json:
+        print(json.dumps(ms))
+        return
+    default_ms = under_default_allocator("bench.recipe", ["--batch-size", args.batch_size, "--repeat", args.repeat]) \
+        if args.allocator == "both" else None
     command = "python -m bench.recipe " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
-    text = run(args.batch_size, args.repeat, command.strip())
+    text = report(ms, args.batch_size, args.repeat, command.strip(), default_ms=default_ms)
     print(text)
     if args.write:
         replace_section(RESULTS, "camvid-recipe-cpu", text)

@@ -18,6 +18,7 @@ Inference: latency per image (eval mode, no_grad) and peak process memory.
 """
 import argparse
 import functools
+import inspect
 import json
 import os
 import resource
@@ -31,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from bench.common import (ALLOCATOR_ENV, ensure_allocator_env, interleaved_ms, machine_description, median_ratio,
-                          replace_section, saved_storages)
+from bench.common import interleaved_ms, machine_description, median_ratio, replace_section, saved_storages
+from segnet import malloc
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -67,6 +68,12 @@ class _SacCounter:
         self.storages[("conv", len(self.storages))] = x.shape[0] * weight.shape[0] * H * W * x.element_size()
 
 
+# torch >= 2.14 asks whether a checkpoint applies the saved_tensors_hooks around it to what it
+# saves (the counter above counts that instead); older releases do not, and take no such argument.
+_IGNORE_OUTER_HOOKS = ({"respect_saved_tensors_hooks": False}
+                       if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {})
+
+
 def sac_forward(model, x, counter=None):
     """SegNet's forward with each stage's conv-BN-ReLU blocks as one checkpointed region."""
     context = functools.partial(create_selective_checkpoint_contexts, functools.partial(_sac_policy, counter))
@@ -74,7 +81,7 @@ def sac_forward(model, x, counter=None):
     def region(stage, h):
         if counter is not None:
             counter.region_input(h)
-        return checkpoint(stage, h, use_reentrant=False, context_fn=context, respect_saved_tensors_hooks=False)
+        return checkpoint(stage, h, use_reentrant=False, context_fn=context, **_IGNORE_OUTER_HOOKS)
 
     skips = []
     for stage, pool in zip(model.encoder, model.pools):
@@ -194,7 +201,7 @@ def peak_memory(kind, variant, model_name, size, batch):
     warm-up step) or two inferences."""
     cmd = [sys.executable, "-m", "bench.report", "--peak-worker", kind, variant, model_name,
            str(size[0]), str(size[1]), str(batch)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **ALLOCATOR_ENV))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **malloc.THRESHOLDS))
     if done.returncode != 0:
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
@@ -279,8 +286,7 @@ def report(result, command):
         f"`{command}` on {result['machine']}, torch {result['torch']}, {result['model']} at "
         f"{result['size'][0]}x{result['size'][1]}, float32, random weights and inputs (the same for every variant), "
         f"{result['repeat']} steps of each timed in alternation in one process: medians of the times, and of "
-        f"the ratios within each round. Allocator: glibc with "
-        f"{', '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())}. Variants: **ours** = `backend=\"segnet_ext\"`; "
+        f"the ratios within each round. Allocator: {malloc.describe()}. Variants: **ours** = `backend=\"segnet_ext\"`; "
         "**torch** (a) = `backend=\"torch\"`; **torch+sac** (b) = (a) with selective activation checkpointing, one "
         "region per stage, saving convolution outputs and recomputing BN/ReLU; **torch+compile** (c) = (a) under "
         "`torch.compile` (default inductor). Saved bytes are exact (distinct storages autograd saves; for (b) the "
@@ -402,7 +408,7 @@ def main(argv=None):
     if argv[:1] == ["--peak-worker"]:
         kind, variant, model_name, H, W, batch = argv[1:7]
         return _peak_worker(kind, variant, model_name, int(H), int(W), int(batch))
-    ensure_allocator_env()
+    malloc.use_allocator(tuned=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="segnet", choices=["segnet", "segnet_basic"])
     parser.add_argument("--size", type=int, nargs=2, default=[360, 480], metavar=("H", "W"))

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ops import cuda_kernels_available
-from .recompute import RECIPE, SavedInput, ScaleShiftReLU, attach, autocast_operands, dtypes, grads_as  # noqa: F401  (RECIPE: for tests)
+from .recompute import RECIPE, SavedInput, ScaleShiftReLU, attach  # noqa: F401  (RECIPE: for tests)
+from .recompute import autocast_operands, dtypes, grads_as
 
 _ops = torch.ops.segnet_ext
 

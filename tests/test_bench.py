@@ -7,7 +7,26 @@ def test_pool_benchmark_runs_on_a_tiny_input():
     result = run(shape, repeat=1)
     assert len(result["rows"]) == 8 and all(r["ours_ms"] > 0 and r["torch_ms"] > 0 for r in result["rows"])
     text = report(result, shape, "cpu", "python -m bench.pool --shape 1 3 9 16")
-    assert "| pool forward | NCHW |" in text and "exactly 1/32" in text
+    assert "| pool forward | NCHW |" in text and "exactly 1/32" in text and "default malloc" not in text
+    result["default"] = result
+    text = report(result, shape, "cpu", "python -m bench.pool --shape 1 3 9 16")
+    rows = [line for line in text.splitlines() if line.startswith(("| pool", "| unpool"))]
+    assert text.count("default malloc") == 1 and len(rows) == 8 and all(line.count("|") == 12 for line in rows)
+
+
+def test_benchmark_runs_under_glibc_defaults_in_a_child_process():
+    from bench.common import under_default_allocator
+
+    rows = under_default_allocator("bench.conv_bn_relu", ["--bn-shape", 2, 4, 5, 7, "--repeat", 1])["rows"]
+    assert [r["layout"] for r in rows] == ["NCHW", "channels_last"] and all(r["ours_ms"] > 0 for r in rows)
+
+
+def test_machine_description_names_the_isa():
+    from bench.common import cpu_isa, machine_description
+
+    assert cpu_isa("flags\t: fpu avx2 avx512f avx512_bf16 amx_tile\n") == "AVX-512 + BF16 + AMX"
+    assert cpu_isa("flags\t: fpu avx avx2 fma\n") == "AVX2 (no AVX-512)"
+    assert "segnet_ext " in machine_description() and "ATen " in machine_description()
 
 
 def test_conv_bn_relu_benchmark_runs_on_a_tiny_input():
@@ -45,7 +64,8 @@ def test_segnet_report_profile_runs():
 
 
 def test_recipe_benchmark_runs_on_a_tiny_input():
-    from bench.recipe import run
+    from bench.recipe import measure, report
 
-    text = run(1, 1, "python -m bench.recipe", crop=(16, 24), full=(24, 32))
-    assert text.count("| bf16 autocast") == 3 and "| 1.00x |" in text
+    ms = measure(1, 1, crop=(16, 24), full=(24, 32))
+    text = report(ms, 1, 1, "python -m bench.recipe", crop=(16, 24), full=(24, 32), default_ms=[2 * t for t in ms])
+    assert text.count("| bf16 autocast") == 3 and "| 1.00x |" in text and text.count("| 50% |") == 4

@@ -256,10 +256,11 @@ class VGG16BNLike(nn.Module):
                 layers += [nn.Conv2d(c, v // 8, 3, padding=1), nn.BatchNorm2d(v // 8), nn.ReLU(inplace=True)]
                 c = v // 8
         self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(4)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * 4 * 4, 10))
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        return self.classifier(self.avgpool(self.features(x)))
 
 
 def vgg16_bn():

@@ -258,3 +258,19 @@ def test_bad_settings(camvid_root, tmp_path):
         TrainConfig.from_dict({"learning_rate": 0.1})
     with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
         Trainer(tiny_config(camvid_root, tmp_path / "fp16", amp="fp16", max_steps=1)).fit()
+
+
+def test_deterministic_cuda_settings(monkeypatch):
+    from segnet.train import deterministic_cuda
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        deterministic_cuda()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])

@@ -230,7 +230,9 @@ void stats_kernel(const at::Tensor& x, const ChannelLayout& L, at::Tensor& mean,
   for (int64_t c = 0; c < L.C; ++c) pivot[c] = static_cast<A>(xp[c]);
   reduce_rows<A>(
       L.outer, L.C,
-      [&](int64_t r0, int64_t r1, A* s1, A* s2) { SEGNET_VECTORIZED(shifted_sums_rows<T, A>(xp, r0, r1, L.C, pivot.data(), s1, s2)); },
+      [&](int64_t r0, int64_t r1, A* s1, A* s2) {
+        SEGNET_VECTORIZED(shifted_sums_rows<T, A>(xp, r0, r1, L.C, pivot.data(), s1, s2));
+      },
       [&](int64_t c, const DoubleSums& total) {
         const Moments m = Moments::from_shifted(L.outer, pivot[c], total.s1, total.s2);
         mp[c] = static_cast<A>(m.mean);
@@ -281,7 +283,9 @@ at::Tensor scale_shift_relu_cpu(const at::Tensor& x_in, const at::Tensor& scale_
     const A* tp = shift.const_data_ptr<A>();
     for_each_run(
         L,
-        [&](int64_t p, int64_t c) { SEGNET_VECTORIZED(apply_run<scalar_t, A>(xp + p * L.inner, L.inner, sp[c], tp[c], relu, yp + p * L.inner)); },
+        [&](int64_t p, int64_t c) {
+          SEGNET_VECTORIZED(apply_run<scalar_t, A>(xp + p * L.inner, L.inner, sp[c], tp[c], relu, yp + p * L.inner));
+        },
         [&](int64_t r) { SEGNET_VECTORIZED(apply_row<scalar_t, A>(xp + r * L.C, L.C, sp, tp, relu, yp + r * L.C)); });
   });
   return y;
@@ -316,8 +320,8 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(const at::Tensor&
             const int64_t off = (n * L.C + c) * L.inner;
             for (int64_t i = 0; i < L.inner; i += kChunk) {
               A s1, s2;
-              SEGNET_VECTORIZED(grad_sums<scalar_t, A>(dp + off + i, xp + off + i, std::min(kChunk, L.inner - i), sp[c], tp[c], mp[c],
-                                     relu, &s1, &s2));
+              SEGNET_VECTORIZED(grad_sums<scalar_t, A>(dp + off + i, xp + off + i, std::min(kChunk, L.inner - i),
+                                                       sp[c], tp[c], mp[c], relu, &s1, &s2));
               g += s1;
               gc += s2;
             }
@@ -361,10 +365,12 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_y_in, const at::Ten
         L,
         [&](int64_t p, int64_t c) {
           const int64_t off = p * L.inner;
-          SEGNET_VECTORIZED(grad_apply_run<scalar_t, A>(dp + off, xp + off, L.inner, sp[c], tp[c], mp[c], a[c], b[c], k[c], relu, gx + off));
+          SEGNET_VECTORIZED(grad_apply_run<scalar_t, A>(dp + off, xp + off, L.inner, sp[c], tp[c], mp[c], a[c], b[c],
+                                                        k[c], relu, gx + off));
         },
         [&](int64_t r) {
-          SEGNET_VECTORIZED(grad_apply_row<scalar_t, A>(dp + r * L.C, xp + r * L.C, L.C, sp, tp, mp, a, b, k, relu, gx + r * L.C));
+          SEGNET_VECTORIZED(
+              grad_apply_row<scalar_t, A>(dp + r * L.C, xp + r * L.C, L.C, sp, tp, mp, a, b, k, relu, gx + r * L.C));
         });
   });
   return dx;

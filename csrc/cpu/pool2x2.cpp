@@ -451,7 +451,7 @@ void gather_nchw(const T* go, const uint8_t* packed, T* gv, const PoolGeometry& 
       }
 #endif
       load_codes(packed, r * g.Wo + done, g.Wo - done, codes.data());
-      gather_span(top + 2 * done, top + g.W + 2 * done, codes.data(), full_end - done, out + done);
+      SEGNET_VECTORIZED(gather_span(top + 2 * done, top + g.W + 2 * done, codes.data(), full_end - done, out + done));
       for (int64_t ow = full_end; ow < g.Wo; ++ow)
         out[ow] = border_pick(top + 2 * ow, 1, g.W, codes[ow - done], 2 * ow + 1 < g.W, row1);
     }
@@ -473,7 +473,7 @@ void gather_nhwc(const T* go, const uint8_t* packed, T* gv, const PoolGeometry& 
         const uint8_t* cp = codes.data() + ow * C;
         T* out = gv + (t * g.Wo + ow) * C;
         if (row1 && 2 * ow + 1 < g.W) {
-          gather_channels(p, p + C, p + g.W * C, p + g.W * C + C, cp, C, out);
+          SEGNET_VECTORIZED(gather_channels(p, p + C, p + g.W * C, p + g.W * C + C, cp, C, out));
         } else {
           for (int64_t c = 0; c < C; ++c)
             out[c] = border_pick(p + c, C, g.W * C, cp[c], 2 * ow + 1 < g.W, row1);

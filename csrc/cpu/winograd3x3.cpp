@@ -99,8 +99,9 @@ SEGNET_LEAF void epilogue_channels(const T* __restrict__ v, int64_t n, const T* 
 // NCHW: per input channel, the 4 patch rows are split into even and odd columns, so patch
 // column j of tile t is E[t], O[t], E[t + 1], O[t + 1] for j = 0..3: every loop is unit-stride.
 template <typename T>
-void block_nchw(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t tx0, int64_t nt, const at::Tensor& U,
-                const T* scale, const T* shift, bool relu, int64_t Cout, T* y, std::vector<T>& buf) {
+SEGNET_LEAF void block_nchw(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t tx0, int64_t nt,
+                            const at::Tensor& U, const T* scale, const T* shift, bool relu, int64_t Cout, T* y,
+                            std::vector<T>& buf) {
   const int64_t row_len = 2 * nt + 2, half = nt + 1, c0 = 2 * tx0 - 1, r0 = 2 * ty - 1;
   buf.resize(16 * (C + Cout) * nt + 16 * half + 2 * row_len);
   T* v = buf.data();
@@ -128,16 +129,16 @@ void block_nchw(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t
         o[k] = c + 1 >= 0 && c + 1 < W ? xr[c + 1] : T(0);
       };
       for (int64_t k = 0; k < k0; ++k) at_edge(k);
-      SEGNET_VECTORIZED(deinterleave(xr + c0 + 2 * k0, k1 - k0, e + k0, o + k0));
+      deinterleave(xr + c0 + 2 * k0, k1 - k0, e + k0, o + k0);
       for (int64_t k = k1; k < half; ++k) at_edge(k);
     }
-    SEGNET_VECTORIZED(bt_runs(E(0, 0), E(0, 1), E(0, 2), E(0, 3), half, E(1, 0), E(1, 1), E(1, 2), E(1, 3)));
-    SEGNET_VECTORIZED(bt_runs(O(0, 0), O(0, 1), O(0, 2), O(0, 3), half, O(1, 0), O(1, 1), O(1, 2), O(1, 3)));
+    bt_runs(E(0, 0), E(0, 1), E(0, 2), E(0, 3), half, E(1, 0), E(1, 1), E(1, 2), E(1, 3));
+    bt_runs(O(0, 0), O(0, 1), O(0, 2), O(0, 3), half, O(1, 0), O(1, 1), O(1, 2), O(1, 3));
     T* vc = v + ci * nt;  // V[k][ci][t], k = 4 i + j
     const int64_t k = C * nt;
     for (int i = 0; i < 4; ++i)
-      SEGNET_VECTORIZED(bt_runs(E(1, i), O(1, i), E(1, i) + 1, O(1, i) + 1, nt, vc + (4 * i) * k, vc + (4 * i + 1) * k,
-              vc + (4 * i + 2) * k, vc + (4 * i + 3) * k));
+      bt_runs(E(1, i), O(1, i), E(1, i) + 1, O(1, i) + 1, nt, vc + (4 * i) * k, vc + (4 * i + 1) * k,
+              vc + (4 * i + 2) * k, vc + (4 * i + 3) * k);
   }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto V = at::from_blob(v, {16, C, nt}, opts);
@@ -148,18 +149,18 @@ void block_nchw(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t
   for (int64_t co = 0; co < Cout; ++co) {
     const T* mc = m + co * nt;
     const int64_t k = Cout * nt;
-    for (int j = 0; j < 4; ++j) SEGNET_VECTORIZED(at_runs(mc + j * k, mc + (4 + j) * k, mc + (8 + j) * k, mc + (12 + j) * k, nt,
-                                        s + j * nt, s + (4 + j) * nt));
+    for (int j = 0; j < 4; ++j) at_runs(mc + j * k, mc + (4 + j) * k, mc + (8 + j) * k, mc + (12 + j) * k, nt,
+                                        s + j * nt, s + (4 + j) * nt);
     for (int i = 0; i < 2 && 2 * ty + i < H; ++i) {
       T* yrow = y + (co * H + 2 * ty + i) * W + w0;
       T* even = s + (8 + 2 * i) * nt;
       T* odd = even + nt;
       const T* si = s + 4 * i * nt;
-      SEGNET_VECTORIZED(at_runs(si, si + nt, si + 2 * nt, si + 3 * nt, nt, even, odd));
+      at_runs(si, si + nt, si + 2 * nt, si + 3 * nt, nt, even, odd);
       if (width == 2 * nt) {
-        SEGNET_VECTORIZED(epilogue_interleave(even, odd, nt, scale[co], shift[co], relu, yrow));
+        epilogue_interleave(even, odd, nt, scale[co], shift[co], relu, yrow);
       } else {
-        SEGNET_VECTORIZED(epilogue_interleave(even, odd, nt, scale[co], shift[co], relu, out));
+        epilogue_interleave(even, odd, nt, scale[co], shift[co], relu, out);
         std::copy(out, out + width, yrow);
       }
     }
@@ -168,8 +169,9 @@ void block_nchw(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t
 
 // channels_last: the runs are a pixel's channels.
 template <typename T>
-void block_nhwc(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t tx0, int64_t nt, const at::Tensor& U,
-                const T* scale, const T* shift, bool relu, int64_t Cout, T* y, std::vector<T>& buf) {
+SEGNET_LEAF void block_nhwc(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t tx0, int64_t nt,
+                            const at::Tensor& U, const T* scale, const T* shift, bool relu, int64_t Cout, T* y,
+                            std::vector<T>& buf) {
   const int64_t Cm = std::max(C, Cout);
   buf.resize(16 * (C + Cout) * nt + C + 16 * Cm);
   T* v = buf.data();
@@ -185,13 +187,13 @@ void block_nhwc(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t
         d[4 * i + j] = (row >= 0 && row < H && col >= 0 && col < W) ? x + (row * W + col) * C : zeros;
       }
     for (int j = 0; j < 4; ++j)  // columns of the patch: r[4 i + j] = (B^T d)[i][j]
-      SEGNET_VECTORIZED(bt_runs(d[j], d[4 + j], d[8 + j], d[12 + j], C, r + j * Cm, r + (4 + j) * Cm, r + (8 + j) * Cm,
-              r + (12 + j) * Cm));
+      bt_runs(d[j], d[4 + j], d[8 + j], d[12 + j], C, r + j * Cm, r + (4 + j) * Cm, r + (8 + j) * Cm,
+              r + (12 + j) * Cm);
     T* vt = v + t * C;  // V[k][t][ci]
     const int64_t k = nt * C;
     for (int i = 0; i < 4; ++i)
-      SEGNET_VECTORIZED(bt_runs(r + 4 * i * Cm, r + (4 * i + 1) * Cm, r + (4 * i + 2) * Cm, r + (4 * i + 3) * Cm, C, vt + 4 * i * k,
-              vt + (4 * i + 1) * k, vt + (4 * i + 2) * k, vt + (4 * i + 3) * k));
+      bt_runs(r + 4 * i * Cm, r + (4 * i + 1) * Cm, r + (4 * i + 2) * Cm, r + (4 * i + 3) * Cm, C, vt + 4 * i * k,
+              vt + (4 * i + 1) * k, vt + (4 * i + 2) * k, vt + (4 * i + 3) * k);
   }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto V = at::from_blob(v, {16, nt, C}, opts);
@@ -201,12 +203,12 @@ void block_nhwc(const T* x, int64_t C, int64_t H, int64_t W, int64_t ty, int64_t
     const T* mt = m + t * Cout;
     const int64_t k = nt * Cout;
     for (int j = 0; j < 4; ++j)  // r[4 i + j] = (A^T m)[i][j], i = 0, 1
-      SEGNET_VECTORIZED(at_runs(mt + j * k, mt + (4 + j) * k, mt + (8 + j) * k, mt + (12 + j) * k, Cout, r + j * Cm, r + (4 + j) * Cm));
+      at_runs(mt + j * k, mt + (4 + j) * k, mt + (8 + j) * k, mt + (12 + j) * k, Cout, r + j * Cm, r + (4 + j) * Cm);
     for (int i = 0; i < 2 && 2 * ty + i < H; ++i) {
       T* out = r + (8 + 2 * i) * Cm;
-      SEGNET_VECTORIZED(at_runs(r + 4 * i * Cm, r + (4 * i + 1) * Cm, r + (4 * i + 2) * Cm, r + (4 * i + 3) * Cm, Cout, out, out + Cm));
+      at_runs(r + 4 * i * Cm, r + (4 * i + 1) * Cm, r + (4 * i + 2) * Cm, r + (4 * i + 3) * Cm, Cout, out, out + Cm);
       for (int j = 0; j < 2 && 2 * (tx0 + t) + j < W; ++j)
-        SEGNET_VECTORIZED(epilogue_channels(out + j * Cm, Cout, scale, shift, relu, y + ((2 * ty + i) * W + 2 * (tx0 + t) + j) * Cout));
+        epilogue_channels(out + j * Cm, Cout, scale, shift, relu, y + ((2 * ty + i) * W + 2 * (tx0 + t) + j) * Cout);
     }
   }
 }
@@ -255,10 +257,13 @@ at::Tensor winograd3x3_scale_shift_relu(const at::Tensor& x_in, const at::Tensor
         const int64_t n = item / (Ht * blocks), ty = item / blocks % Ht, tx0 = item % blocks * tiles;
         const int64_t nt = std::min(tiles, Wt - tx0);
         if (nt <= 0) continue;
+        // a block's transforms, with their leaf loops, built per ISA level (vectorize.h)
         if (channels_last)
-          block_nhwc(xp + n * C * H * W, C, H, W, ty, tx0, nt, U, sp, tp, relu, Cout, yp + n * Cout * H * W, buf);
+          SEGNET_VECTORIZED(block_nhwc(xp + n * C * H * W, C, H, W, ty, tx0, nt, U, sp, tp, relu, Cout,
+                                       yp + n * Cout * H * W, buf));
         else
-          block_nchw(xp + n * C * H * W, C, H, W, ty, tx0, nt, U, sp, tp, relu, Cout, yp + n * Cout * H * W, buf);
+          SEGNET_VECTORIZED(block_nchw(xp + n * C * H * W, C, H, W, ty, tx0, nt, U, sp, tp, relu, Cout,
+                                       yp + n * Cout * H * W, buf));
       }
     });
   });

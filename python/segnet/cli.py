@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from . import malloc
 from .train import TrainConfig, TrainingInterrupted
 
 DEFAULTS = TrainConfig()
@@ -58,6 +59,8 @@ TRAIN_OPTIONS = [
     ("--channels-last", "channels_last", {"action": argparse.BooleanOptionalAction}, "channels_last memory format"),
     ("--amp", "amp", {"choices": ["none", "bf16", "fp16"]}, "autocast: bf16 (CPU or CUDA) or fp16 (CUDA)"),
     ("--seed", "seed", {"type": int}, "seed of initialisation, shuffling and augmentation"),
+    ("--deterministic", "deterministic", {"action": argparse.BooleanOptionalAction},
+     "CUDA: deterministic cuDNN and ATen kernels, so that runs and resumed runs repeat bit for bit (CPU runs always do)"),
     ("--workers", "workers", {"type": int}, "DataLoader worker processes"),
     ("--val-split", "val_split", {}, "split to validate on"),
     ("--val-every", "val_every", {"type": int}, "validate every N epochs (and after the last); 0 = never"),
@@ -72,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segnet",
         description="Train, evaluate and run SegNet on CamVid-style road scenes, with segnet_ext's memory-efficient layers.",
         epilog="Quick start: segnet train --data sample --model segnet_basic --epochs 2; segnet eval --checkpoint runs/segnet/best.pt; "
-        "segnet predict --checkpoint runs/segnet/best.pt --input sample --output predictions",
+        "segnet predict --checkpoint runs/segnet/best.pt --input sample --output predictions. "
+        "train, eval and predict raise glibc's malloc thresholds for activation-sized blocks "
+        "(see README: Install); SEGNET_MALLOC=default keeps glibc's defaults.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -141,6 +146,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in ("train", "eval", "predict"):
+        malloc.use_tuned_malloc()  # the process re-executes itself once (SEGNET_MALLOC=default: it does not)
     try:
         return _run(args)
     except TrainingInterrupted as e:

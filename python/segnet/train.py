@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class TrainConfig:
     channels_last: bool = False
     amp: str = "none"                         # none | bf16 | fp16 (CUDA)
     seed: int = 0
+    deterministic: bool = True                # CUDA: deterministic cuDNN/ATen kernels (see deterministic_cuda)
     workers: int = 0
     val_split: str = "val"
     val_every: int = 1                        # epochs; 0 = never
@@ -148,6 +150,18 @@ def lr_factor(config: TrainConfig, steps_per_epoch: int):
     return lambda step: 1.0
 
 
+def deterministic_cuda() -> None:
+    """What makes a CUDA run repeat bit for bit, so that a resumed run ends as an uninterrupted
+    one: cuDNN's deterministic algorithms, not the fastest by timing (benchmark mode can pick
+    differently in each process), ATen's deterministic kernels where they exist (a warning
+    names any op that has none), and cuBLAS with a fixed workspace. segnet_ext's own CUDA
+    kernels use no atomics. CPU runs are deterministic without it (same thread count)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first starts
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 class Trainer:
     """One training run. ``Trainer(config).fit()``; ``resume=True`` continues from the
     output folder's ``last.pt``."""
@@ -159,6 +173,8 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.context.local_rank)
             torch.cuda.set_device(self.device)
+            if config.deterministic:
+                deterministic_cuda()
         self.output = Path(config.output)
         resume_state = self._resume_state(trust_checkpoint) if resume else None
 
