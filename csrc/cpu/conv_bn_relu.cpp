@@ -23,6 +23,7 @@
 
 #include "common/bn_relu.h"
 #include "common/bn_relu_args.h"
+#include "cpu/outputs.h"
 #include "cpu/vectorize.h"
 #include "cpu/winograd3x3.h"
 
@@ -274,7 +275,7 @@ at::Tensor scale_shift_relu_cpu(const at::Tensor& x_in, const at::Tensor& scale_
   check_channel_vector(op, shift_in, "shift", x_in);
   const auto x = dense(x_in, L);
   const auto scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  auto y = at::empty_like(x, L.format);
+  auto y = empty_output(x.sizes(), x.options().memory_format(L.format));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_shift_relu", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -353,7 +354,7 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_y_in, const at::Ten
   const auto x = dense(x_in, L), dy = dense(grad_y_in, L);
   const auto scale = scale_in.contiguous(), shift = shift_in.contiguous(), mean = mean_in.contiguous();
   const auto k1 = k1_in.contiguous(), k2 = k2_in.contiguous(), k3 = k3_in.contiguous();
-  auto dx = at::empty_like(x, L.format);
+  auto dx = empty_output(x.sizes(), x.options().memory_format(L.format));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_apply", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();

@@ -18,11 +18,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "common/pool2x2_args.h"
+#include "cpu/outputs.h"
 #include "cpu/pool2x2_avx2.h"
 #include "cpu/vectorize.h"
 
@@ -64,10 +66,10 @@ SEGNET_LEAF void join_codes_across_planes(const uint8_t* __restrict__ codes, int
 }
 
 // channels_last, the reverse: plane c's byte src[c * plane_bytes] split into the codes of
-// its 4 windows, codes[i * C + c].
-SEGNET_LEAF void split_codes_across_planes(const uint8_t* __restrict__ src, int64_t C, int64_t plane_bytes,
-                                                   uint8_t* __restrict__ codes) {
-  for (int64_t c = 0; c < C; ++c) {
+// its 4 windows, codes[i * C + c], for planes c0 <= c < C.
+SEGNET_LEAF void split_codes_across_planes(const uint8_t* __restrict__ src, int64_t c0, int64_t C,
+                                           int64_t plane_bytes, uint8_t* __restrict__ codes) {
+  for (int64_t c = c0; c < C; ++c) {
     const uint8_t b = src[c * plane_bytes];
     codes[c] = b & 3;
     codes[C + c] = (b >> 2) & 3;
@@ -125,7 +127,7 @@ void pool_span(const T* r0, const T* r1, int64_t n, T* y, uint8_t* codes) {
     if (avx2::cpu_has_avx2()) done = avx2::pool_span<false>(r0, r1, n, y, codes);
   }
 #endif
-  SEGNET_VECTORIZED(pool_span_generic(r0 + 2 * done, r1 + 2 * done, n - done, y + done, codes + done));
+  if (done < n) SEGNET_VECTORIZED(pool_span_generic(r0 + 2 * done, r1 + 2 * done, n - done, y + done, codes + done));
 }
 
 // channels_last: one full window across C channels, from its four pixels.
@@ -145,8 +147,9 @@ void pool_channels(const T* p00, const T* p01, const T* p10, const T* p11, int64
     if (avx2::cpu_has_avx2()) done = avx2::pool_channels(p00, p01, p10, p11, C, y, codes);
   }
 #endif
-  SEGNET_VECTORIZED(pool_channels_generic(p00 + done, p01 + done, p10 + done, p11 + done, C - done, y + done,
-                        codes + done));
+  if (done < C)
+    SEGNET_VECTORIZED(pool_channels_generic(p00 + done, p01 + done, p10 + done, p11 + done, C - done, y + done,
+                                            codes + done));
 }
 
 // NCHW: output row dy of n windows (2n elements), zero where the code points elsewhere.
@@ -174,7 +177,7 @@ void unpool_channels(const T* v, const uint8_t* codes, int64_t C, uint8_t want, 
     if (avx2::cpu_has_avx2()) done = avx2::unpool_channels(v, codes, C, want, out);
   }
 #endif
-  SEGNET_VECTORIZED(unpool_channels_generic(v + done, codes + done, C - done, want, out + done));
+  if (done < C) SEGNET_VECTORIZED(unpool_channels_generic(v + done, codes + done, C - done, want, out + done));
 }
 
 // Whether the AVX2 NCHW loops, which read 2-bit codes straight from the packed bytes, serve
@@ -261,8 +264,17 @@ void load_codes(const uint8_t* packed, int64_t k0, int64_t n, uint8_t* codes) {
 void load_codes_nhwc(const uint8_t* packed, const PoolGeometry& g, int64_t n, int64_t oh, uint8_t* codes) {
   const int64_t C = g.C, plane = g.Ho * g.Wo, first = (n * C * g.Ho + oh) * g.Wo;
   if (g.Wo % 4 == 0) {  // every row starts a byte: 4 windows of a channel per byte
-    for (int64_t ow = 0; ow < g.Wo; ow += 4)
-      SEGNET_VECTORIZED(split_codes_across_planes(packed + (first + ow) / 4, C, plane / 4, codes + ow * C));
+    const int64_t plane_bytes = plane / 4;
+    const uint8_t* end = packed + packed_bytes(g.windows());
+    for (int64_t ow = 0; ow < g.Wo; ow += 4) {
+      const uint8_t* src = packed + (first + ow) / 4;
+      int64_t done = 0;
+#ifdef SEGNET_HAVE_AVX2_PATH
+      if (avx2::cpu_has_avx2() && 8 * plane_bytes < INT32_MAX && src + (C - 1) * plane_bytes + 4 <= end)
+        done = avx2::split_codes_across_planes(src, C, plane_bytes, codes + ow * C);
+#endif
+      if (done < C) SEGNET_VECTORIZED(split_codes_across_planes(src, done, C, plane_bytes, codes + ow * C));
+    }
     return;
   }
   for (int64_t c = 0; c < C; ++c)
@@ -492,7 +504,7 @@ void gather_nhwc(const T* go, const uint8_t* packed, T* gv, const PoolGeometry& 
 std::tuple<Tensor, Tensor> max_pool2x2_cpu(const Tensor& x_in, bool ceil_mode) {
   const PoolGeometry g = pool_geometry(x_in, ceil_mode);
   const Tensor x = x_in.contiguous(g.format);
-  Tensor values = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().memory_format(g.format));
+  Tensor values = empty_output({g.N, g.C, g.Ho, g.Wo}, x.options().memory_format(g.format));
   Tensor packed = at::zeros({packed_bytes(g.windows())}, x.options().dtype(at::kByte));
   if (g.windows() == 0) return {values, packed};
   SEGNET_DISPATCH_FLOATING(x.scalar_type(), "max_pool2x2_cpu", [&] {
@@ -508,7 +520,7 @@ Tensor max_unpool2x2_cpu(const Tensor& values_in, const Tensor& packed_in,
                          at::IntArrayRef output_size) {
   const PoolGeometry g = unpool_geometry(values_in, packed_in, output_size);
   const Tensor values = values_in.contiguous(g.format), packed = packed_in.contiguous();
-  Tensor y = at::empty({g.N, g.C, g.H, g.W}, values.options().memory_format(g.format));
+  Tensor y = empty_output({g.N, g.C, g.H, g.W}, values.options().memory_format(g.format));
   if (y.numel() == 0) return y;
   SEGNET_DISPATCH_FLOATING(values.scalar_type(), "max_unpool2x2_cpu", [&] {
     auto run = g.channels_last() ? unpool_nhwc<scalar_t> : unpool_nchw<scalar_t>;
@@ -524,7 +536,7 @@ Tensor max_unpool2x2_backward_cpu(const Tensor& grad_output_in, const Tensor& pa
   const PoolGeometry g = gather_geometry(grad_output_in, packed_in, pooled_size);
   const Tensor grad_output = grad_output_in.contiguous(g.format), packed = packed_in.contiguous();
   Tensor grad_values =
-      at::empty({g.N, g.C, g.Ho, g.Wo}, grad_output.options().memory_format(g.format));
+      empty_output({g.N, g.C, g.Ho, g.Wo}, grad_output.options().memory_format(g.format));
   if (grad_values.numel() == 0) return grad_values;
   SEGNET_DISPATCH_FLOATING(grad_output.scalar_type(), "max_unpool2x2_backward_cpu", [&] {
     auto run = g.channels_last() ? gather_nhwc<scalar_t> : gather_nchw<scalar_t>;

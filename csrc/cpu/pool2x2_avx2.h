@@ -320,6 +320,27 @@ inline int64_t gather_span(const float* g0, const float* g1, const uint8_t* pack
                         : gather_span_impl<false>(g0, g1, packed, n, out);
 }
 
+// channels_last: plane c's packed byte src[c * plane_bytes] split into the codes of its 4
+// windows, codes[i * C + c], 8 planes per gather. Each gather lane reads 4 bytes from its
+// plane's byte on: the caller makes sure 3 bytes past the last plane's are readable, and
+// 8 * plane_bytes fits an int32. Returns the planes done (a multiple of 8).
+__attribute__((target("avx2,bmi2"))) inline int64_t split_codes_across_planes(
+    const uint8_t* __restrict__ src, int64_t C, int64_t plane_bytes, uint8_t* __restrict__ codes) {
+  const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                             _mm256_set1_epi32(static_cast<int32_t>(plane_bytes)));
+  const __m256i three = _mm256_set1_epi32(3);
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256i b = _mm256_i32gather_epi32(reinterpret_cast<const int*>(src + c * plane_bytes), offsets, 1);
+    for (int i = 0; i < 4; ++i) {
+      const __m256i k = _mm256_and_si256(_mm256_srli_epi32(b, 2 * i), three);
+      const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i * C + c), _mm_packus_epi16(w, w));
+    }
+  }
+  return c;
+}
+
 }  // namespace avx2
 }  // namespace segnet
 #endif

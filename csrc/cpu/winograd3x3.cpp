@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/outputs.h"
 #include "cpu/vectorize.h"
 
 namespace segnet {
@@ -241,7 +242,7 @@ at::Tensor winograd3x3_scale_shift_relu(const at::Tensor& x_in, const at::Tensor
   const auto x = x_in.contiguous(format);
   const auto scale = scale_in.contiguous(), shift = shift_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Cout = weight.size(0);
-  auto y = at::empty({N, Cout, H, W}, x.options().memory_format(format));
+  auto y = empty_output({N, Cout, H, W}, x.options().memory_format(format));
   if (y.numel() == 0) return y;
   const auto U = transform_weight(weight, channels_last);
   const int64_t Ht = (H + 1) / 2, Wt = (W + 1) / 2;
