@@ -100,6 +100,14 @@ def cpu_isa(cpuinfo: str) -> str:
     return "AVX2 (no AVX-512)" if "avx2" in flags else "no AVX2"
 
 
+def cpu_level():
+    """The ISA level segnet_ext's CPU kernels run at, lower case ("avx512", "avx2", "default"):
+    RESULTS.md keeps one section of each CPU table per level."""
+    import segnet_ext
+
+    return segnet_ext.cpu_capability().lower()
+
+
 def machine_description(device="cpu"):
     """The CPU, its ISA and the levels ATen's and segnet_ext's kernels run at (which
     ATEN_CPU_CAPABILITY and SEGNET_EXT_NO_AVX512 / SEGNET_EXT_NO_AVX2 can lower)."""

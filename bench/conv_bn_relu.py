@@ -28,8 +28,8 @@ from torch import nn
 
 import segnet_ext
 from segnet_ext import fused
-from bench.common import (add_allocator_arguments, bandwidth_gbs, interleaved_ms, machine_description, median_ratio,
-                          replace_section, saved_bytes, start_under_allocator, under_default_allocator)
+from bench.common import (add_allocator_arguments, bandwidth_gbs, cpu_level, interleaved_ms, machine_description,
+                          median_ratio, replace_section, saved_bytes, start_under_allocator, under_default_allocator)
 from segnet import malloc
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -150,7 +150,7 @@ def report(result, command, device):
     mark = lambda ok: "" if ok else " **missed**"  # noqa: E731
     shape, size = result["bn_shape"], result["size"]
     lines = [
-        "## Fused conv-BN-ReLU",
+        "## Fused conv-BN-ReLU" + (f" (CPU kernels at {cpu_level().upper()})" if device == "cpu" else ""),
         "",
         f"`{command}` on {machine_description(device)}, torch {torch.__version__}, float32, "
         f"{result['repeat']} rounds timed in alternation: medians of the times, and of the ratios within each "
@@ -245,7 +245,7 @@ def main(argv=None):
     text = report(result, command.strip(), args.device)
     print(text)
     if args.write:
-        section = f"conv-bn-relu-{args.device}" + (f"-{segnet_ext.cpu_capability().lower()}" if args.device == "cpu" else "")
+        section = f"conv-bn-relu-{args.device}" + (f"-{cpu_level()}" if args.device == "cpu" else "")
         replace_section(RESULTS, section, text)
         print(f"\nwritten to {RESULTS}")
     return result

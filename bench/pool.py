@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import segnet_ext
-from bench.common import (add_allocator_arguments, bandwidth_gbs, interleaved_ms, machine_description, median_ratio,
-                          replace_section, start_under_allocator, under_default_allocator)
+from bench.common import (add_allocator_arguments, bandwidth_gbs, cpu_level, interleaved_ms, machine_description,
+                          median_ratio, replace_section, start_under_allocator, under_default_allocator)
 from segnet import malloc
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -91,7 +91,7 @@ def run(shape, repeat=9, device="cpu"):
 
 def report(result, shape, device, command):
     lines = [
-        "## 2x2 arg-max pooling and unpooling",
+        "## 2x2 arg-max pooling and unpooling" + (f" (CPU kernels at {cpu_level().upper()})" if device == "cpu" else ""),
         "",
         f"`{command}` on {machine_description(device)}, torch {torch.__version__}, "
         f"input {list(shape)} float32, {result['repeat']} rounds of ours, torch's and a copy timed in alternation: "
@@ -148,7 +148,7 @@ def main(argv=None):
     text = report(result, args.shape, args.device, command.strip())
     print(text)
     if args.write:
-        section = f"pool-{args.device}" + (f"-{segnet_ext.cpu_capability().lower()}" if args.device == "cpu" else "")
+        section = f"pool-{args.device}" + (f"-{cpu_level()}" if args.device == "cpu" else "")
         replace_section(RESULTS, section, text)
         print(f"\nwritten to {RESULTS}")
     return result

@@ -367,3 +367,35 @@ def test_isa_level_follows_the_cpu_and_the_switches(switch):
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return re.search(r"\[(\w+)\]", f.read()).group(1)
+    except (OSError, AttributeError):
+        return None
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="needs transparent huge pages in madvise mode")
+def test_new_outputs_ask_for_huge_pages():
+    # under glibc's defaults a 64 MB output is new memory: ours asks for 2 MB pages for it
+    # (csrc/cpu/outputs.h), an equally large torch.empty filled by torch does not
+    code = """
+import re, torch, segnet_ext
+def huge_kb():
+    with open("/proc/self/smaps_rollup") as f:
+        return int(re.search(r"AnonHugePages:\\s+(\\d+) kB", f.read()).group(1))
+v = torch.randn(1, 64, 256, 256)
+packed = segnet_ext.max_pool2x2(torch.randn(1, 64, 512, 512))[1]
+before = huge_kb()
+plain = torch.empty(1, 64, 512, 512).fill_(1.0)
+after_plain = huge_kb()
+y = segnet_ext.max_unpool2x2(v, packed, (512, 512))
+print(after_plain - before, huge_kb() - after_plain)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    plain_kb, ours_kb = map(int, result.stdout.split())
+    assert plain_kb == 0 and ours_kb >= 32 * 1024

@@ -1,6 +1,7 @@
 """Evaluation: one confusion matrix over a split, the paper's G, C, per-class IoU, mIoU."""
 import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -14,6 +15,16 @@ from .data import CamVid, collate
 from .metrics import confusion_matrix, format_scores, scores
 
 
+def cpu_runs_bf16_fast() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 and up). Elsewhere PyTorch's bf16
+    convolutions fall back to reference code: a 64-channel 7x7 convolution on [4, 64, 96, 128]
+    took 47 s in bf16 against 0.16 s in float32 on an AMD EPYC with AVX2 (torch 2.14)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast(device: torch.device, amp: str):
     """A context for ``amp`` in none | bf16 | fp16 (fp16 only on CUDA)."""
     if amp == "none":
@@ -22,6 +33,9 @@ def autocast(device: torch.device, amp: str):
         raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
         raise ValueError(f"amp 'fp16' needs a CUDA device (got {device.type}); use 'bf16' on CPU")
+    if amp == "bf16" and device.type == "cpu" and not cpu_runs_bf16_fast():
+        warnings.warn("amp 'bf16' on a CPU without AVX-512: PyTorch's bf16 convolutions run about 100x slower "
+                      "than float32 here; use --amp none", stacklevel=2)
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
