@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -274,3 +275,15 @@ def test_deterministic_cuda_settings(monkeypatch):
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[:2]
         torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_warns(monkeypatch):
+    from segnet import evaluate
+
+    monkeypatch.setattr(evaluate, "cpu_runs_bf16_fast", lambda: False)
+    with pytest.warns(UserWarning, match="use --amp none"):
+        evaluate.autocast(torch.device("cpu"), "bf16")
+    monkeypatch.setattr(evaluate, "cpu_runs_bf16_fast", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate.autocast(torch.device("cpu"), "bf16")

@@ -34,8 +34,8 @@ def autocast(device: torch.device, amp: str):
     if amp == "fp16" and device.type != "cuda":
         raise ValueError(f"amp 'fp16' needs a CUDA device (got {device.type}); use 'bf16' on CPU")
     if amp == "bf16" and device.type == "cpu" and not cpu_runs_bf16_fast():
-        warnings.warn("amp 'bf16' on a CPU without AVX-512: PyTorch's bf16 convolutions run about 100x slower "
-                      "than float32 here; use --amp none", stacklevel=2)
+        warnings.warn("amp 'bf16' on a CPU without AVX-512: PyTorch's bf16 convolutions run two orders of "
+                      "magnitude slower than float32 here; use --amp none", stacklevel=2)
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
