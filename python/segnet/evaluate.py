@@ -1,5 +1,6 @@
 """Evaluation: one confusion matrix over a split, the paper's G, C, per-class IoU, mIoU."""
 import contextlib
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from .data import CamVid, collate
 from .metrics import confusion_matrix, format_scores, scores
 
 
+@functools.lru_cache(maxsize=None)  # autocast() asks on every batch; the CPU does not change
 def cpu_runs_bf16_fast() -> bool:
     """Whether oneDNN has bf16 kernels for this CPU (AVX-512 and up). Elsewhere PyTorch's bf16
     convolutions fall back to reference code: a 64-channel 7x7 convolution on [4, 64, 96, 128]
