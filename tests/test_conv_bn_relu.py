@@ -347,10 +347,15 @@ def test_conv_epilogue_op(fmt, geometry):
 # ---- the CPU's Winograd F(2x2, 3x3) path of conv2d_scale_shift_relu ----
 
 def direct_epilogue(x, w, scale, shift, relu):
-    """float64 direct convolution + epilogue, and the sum of |products| of each output
-    (what a float32 rounding error is proportional to)."""
-    z = F.conv2d(x.double(), w.double(), None, 1, 1)
-    bound = F.conv2d(x.double().abs(), w.double().abs(), None, 1, 1) * scale.double().abs().view(1, -1, 1, 1)
+    """float64 direct convolution + epilogue, and what a Winograd F(2x2, 3x3) rounding error is
+    proportional to: the transforms mix every input of an output's 4x4 tile with every tap of
+    its filter, so the bound is sum over channels of (sum |x| over the 5x5 neighbourhood that
+    holds either parity's tile) * (sum |w| over the 3x3 taps), times |scale|."""
+    xd, wd = x.double(), w.double()
+    z = F.conv2d(xd, wd, None, 1, 1)
+    cin = x.shape[1]
+    tile_sum = F.conv2d(xd.abs(), xd.new_ones(cin, 1, 5, 5), None, 1, 2, 1, cin) if cin else xd.abs()
+    bound = F.conv2d(tile_sum, wd.abs().sum((2, 3), keepdim=True)) * scale.double().abs().view(1, -1, 1, 1)
     return reference.scale_shift_relu(z, scale.double(), shift.double(), relu), bound
 
 
