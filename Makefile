@@ -1,6 +1,7 @@
 # Two entry points that do the whole set-up on a fresh machine:
-#   make demo   virtual environment, torch, build, then the main job: a short SegNet-Basic
-#               training on the bundled CamVid sample, its evaluation, and predictions
+#   make demo   virtual environment, torch, build, then the main job (python/segnet/demo.py): the
+#               shipped SegNet-Basic segmenting and evaluated on the bundled CamVid images, then a
+#               short training run as the pipeline check, then a one-screen summary
 #   make test   the same set-up, then the test suite
 # CI also runs the paths that other machines take, on whatever CPU it has:
 #   make test-isa        the op and layer tests as a CPU with AVX2 but no AVX-512 runs them,
@@ -14,7 +15,7 @@
 PYTHON ?= python3
 TORCH ?= torch==2.14.1
 # torchvision's PyPI wheels import only beside torch's CUDA builds: the CPU-only run goes without it
-EXTRAS ?= test,vision
+EXTRAS ?= test,vision,video
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.segnet-ext-installed
@@ -35,12 +36,7 @@ install: $(STAMP)
 DEMO ?= runs/demo
 
 demo: install
-	$(VENV)/bin/segnet train --data sample --model segnet_basic --optimizer adam --lr 0.003 \
-	    --scale 0.5 --epochs 30 --val-every 10 --batch-size 2 --output $(DEMO)
-	$(VENV)/bin/segnet eval --checkpoint $(DEMO)/best.pt --data sample --output $(DEMO)/eval_val.json
-	$(VENV)/bin/segnet predict --checkpoint $(DEMO)/best.pt --input sample --output $(DEMO)/predictions
-	@echo "demo done: checkpoints $(DEMO)/best.pt and last.pt, curves $(DEMO)/curves.png, log $(DEMO)/metrics.csv," \
-	      "metrics $(DEMO)/eval_val.json, predictions $(DEMO)/predictions/"
+	$(PY) -m segnet.demo --output $(DEMO)
 
 test: install
 	$(PY) -m pytest tests

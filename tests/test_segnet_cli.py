@@ -52,11 +52,15 @@ def test_train_eval_predict_on_the_sample(tmp_path, capsys):
         assert len(list(pred.glob("*_labels.png"))) == count
     labels = np.asarray(Image.open(tmp_path / "pred1" / "odd_labels.png"))
     assert labels.shape == (37, 53) and labels.max() <= 10
-    assert np.asarray(Image.open(tmp_path / "pred1" / "odd_overlay.png")).shape == (37, 106, 3)
-    colour = np.asarray(Image.open(tmp_path / "pred1" / "odd_color.png"))
+    photo = np.asarray(Image.open(odd).convert("RGB"))
+    with_key = np.asarray(Image.open(tmp_path / "pred1" / "odd_overlay.png"))
+    assert with_key.shape[0] > 37 and with_key.shape[1] >= 106  # photo | blend, the legend below
+    np.testing.assert_array_equal(with_key[:37, :53], photo)
+    colour = np.asarray(Image.open(tmp_path / "pred1" / "odd_color.png"))[:37, :53]
     from segnet.data import PALETTE
 
-    assert {tuple(c) for c in colour.reshape(-1, 3)} <= set(PALETTE)
+    np.testing.assert_array_equal(colour, np.array(PALETTE, np.uint8)[labels])
+    assert (tmp_path / "m_confusion.png").is_file()
 
 
 def test_errors_are_one_clear_line(tmp_path, capsys):
@@ -164,3 +168,17 @@ def test_ddp_with_sync_bn_matches_one_process(camvid_root, tmp_path):
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=1e-5)
+
+
+def test_the_demo_shows_the_shipped_model_first(tmp_path, capsys):
+    from segnet import demo
+
+    assert demo.main(["--output", str(tmp_path), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    summary = out[out.index("segnet demo: done"):]
+    overlays = sorted((tmp_path / "shipped" / "predictions").glob("*_overlay.png"))
+    assert len(overlays) == 2 and summary.index(str(overlays[0])) < summary.index("Pipeline check")
+    shipped = json.loads((tmp_path / "shipped" / "eval_val.json").read_text())
+    assert shipped["mean_iou"] > 40  # the trained model, not the 1-epoch one
+    assert f"mIoU {shipped['mean_iou']:.1f}" in summary
+    assert (tmp_path / "shipped" / "eval_val_confusion.png").is_file() and (tmp_path / "training_check" / "best.pt").is_file()

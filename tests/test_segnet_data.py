@@ -47,10 +47,13 @@ def test_bad_files_are_named(camvid_root):
     with pytest.raises(ValueError, match=r"is \(5, 5\) \(HxW\) but its label .* is \(24, 32\)"):
         dataset[1]
     Image.fromarray(np.full((24, 32), 200, np.uint8)).save(pairs[2][1])
-    with pytest.raises(ValueError, match=r"label .*img2.png' has values \[200\] outside 0..11"):
+    with pytest.raises(ValueError, match=r"label .*img2.png' has values \[200\]: camvid has class ids 0..10 and ignore_index 11"):
         dataset[2]
-    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(pairs[3][1])
-    with pytest.raises(ValueError, match="single-channel PNG of class ids, got mode RGB"):
+    Image.fromarray(np.full((24, 32, 3), (1, 2, 3), np.uint8)).save(pairs[3][1])
+    with pytest.raises(ValueError, match=r"label .*img3.png' has colours \[\[1, 2, 3\]\] that are no class of camvid"):
+        dataset[3]
+    Image.fromarray(np.zeros((24, 32, 2), np.uint8), "LA").save(pairs[3][1])
+    with pytest.raises(ValueError, match="class ids .grey or palette. or of class colours .RGB., got mode LA"):
         dataset[3]
 
 

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .description import DatasetDescription, load_description
 from .model import build_model
 
 # Trained models shipped with the package, loadable by name (see pretrained/README.md).
@@ -139,7 +140,7 @@ def weights_only_checkpoint(state: Dict[str, Any], dtype: torch.dtype = torch.fl
     """What inference needs from a training checkpoint: the weights (floating-point ones in
     ``dtype``; they load into float32 models), the settings and the history; no optimiser."""
     model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state["model"].items()}
-    keep = ("config", "epoch", "step", "best_miou", "history")
+    keep = ("config", "dataset", "epoch", "step", "best_miou", "history")
     return {"model": model, **{k: state[k] for k in keep if k in state}}
 
 
@@ -148,14 +149,31 @@ def _first_byte(path: Path) -> bytes:
         return f.read(1)
 
 
+def checkpoint_description(state: Dict[str, Any], source: str = "checkpoint") -> DatasetDescription:
+    """The dataset description a checkpoint was trained with (older ones: their config's dataset, CamVid)."""
+    if "dataset" in state:
+        return DatasetDescription.from_dict(state["dataset"], f"{source}: its dataset description")
+    return load_description(state["config"].get("dataset", "camvid"))
+
+
 def load_model(
-    checkpoint: Union[str, Path], device: torch.device, backend: Optional[str] = None, trust: bool = False
+    checkpoint: Union[str, Path], device: torch.device, backend: Optional[str] = None, trust: bool = False,
+    dataset: Union[str, Path, DatasetDescription, None] = None,
 ) -> Tuple[nn.Module, Dict]:
     """The model of a training checkpoint, in eval mode on ``device``, and its configuration.
-    ``backend`` overrides the one it was trained with (the weights fit both)."""
+    ``model.dataset`` is its dataset description (classes, colours, ignore index), or
+    ``dataset`` where given, which must have as many classes. ``backend`` overrides the one
+    it was trained with (the weights fit both)."""
     state = load_checkpoint(checkpoint, trust=trust)
     config = dict(state["config"])
-    model = build_model(config["model"], config.get("num_classes", 11), backend or config.get("backend", "segnet_ext"))
+    description = checkpoint_description(state, f"checkpoint {str(checkpoint)!r}")
+    if dataset is not None:
+        given = load_description(dataset)
+        if given.num_classes != description.num_classes:
+            raise ValueError(f"dataset {given.name!r} has {given.num_classes} classes but checkpoint {str(checkpoint)!r} "
+                             f"was trained on {description.num_classes} ({description.name})")
+        description = given
+    model = build_model(config["model"], config.get("num_classes") or description.num_classes, backend or config.get("backend", "segnet_ext"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -163,4 +181,16 @@ def load_model(
     model.to(device).eval()
     if config.get("channels_last"):
         model.to(memory_format=torch.channels_last)
+    model.dataset = description
     return model, config
+
+
+def load_pretrained(name: str = "segnet_basic_camvid", device: Union[str, torch.device] = "cpu",
+                    backend: Optional[str] = None) -> nn.Module:
+    """A model shipped with the package (``pretrained_names()``), in eval mode on ``device``,
+    float32; ``model.dataset`` is its dataset description (class names, colours, ignore index).
+    ``backend="torch"`` runs it without segnet_ext's kernels."""
+    if name not in pretrained_names():
+        raise ValueError(f"no bundled model {name!r}; bundled: {', '.join(pretrained_names()) or 'none'}")
+    model, _ = load_model(PRETRAINED / f"{name}.pt", torch.device(device), backend=backend)
+    return model

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import malloc
+from .description import preset_names
 from .train import TrainConfig, TrainingInterrupted
 
 DEFAULTS = TrainConfig()
@@ -35,7 +36,9 @@ def _scale(text: str):
 
 # (flag, TrainConfig field, argparse keywords, help). Each default is TrainConfig's.
 TRAIN_OPTIONS = [
-    ("--data", "data", {}, "CamVid root (train/ trainannot/ val/ valannot/, or train.txt/val.txt), or 'sample' for the bundled 6 images"),
+    ("--data", "data", {}, "the dataset's root folder (its layout: see --dataset), or 'sample' for the 6 bundled CamVid images"),
+    ("--dataset", "dataset", {}, f"dataset description: a JSON file, or a preset ({', '.join(preset_names())}); classes, colours, "
+                                 "ignore index and layout (README: Your own dataset)"),
     ("--output", "output", {}, "run folder: checkpoints, logs, curves"),
     ("--model", "model", {"choices": ["segnet", "segnet_basic"]}, "network"),
     ("--backend", "backend", {"choices": ["segnet_ext", "torch"]}, "pooling layers: segnet_ext's 2-bit ones, or plain PyTorch"),
@@ -73,7 +76,7 @@ TRAIN_OPTIONS = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segnet",
-        description="Train, evaluate and run SegNet on CamVid-style road scenes, with segnet_ext's memory-efficient layers.",
+        description="Train, evaluate and run SegNet on CamVid road scenes or your own dataset, with segnet_ext's memory-efficient layers.",
         epilog="Quick start: segnet train --data sample --model segnet_basic --epochs 2; segnet eval --checkpoint runs/segnet/best.pt; "
         "segnet predict --checkpoint runs/segnet/best.pt --input sample --output predictions. "
         "train, eval and predict raise glibc's malloc thresholds for activation-sized blocks "
@@ -95,21 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(flag, dest=name, default=SUPPRESS, help=f"{text} (default: {shown})", **kwargs)
 
     ev = commands.add_parser("eval", help="evaluate a checkpoint (G, C, per-class IoU, mIoU)",
-                             description="Evaluate a checkpoint on a split with one confusion matrix; void (11) is ignored.")
+                             description="Evaluate a checkpoint on a split with one confusion matrix (the dataset's ignore "
+                                         "index is left out); writes the metrics JSON and NAME_confusion.png beside it.")
     ev.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train, or a bundled model's name (segnet_basic_camvid)")
-    ev.add_argument("--data", default="sample", help="CamVid root or 'sample' (default: sample)")
+    ev.add_argument("--data", default="sample", help="the dataset's root folder, or 'sample' (default: sample)")
     ev.add_argument("--split", default="val", help="split to evaluate (default: val)")
     ev.add_argument("--output", default=None, help="metrics JSON file, or a folder for metrics.json (default: next to the checkpoint)")
     _common_inference(ev)
     ev.add_argument("--batch-size", type=int, default=1, help="images per batch (they must share one size) (default: 1)")
     ev.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
 
-    pr = commands.add_parser("predict", help="segment images: class ids, colours, overlays",
-                             description="Write NAME_labels.png (class ids), NAME_color.png (CamVid palette) and "
-                             "NAME_overlay.png (photo | blend) for an image or every image of a folder, any size.")
+    pr = commands.add_parser("predict", help="segment images and videos: class ids, colour maps, overlays",
+                             description="For each image (any size): NAME_labels.png (class ids), NAME_color.png (colour "
+                             "map) and NAME_overlay.png (photo | blend), both with a legend of the classes present. For each "
+                             "video: NAME_overlay.mp4 and NAME_side_by_side.mp4 (photo | colour map, legend below); needs the "
+                             "video extra (pip install 'segnet-ext[video]').")
     pr.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train, or a bundled model's name (segnet_basic_camvid)")
-    pr.add_argument("--input", required=True, help="an image, a folder of images, or 'sample' (the bundled val images)")
-    pr.add_argument("--output", required=True, help="folder for the PNGs")
+    pr.add_argument("--input", required=True, help="an image, a video, a folder of them, or 'sample' (the bundled val images)")
+    pr.add_argument("--output", required=True, help="folder for the PNGs and MP4s")
+    pr.add_argument("--batch-size", type=int, default=4, help="video frames per batch (default: 4)")
     _common_inference(pr)
 
     ex = commands.add_parser("export", help="export to TorchScript or ONNX (plain-PyTorch layers), or float16 weights",
@@ -127,6 +134,8 @@ def _common_inference(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     sub.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast (default: none)")
     sub.add_argument("--backend", choices=["segnet_ext", "torch"], default=None, help="override the checkpoint's backend")
+    sub.add_argument("--dataset", default=None, help="dataset description (JSON file or preset) to use instead of the one "
+                                                     "the checkpoint was trained with; same number of classes")
     sub.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint (only for files you trust)")
 
 
@@ -176,13 +185,16 @@ def _run(args: argparse.Namespace) -> int:
 
         output = args.output if args.output is not None else Path(args.checkpoint).parent / f"eval_{args.split}.json"
         evaluate_checkpoint(args.checkpoint, args.data, args.split, output, args.device, args.batch_size, args.amp,
-                            args.backend, args.workers, args.trust_checkpoint)
+                            args.backend, args.workers, args.trust_checkpoint, args.dataset)
         return 0
     if args.command == "predict":
         from .predict import predict
 
-        written = predict(args.checkpoint, args.input, args.output, args.device, args.amp, args.backend, args.trust_checkpoint)
-        print(f"{len(written)} image(s) segmented into {args.output}: *_labels.png (class ids), *_color.png, *_overlay.png")
+        written = predict(args.checkpoint, args.input, args.output, args.device, args.amp, args.backend, args.trust_checkpoint,
+                          args.batch_size, args.dataset)
+        videos = sum("frames" in w for w in written)
+        print(f"{len(written) - videos} image(s) and {videos} video(s) segmented into {args.output}: "
+              "*_overlay.png / *_overlay.mp4 (photo and blend, legend), *_color.png, *_side_by_side.mp4, *_labels.png (class ids)")
         return 0
     from .export import export
 

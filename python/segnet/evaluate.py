@@ -12,8 +12,9 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import load_model
-from .data import CamVid, collate
-from .metrics import confusion_matrix, format_scores, scores
+from .data import SegmentationDataset, collate
+from .description import DatasetDescription
+from .metrics import confusion_matrix, format_scores, plot_confusion, scores
 
 
 @functools.lru_cache(maxsize=None)  # autocast() asks on every batch; the CPU does not change
@@ -52,7 +53,7 @@ def predict_logits(model: nn.Module, images: Tensor, amp: str = "none", channels
 @torch.no_grad()
 def confusion_over(
     model: nn.Module,
-    dataset: CamVid,
+    dataset: SegmentationDataset,
     device: torch.device,
     batch_size: int = 1,
     amp: str = "none",
@@ -74,7 +75,7 @@ def confusion_over(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for images, labels in tqdm(loader, desc=f"eval {dataset.split}", unit="batch", disable=not (progress and context.is_main), leave=False):
         logits = predict_logits(model, images.to(device), amp, channels_last)
-        confusion += confusion_matrix(logits.argmax(1).cpu(), labels, num_classes)
+        confusion += confusion_matrix(logits.argmax(1).cpu(), labels, num_classes, dataset.description.ignore_index)
     model.train(was_training)
     return distributed.all_reduce(confusion, context)
 
@@ -90,14 +91,19 @@ def evaluate_checkpoint(
     backend: Optional[str] = None,
     workers: int = 0,
     trust: bool = False,
+    dataset: Union[str, Path, DatasetDescription, None] = None,
 ) -> Dict:
-    """Evaluate a checkpoint on a split; prints the table and writes JSON to ``output``."""
+    """Evaluate a checkpoint on a split of the dataset it was trained on (or ``dataset``, a
+    description with as many classes); prints the table, writes JSON to ``output`` and the
+    row-normalised confusion matrix beside it (``NAME_confusion.png``)."""
     torch_device = resolve_device(device)
-    model, config = load_model(checkpoint, torch_device, backend=backend, trust=trust)
-    dataset = CamVid(data, split)
-    confusion = confusion_over(model, dataset, torch_device, batch_size, amp, config.get("channels_last", False), workers)
-    result = scores(confusion)
-    result.update(checkpoint=str(checkpoint), data=str(dataset.root), split=split, images=len(dataset), confusion_matrix=confusion.tolist())
+    model, config = load_model(checkpoint, torch_device, backend=backend, trust=trust, dataset=dataset)
+    description = model.dataset
+    data_split = SegmentationDataset(data, split, None, description)
+    confusion = confusion_over(model, data_split, torch_device, batch_size, amp, config.get("channels_last", False), workers)
+    result = scores(confusion, description.classes, description.ignore_index)
+    result.update(checkpoint=str(checkpoint), dataset=description.name, data=str(data_split.root), split=split,
+                  images=len(data_split), confusion_matrix=confusion.tolist())
     print(format_scores(result))
     if output is not None:
         output = Path(output)
@@ -105,9 +111,19 @@ def evaluate_checkpoint(
             output = output / "metrics.json"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2))
-        print(f"metrics written to {output}")
         result["output"] = str(output)
+        picture = plot_confusion(confusion, description.classes, output.with_name(f"{output.stem}_confusion.png"),
+                                 f"{description.name} {split}: {len(data_split)} images, G {_pct(result['global_accuracy'])}, "
+                                 f"mIoU {_pct(result['mean_iou'])}",
+                                 description.ignore_index)
+        print(f"metrics written to {output}" + (f", confusion matrix to {picture}" if picture else ""))
+        if picture:
+            result["confusion_png"] = str(picture)
     return result
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}%"
 
 
 def resolve_device(device: str) -> torch.device:

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import ensure_writable, load_checkpoint, remove_partial_writes, save_checkpoint
-from .data import NUM_CLASSES, VOID, Augment, CamVid, EpochSampler, class_weights, collate
+from .data import Augment, EpochSampler, SegmentationDataset, class_weights, collate
+from .description import load_description
 from .evaluate import autocast, confusion_over, resolve_device
 from .metrics import scores
 from .model import build_model, load_encoder_weights
@@ -35,11 +36,12 @@ from .model import build_model, load_encoder_weights
 class TrainConfig:
     """Every setting of a run; saved in each checkpoint and in ``config.json``."""
 
-    data: str = "sample"                      # CamVid root, or "sample" (bundled)
+    data: str = "sample"                      # the dataset's root, or "sample" (bundled CamVid images)
+    dataset: str = "camvid"                   # description: a preset's name or a JSON file (description.py)
     output: str = "runs/segnet"
     model: str = "segnet"                     # segnet | segnet_basic
     backend: str = "segnet_ext"               # segnet_ext | torch
-    num_classes: int = NUM_CLASSES
+    num_classes: Optional[int] = None         # the description's class count
     encoder_weights: Optional[str] = None     # torchvision vgg16_bn / vgg16 state dict
     epochs: int = 100
     max_steps: Optional[int] = None           # stop (resumably) after this many optimiser steps
@@ -84,6 +86,11 @@ class TrainConfig:
             self.lr = 0.01 if self.optimizer == "sgd" else 0.001
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        classes = load_description(self.dataset).num_classes
+        if self.num_classes is None:
+            self.num_classes = classes
+        elif self.num_classes != classes:
+            raise ValueError(f"num_classes {self.num_classes} differs from the {classes} classes of dataset {self.dataset!r}")
 
     @classmethod
     def from_dict(cls, values: Dict) -> "TrainConfig":
@@ -192,10 +199,11 @@ class Trainer:
             if self.context.enabled else self.model
         )
 
-        augment = Augment(flip=config.flip, scale=config.scale, crop=config.crop)
-        self.train_set = CamVid(config.data, "train", augment)
-        self.val_set = CamVid(config.data, config.val_split) if config.val_every else None
-        weights = class_weights(config.class_weights, config.data)
+        self.description = load_description(config.dataset)
+        augment = Augment(flip=config.flip, scale=config.scale, crop=config.crop, ignore_index=self.description.ignore_index)
+        self.train_set = SegmentationDataset(config.data, "train", augment, self.description)
+        self.val_set = SegmentationDataset(config.data, config.val_split, None, self.description) if config.val_every else None
+        weights = class_weights(config.class_weights, config.data, self.description)
         self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=self.device)
 
         per_process = math.ceil(len(self.train_set) / self.context.world_size)
@@ -222,6 +230,8 @@ class Trainer:
         free = {"output", "epochs", "max_steps", "workers", "progress", "val_every", "device"}
         mine = dataclasses.asdict(self.config)
         changed = {k: (saved.get(k), mine[k]) for k in mine if k not in free and _normal(saved.get(k)) != _normal(mine[k])}
+        if "dataset" in state and state["dataset"] != load_description(self.config.dataset).to_dict():
+            changed["dataset description"] = ("as saved", f"{self.config.dataset} now")
         if changed:
             details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"--resume: the settings differ from those of {path} ({details}); resume with the same settings")
@@ -244,6 +254,7 @@ class Trainer:
             "epoch_loss": list(self._epoch_loss),
             "world_size": self.context.world_size,
             "config": dataclasses.asdict(self.config),
+            "dataset": self.description.to_dict(),
         }
 
     def _load_state(self, state: Dict) -> None:
@@ -353,7 +364,7 @@ class Trainer:
         batches = [(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)) for images, labels in batches]
         denominator = torch.zeros((), dtype=torch.float64)
         for _, labels in batches:
-            denominator += _pixel_weight(labels, self.class_weights).double().cpu()
+            denominator += _pixel_weight(labels, self.class_weights, self.description.ignore_index).double().cpu()
         distributed.all_reduce(denominator, self.context)
         denominator = max(float(denominator), 1e-12)
         self.optimizer.zero_grad(set_to_none=True)
@@ -365,7 +376,8 @@ class Trainer:
             with (self.ddp.no_sync() if not sync else contextlib.nullcontext()):
                 with autocast(self.device, self.config.amp):
                     logits = self.ddp(images)
-                loss_sum = F.cross_entropy(logits.float(), labels, weight=self.class_weights, ignore_index=VOID, reduction="sum")
+                loss_sum = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
+                                           ignore_index=self.description.ignore_index, reduction="sum")
                 loss = loss_sum * (self.context.world_size / denominator)
                 self.scaler.scale(loss).backward()
             total += loss_sum.item() / denominator
@@ -392,7 +404,7 @@ class Trainer:
                 self.model, self.val_set, self.device, self.config.batch_size, self.config.amp,
                 self.config.channels_last, self.config.workers, self.context, self.config.progress,
             )
-            result = scores(confusion)
+            result = scores(confusion, self.description.classes, self.description.ignore_index)
             row.update(val_global_accuracy=result["global_accuracy"], val_class_accuracy=result["class_accuracy"], val_mean_iou=result["mean_iou"])
         self.history.append(row)
         self.epoch, self.samples_done = self.epoch + 1, 0
@@ -454,11 +466,11 @@ class Trainer:
         return SummaryWriter(str(self.output / "tensorboard"))
 
 
-def _pixel_weight(labels: Tensor, weights: Optional[Tensor]) -> Tensor:
-    valid = labels != VOID
+def _pixel_weight(labels: Tensor, weights: Optional[Tensor], ignore_index: int) -> Tensor:
+    valid = labels != ignore_index
     if weights is None:
         return valid.sum()
-    return weights[labels.clamp(max=weights.numel() - 1)][valid].sum()
+    return weights[labels[valid]].sum()
 
 
 def _normal(value):
