@@ -7,34 +7,88 @@ from torch import Tensor, nn
 from . import fused, ops, recompute
 
 
-class MaxPool2x2(nn.Module):
-    """``nn.MaxPool2d(2, 2, return_indices=...)`` with 2-bit packed indices
-    (1/32 of torch's int64 indices). With return_indices, returns (values, packed_indices)
-    for :class:`MaxUnpool2x2`."""
+def _only(name: str, value, allowed, layer: str) -> None:
+    pairs = value if isinstance(value, (tuple, list)) else (value, value)
+    if value not in allowed and not (len(pairs) == 2 and all(v in allowed for v in pairs)):
+        raise ValueError(f"{layer} is 2x2 pooling with stride 2: {name} must be {allowed[0]}, got {value!r}")
 
-    def __init__(self, ceil_mode: bool = False, return_indices: bool = False):
+
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2, 2, return_indices=..., ceil_mode=...)`` with 2-bit packed indices
+    (1/32 of torch's int64 indices). With return_indices, returns (values, packed_indices)
+    for :class:`MaxUnpool2x2`. Takes torch's keywords (``kernel_size=2, stride=2 or None,
+    padding=0, dilation=1``; other values are refused) and its forward convention
+    (``forward(input)``; [N, C, H, W] or [C, H, W])."""
+
+    def __init__(self, ceil_mode: bool = False, return_indices: bool = False, *, kernel_size=2, stride=None,
+                 padding=0, dilation=1):
         super().__init__()
+        _only("kernel_size", kernel_size, (2,), "MaxPool2x2")
+        _only("stride", 2 if stride is None else stride, (2,), "MaxPool2x2")
+        _only("padding", padding, (0,), "MaxPool2x2")
+        _only("dilation", dilation, (1,), "MaxPool2x2")
         self.ceil_mode = ceil_mode
         self.return_indices = return_indices
 
-    def forward(self, x: Tensor):
-        values, packed = ops.max_pool2x2(x, self.ceil_mode)
+    def forward(self, input: Tensor):
+        values, packed = ops.max_pool2x2(input, self.ceil_mode)
         return (values, packed) if self.return_indices else values
 
     def extra_repr(self) -> str:
         return f"ceil_mode={self.ceil_mode}, return_indices={self.return_indices}"
 
 
-class MaxUnpool2x2(nn.Module):
-    """``nn.MaxUnpool2d(2, 2)`` for the packed indices of :class:`MaxPool2x2`.
-    output_size (the pooled input's size) defaults to twice the input's, as torch's."""
+def unpool_output_size(input: Tensor, output_size: Optional[Sequence[int]]) -> Sequence[int]:
+    """(H, W) of a 2x2/stride-2 unpooling, from ``output_size`` in every form torch takes
+    ((H, W), the full (N, C, H, W), torch.Size, list, tuple; and a 3-D input's full
+    (C, H, W), which torch refuses) or torch's default (twice the
+    input's), with torch's errors for impossible sizes (``F.max_unpool2d``'s rules: each
+    within one of the default, i.e. 2h - 1, 2h or 2h + 1)."""
+    default = [2 * s for s in input.shape[-2:]]
+    if output_size is None:
+        return default
+    if len(output_size) == 4 or (len(output_size) == 3 and input.dim() == 3):  # a full size, also of a 3-D input
+        output_size = output_size[-2:]
+    if len(output_size) != 2:
+        raise ValueError("output_size should be a sequence containing 2 or 4 elements, but it has a length of "
+                         f"'{len(output_size)}'")
+    for d in range(2):
+        low, high = default[d] - 2, default[d] + 2
+        if not (low < output_size[d] < high):
+            raise ValueError(f'invalid output_size "{output_size}" (dim {d} must be between {low} and {high})')
+    return [int(s) for s in output_size]
 
-    def forward(self, values: Tensor, packed_indices: Tensor, output_size: Optional[Sequence[int]] = None) -> Tensor:
-        if output_size is None:
-            output_size = (2 * values.shape[-2], 2 * values.shape[-1])
-        y = ops.max_unpool2x2(values, packed_indices, output_size)
-        # a segnet_ext layer consuming y saves (values, packed_indices) instead of y
-        return recompute.attach(y, recompute.Unpool(values, packed_indices, output_size)) if y.dim() == 4 else y
+
+class MaxUnpool2x2(nn.Module):
+    """``nn.MaxUnpool2d(2, 2)`` for the packed indices of :class:`MaxPool2x2`, with torch's
+    forward convention: ``forward(input, indices, output_size=None)``, ``output_size`` as
+    ``nn.MaxUnpool2d`` takes it (default twice the input's size; one more row or column
+    than that is zeros, as torch's). Each value goes back to its window's arg-max; where the
+    output is wider than the pooled input, torch's flat int64 indices would land elsewhere."""
+
+    def __init__(self, kernel_size=2, stride=None, padding=0):
+        super().__init__()
+        _only("kernel_size", kernel_size, (2,), "MaxUnpool2x2")
+        _only("stride", 2 if stride is None else stride, (2,), "MaxUnpool2x2")
+        _only("padding", padding, (0,), "MaxUnpool2x2")
+
+    def forward(self, input: Tensor, indices: Tensor, output_size: Optional[Sequence[int]] = None) -> Tensor:
+        if indices.dtype != torch.uint8:
+            raise TypeError(
+                f"MaxUnpool2x2: indices must be the uint8 packed indices of segnet_ext.nn.MaxPool2x2, got {indices.dtype}"
+                + (" (torch's nn.MaxPool2d indices: unpool them with nn.MaxUnpool2d, or convert them with "
+                   "segnet_ext.pack_indices(indices, input_size))" if indices.dtype == torch.int64 else ""))
+        H, W = unpool_output_size(input, output_size)
+        h, w = min(H, 2 * input.shape[-2]), min(W, 2 * input.shape[-1])
+        y = ops.max_unpool2x2(input, indices, (h, w))
+        if (h, w) != (H, W):  # torch's extra row or column past the windows: zeros
+            channels_last = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+            out = torch.empty((*y.shape[:-2], H, W), dtype=y.dtype, device=y.device,
+                              memory_format=torch.channels_last if channels_last else torch.contiguous_format).zero_()
+            out[..., :h, :w] = y
+            return out
+        # a segnet_ext layer consuming y saves (input, indices) instead of y
+        return recompute.attach(y, recompute.Unpool(input, indices, (h, w))) if y.dim() == 4 else y
 
 
 class Conv2d(nn.Conv2d):
