@@ -182,3 +182,36 @@ def test_the_demo_shows_the_shipped_model_first(tmp_path, capsys):
     assert shipped["mean_iou"] > 40  # the trained model, not the 1-epoch one
     assert f"mIoU {shipped['mean_iou']:.1f}" in summary
     assert (tmp_path / "shipped" / "eval_val_confusion.png").is_file() and (tmp_path / "training_check" / "best.pt").is_file()
+
+
+def test_flip_tta_in_eval_and_predict(tmp_path):
+    from segnet.evaluate import predict_logits
+
+    from segnet.checkpoint import load_model
+
+    model, _ = load_model("segnet_basic_camvid", torch.device("cpu"))
+    x = torch.randn(1, 3, 32, 48)
+    scores = predict_logits(model, x, flip=True)
+    with torch.no_grad():
+        want = (model(x).softmax(1) + model(x.flip(-1)).flip(-1).softmax(1)) / 2
+    torch.testing.assert_close(scores, want)
+    torch.testing.assert_close(predict_logits(model, x.flip(-1), flip=True), scores.flip(-1))  # mirror-symmetric
+    assert main(["eval", "--checkpoint", "segnet_basic_camvid", "--flip-tta", "--output", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["flip_tta"] is True and metrics["mean_iou"] > 40
+    assert main(["predict", "--checkpoint", "segnet_basic_camvid", "--flip-tta", "--input", "sample", "--output",
+                 str(tmp_path / "p")]) == 0
+    assert len(list((tmp_path / "p").glob("*_overlay.png"))) == 2
+
+
+def test_generalisation_flags_reach_the_config(capsys):
+    from segnet.cli import build_parser, train_config
+
+    args = build_parser().parse_args(["train", "--color-jitter", "0.3,0.3,0.2,0.03", "--blur", "0.2", "--holdout-sequence",
+                                      "0006R0", "--train-split", "train+val"])
+    config = train_config(args)
+    assert config.color_jitter == (0.3, 0.3, 0.2, 0.03) and config.blur == 0.2
+    assert config.holdout_sequence == "0006R0" and config.train_split == "train+val"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--color-jitter", "0.3,0.3"])
+    assert "expected 4 comma-separated numbers (B,C,S,H)" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from PIL import Image
 from segnet import data
 from segnet.data import VOID, Augment, CamVid, EpochSampler, class_weights, list_pairs, median_frequency_weights
 from segnet.metrics import confusion_matrix, format_scores, scores
+from tests.conftest import write_camvid
 
 
 def test_bundled_sample():
@@ -234,3 +235,66 @@ def test_scores_leave_out_absent_classes():
     assert s["mean_iou"] == pytest.approx(100 * (3 / 4 + 1 / 2) / 2, abs=1e-3)
     with pytest.raises(ValueError, match="prediction shape"):
         confusion_matrix(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def sequences_root(tmp_path):
+    """CamVid layout whose frames belong to sequences A (3 train frames), B (2 train, 2 val)."""
+    root = write_camvid(tmp_path / "seq", splits=(("train", 5), ("val", 2)))
+    for split, names in (("train", ["A_f1", "A_f2", "A_f3", "B_f1", "B_f2"]), ("val", ["B_f3", "B_f4"])):
+        for i, name in enumerate(names):
+            for folder in (split, f"{split}annot"):
+                (root / folder / f"img{i}.png").rename(root / folder / f"{name}.png")
+    return root
+
+
+def test_splits_join_and_select_sequences(tmp_path):
+    from segnet.data import sequence_of
+
+    root = sequences_root(tmp_path)
+    stems = lambda pairs: [image.stem for image, _ in pairs]
+    assert sequence_of("x/0006R0_f02340.png") == "0006R0" and sequence_of("aachen_000000_000019_leftImg8bit") == "aachen"
+    assert stems(list_pairs(root, "train@A")) == ["A_f1", "A_f2", "A_f3"]
+    assert stems(list_pairs(root, "train", exclude_sequences=["A"])) == ["B_f1", "B_f2"]
+    assert stems(list_pairs(root, "train+val@B")) == ["B_f1", "B_f2", "B_f3", "B_f4"]
+    assert len(list_pairs(root, "train+val")) == 7
+    with pytest.raises(ValueError, match=r"sequence 'C' is not in split 'train' .* \(its sequences: A, B\)"):
+        list_pairs(root, "train@C")
+    with pytest.raises(ValueError, match="has no images once sequences .'A', 'B'. are left out"):
+        list_pairs(root, "train", exclude_sequences=["A", "B"])
+
+
+def test_holdout_sequence_trains_without_it_and_validates_on_it(tmp_path):
+    from segnet.train import TrainConfig, Trainer
+
+    root = sequences_root(tmp_path)
+    config = TrainConfig(data=str(root), output=str(tmp_path / "run"), model="segnet_basic", epochs=1, batch_size=2,
+                         holdout_sequence="A", progress=False)
+    trainer = Trainer(config)
+    assert [p.stem for p, _ in trainer.train_set.pairs] == ["B_f1", "B_f2"]
+    assert [p.stem for p, _ in trainer.val_set.pairs] == ["A_f1", "A_f2", "A_f3"]
+    joined = Trainer(TrainConfig(**{**config.__dict__, "train_split": "train+val", "holdout_sequence": None}))
+    assert len(joined.train_set) == 7 and joined.val_set.split == "val"
+
+
+def test_photometric_augmentation():
+    from segnet.data import list_pairs as pairs, read_image
+
+    image = read_image(pairs("sample", "val")[0][0])[:, :64, :96]
+    label = torch.zeros(64, 96, dtype=torch.long)
+    jitter = Augment(flip=False, color=(0.4, 0.4, 0.4, 0.05), blur=0.5)
+    outs = [jitter(image, label, torch.Generator().manual_seed(seed))[0] for seed in range(8)]
+    assert all(o.dtype == torch.uint8 and o.shape == image.shape for o in outs)
+    assert len({o.float().mean().round().item() for o in outs}) > 3  # brightness and contrast vary
+    torch.testing.assert_close(jitter(image, label, torch.Generator().manual_seed(3))[0], outs[3], rtol=0, atol=0)
+    # each change alone does what it says
+    same = lambda **kw: Augment(flip=False, **kw)(image, label, torch.Generator().manual_seed(1))[0].float()
+    grey = lambda x: (torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1) * x).sum(0)
+    assert (same(color=(0.0, 0.0, 0.0, 0.0)) == image.float()).all()
+    assert (same(color=(0.0, 0.0, 0.999, 0.0)) - grey(image.float())).abs().max() > 0  # saturation moves colours
+    hue_only = same(color=(0.0, 0.0, 0.0, 0.2))
+    assert (grey(hue_only) - grey(image.float())).abs().mean() < 2.5  # a hue rotation keeps brightness
+    blurred = same(blur=1.0)
+    assert blurred.diff(dim=-1).abs().mean() < image.float().diff(dim=-1).abs().mean()  # blur smooths edges
+    for bad, message in (({"color": (1.5, 0, 0, 0)}, "color must be"), ({"blur": 2.0}, "blur must be a probability")):
+        with pytest.raises(ValueError, match=message):
+            Augment(**bad)

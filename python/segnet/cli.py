@@ -23,6 +23,18 @@ def _hw(text: str):
     return tuple(int(p) for p in parts)
 
 
+def _floats(count: int, what: str):
+    def parse(text: str):
+        try:
+            values = tuple(float(p) for p in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers ({what}), got {text!r}")
+        return values
+    return parse
+
+
 def _scale(text: str):
     parts = text.split(",")
     try:
@@ -59,13 +71,20 @@ TRAIN_OPTIONS = [
     ("--flip", "flip", {"action": argparse.BooleanOptionalAction}, "random left-right flips"),
     ("--scale", "scale", {"type": _scale}, "random rescale S or LOW,HIGH (0.5 trains at half resolution)"),
     ("--crop", "crop", {"type": _hw}, "random crop HxW after scaling"),
+    ("--color-jitter", "color_jitter", {"type": _floats(4, "B,C,S,H")},
+     "random brightness, contrast, saturation (factors 1 +- each) and hue (+- turns of the colour wheel), e.g. 0.3,0.3,0.3,0.03"),
+    ("--blur", "blur", {"type": float}, "probability of a random Gaussian blur (sigma 0.3-1.5 px)"),
     ("--channels-last", "channels_last", {"action": argparse.BooleanOptionalAction}, "channels_last memory format"),
     ("--amp", "amp", {"choices": ["none", "bf16", "fp16"]}, "autocast: bf16 (CPU or CUDA) or fp16 (CUDA)"),
     ("--seed", "seed", {"type": int}, "seed of initialisation, shuffling and augmentation"),
     ("--deterministic", "deterministic", {"action": argparse.BooleanOptionalAction},
      "CUDA: deterministic cuDNN and ATen kernels, so that runs and resumed runs repeat bit for bit (CPU runs always do)"),
     ("--workers", "workers", {"type": int}, "DataLoader worker processes"),
-    ("--val-split", "val_split", {}, "split to validate on"),
+    ("--train-split", "train_split", {}, "split to train on; '+' joins splits (train+val)"),
+    ("--val-split", "val_split", {}, "split to validate on; '+' joins splits, '@SEQ' keeps one sequence (train@0006R0)"),
+    ("--holdout-sequence", "holdout_sequence", {},
+     "train without this sequence (file name prefix, e.g. 0006R0) and validate on its frames instead of --val-split: "
+     "a proxy for streets never seen"),
     ("--val-every", "val_every", {"type": int}, "validate every N epochs (and after the last); 0 = never"),
     ("--device", "device", {}, "auto, cpu, cuda or cuda:N"),
     ("--sync-bn", "sync_bn", {"action": argparse.BooleanOptionalAction}, "synchronise BN statistics across torchrun processes"),
@@ -102,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "index is left out); writes the metrics JSON and NAME_confusion.png beside it.")
     ev.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train, or a bundled model's name (segnet_basic_camvid)")
     ev.add_argument("--data", default="sample", help="the dataset's root folder, or 'sample' (default: sample)")
-    ev.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    ev.add_argument("--split", default="val", help="split to evaluate; '+' joins splits, '@SEQ' keeps one sequence "
+                                                   "(train@0006R0: the held-out sequence of --holdout-sequence) (default: val)")
     ev.add_argument("--output", default=None, help="metrics JSON file, or a folder for metrics.json (default: next to the checkpoint)")
     _common_inference(ev)
     ev.add_argument("--batch-size", type=int, default=1, help="images per batch (they must share one size) (default: 1)")
@@ -134,6 +154,8 @@ def _common_inference(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     sub.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast (default: none)")
     sub.add_argument("--backend", choices=["segnet_ext", "torch"], default=None, help="override the checkpoint's backend")
+    sub.add_argument("--flip-tta", action="store_true", help="flip test-time augmentation: average the softmax of each "
+                                                              "image and of its mirror (twice the compute)")
     sub.add_argument("--dataset", default=None, help="dataset description (JSON file or preset) to use instead of the one "
                                                      "the checkpoint was trained with; same number of classes")
     sub.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint (only for files you trust)")
@@ -185,13 +207,13 @@ def _run(args: argparse.Namespace) -> int:
 
         output = args.output if args.output is not None else Path(args.checkpoint).parent / f"eval_{args.split}.json"
         evaluate_checkpoint(args.checkpoint, args.data, args.split, output, args.device, args.batch_size, args.amp,
-                            args.backend, args.workers, args.trust_checkpoint, args.dataset)
+                            args.backend, args.workers, args.trust_checkpoint, args.dataset, args.flip_tta)
         return 0
     if args.command == "predict":
         from .predict import predict
 
         written = predict(args.checkpoint, args.input, args.output, args.device, args.amp, args.backend, args.trust_checkpoint,
-                          args.batch_size, args.dataset)
+                          args.batch_size, args.dataset, args.flip_tta)
         videos = sum("frames" in w for w in written)
         print(f"{len(written) - videos} image(s) and {videos} video(s) segmented into {args.output}: "
               "*_overlay.png / *_overlay.mp4 (photo and blend, legend), *_color.png, *_side_by_side.mp4, *_labels.png (class ids)")

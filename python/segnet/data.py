@@ -65,15 +65,35 @@ def resolve_root(root: Union[str, Path]) -> Path:
     return path
 
 
-def list_pairs(root: Union[str, Path], split: str, layout: str = "camvid") -> List[Tuple[Path, Path]]:
-    """(image, label) paths of one split of a dataset in ``layout`` (see the module's text)."""
+def sequence_of(path: Union[str, Path]) -> str:
+    """The sequence (video, drive, city) a frame belongs to: its file name up to the first
+    underscore (CamVid's 0006R0_f02340.png -> 0006R0; Cityscapes' aachen_000000_000019 -> aachen)."""
+    return Path(path).stem.split("_", 1)[0]
+
+
+def list_pairs(root: Union[str, Path], split: str, layout: str = "camvid",
+               exclude_sequences: Sequence[str] = ()) -> List[Tuple[Path, Path]]:
+    """(image, label) paths of a split of a dataset in ``layout`` (see the module's text).
+
+    ``split`` may join splits (``train+val``) and keep only some sequences (``train@0006R0``,
+    ``train+val@0001TP,0006R0``; see :func:`sequence_of`); ``exclude_sequences`` leaves
+    sequences out (``--holdout-sequence``)."""
     root = resolve_root(root)
     finders = {"camvid": _camvid_pairs, "generic": _generic_pairs, "cityscapes": _cityscapes_pairs, "voc": _voc_pairs}
     if layout not in finders:
         raise ValueError(f"layout must be one of {sorted(finders)}, got {layout!r}")
-    pairs = finders[layout](root, split)
+    names, _, keep = split.partition("@")
+    pairs = [pair for name in names.split("+") for pair in finders[layout](root, name)]
+    present = sorted({sequence_of(image) for image, _ in pairs})
+    for wanted in [*filter(None, keep.split(",")), *exclude_sequences]:
+        if wanted not in present:
+            raise ValueError(f"sequence {wanted!r} is not in split {names!r} of {root} (its sequences: {', '.join(present)})")
+    if keep:
+        pairs = [pair for pair in pairs if sequence_of(pair[0]) in keep.split(",")]
+    pairs = [pair for pair in pairs if sequence_of(pair[0]) not in exclude_sequences]
     if not pairs:
-        raise ValueError(f"split {split!r} of {root} ({layout} layout) has no images")
+        raise ValueError(f"split {split!r} of {root} ({layout} layout) has no images"
+                         + (f" once sequences {list(exclude_sequences)} are left out" if exclude_sequences else ""))
     return pairs
 
 
@@ -222,15 +242,26 @@ def normalize(image: Tensor) -> Tensor:
 
 class Augment:
     """Random left-right flip (the paper's), then optional random scale and random crop
-    (labels resized by nearest neighbour; crops past the border padded with ``ignore_index``)."""
+    (labels resized by nearest neighbour; crops past the border padded with ``ignore_index``),
+    then optional photometric changes of the image: ``color = (brightness, contrast,
+    saturation, hue)``, each factor drawn in 1 +- the value (hue: a rotation of +- value
+    turns of the colour wheel), and a Gaussian ``blur`` with that probability (sigma 0.3-1.5
+    pixels). Without photometric settings the random draws, and so the runs, are those of
+    earlier versions."""
 
     def __init__(self, flip: bool = True, scale: Tuple[float, float] = (1.0, 1.0), crop: Optional[Tuple[int, int]] = None,
-                 ignore_index: int = VOID):
+                 ignore_index: int = VOID, color: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0), blur: float = 0.0):
         if not (0 < scale[0] <= scale[1]):
             raise ValueError(f"scale must be a range 0 < low <= high, got {scale}")
         if crop is not None and min(crop) < 1:
             raise ValueError(f"crop must be a positive H, W, got {crop}")
+        if len(color) != 4 or not all(0 <= c < 1 for c in color[:3]) or not 0 <= color[3] <= 0.5:
+            raise ValueError(f"color must be (brightness, contrast, saturation, hue) with the first three in [0, 1) "
+                             f"and hue in [0, 0.5], got {tuple(color)}")
+        if not 0 <= blur <= 1:
+            raise ValueError(f"blur must be a probability in [0, 1], got {blur}")
         self.flip, self.scale, self.crop, self.ignore_index = flip, tuple(scale), crop, ignore_index
+        self.color, self.blur = tuple(float(c) for c in color), float(blur)
 
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
         if self.flip and torch.rand((), generator=generator) < 0.5:
@@ -245,7 +276,42 @@ class Augment:
             label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
         if self.crop is not None:
             image, label = _random_crop(image, label, self.crop, generator, self.ignore_index)
+        if any(self.color) or self.blur:
+            image = _photometric(image, self.color, self.blur, generator)
         return image, label
+
+
+# RGB <-> YIQ: a hue change is a rotation of the (I, Q) chroma plane
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _photometric(image: Tensor, color: Tuple[float, float, float, float], blur: float, generator: torch.Generator) -> Tensor:
+    """uint8 [3, H, W] -> uint8: brightness, contrast, saturation, hue, then blur (see Augment)."""
+    def factor(spread: float) -> float:
+        return 1 + spread * (2 * torch.rand((), generator=generator).item() - 1)
+
+    brightness, contrast, saturation = (factor(c) for c in color[:3])
+    turns = color[3] * (2 * torch.rand((), generator=generator).item() - 1)
+    sigma = 0.3 + 1.2 * torch.rand((), generator=generator).item()
+    blurred = torch.rand((), generator=generator).item() < blur
+    x = image.float() / 255 * brightness
+    grey = (_RGB_TO_YIQ[0].view(3, 1, 1) * x).sum(0, keepdim=True)
+    x = (x - grey.mean()) * contrast + grey.mean()
+    grey = (_RGB_TO_YIQ[0].view(3, 1, 1) * x).sum(0, keepdim=True)
+    x = (x - grey) * saturation + grey
+    if turns:
+        c, s = math.cos(2 * math.pi * turns), math.sin(2 * math.pi * turns)
+        rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+        x = torch.einsum("ij,jhw->ihw", torch.linalg.inv(_RGB_TO_YIQ) @ rotate @ _RGB_TO_YIQ, x)
+    if blurred:
+        radius = math.ceil(3 * sigma)
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+        taps = (taps / taps.sum()).view(1, 1, 1, -1).expand(3, 1, 1, -1)
+        x = F.pad(x[None], (radius, radius, 0, 0), mode="replicate")
+        x = F.conv2d(x, taps, groups=3)
+        x = F.pad(x, (0, 0, radius, radius), mode="replicate")
+        x = F.conv2d(x, taps.transpose(2, 3), groups=3)[0]
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _random_crop(image: Tensor, label: Tensor, crop: Tuple[int, int], generator: torch.Generator, ignore_index: int):
@@ -267,11 +333,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     label [H, W]). Index with an int, or with ``(index, seed)`` to augment reproducibly."""
 
     def __init__(self, root: Union[str, Path], split: str, augment: Optional[Augment] = None,
-                 description: Union[DatasetDescription, str, Path, None] = None):
+                 description: Union[DatasetDescription, str, Path, None] = None, exclude_sequences: Sequence[str] = ()):
         self.description = load_description(description)
         self.root = resolve_root(root)
         self.split = split
-        self.pairs = list_pairs(self.root, split, self.description.layout)
+        self.pairs = list_pairs(self.root, split, self.description.layout, exclude_sequences)
         self.augment = augment
 
     def __len__(self) -> int:
@@ -350,12 +416,14 @@ def class_frequencies(pairs: Sequence[Tuple[Path, Path]], description: DatasetDe
 
 
 def median_frequency_weights(root: Union[str, Path], split: str = "train", cache_dir: Optional[Path] = None,
-                             description: Union[DatasetDescription, str, Path, None] = None) -> List[float]:
+                             description: Union[DatasetDescription, str, Path, None] = None,
+                             exclude_sequences: Sequence[str] = ()) -> List[float]:
     """Median frequency balancing (Eigen and Fergus, as SegNet): weight_c = median(f) / f_c,
-    f_c = pixels of c / pixels of the images where c is present. Cached in ``cache_dir``
-    (default ``~/.cache/segnet``) keyed by the description and the label files' paths, sizes and times."""
+    f_c = pixels of c / pixels of the images where c is present, over the labels of ``split``
+    (see :func:`list_pairs`). Cached in ``cache_dir`` (default ``~/.cache/segnet``) keyed by
+    the description and the label files' paths, sizes and times."""
     description = load_description(description)
-    pairs = list_pairs(root, split, description.layout)
+    pairs = list_pairs(root, split, description.layout, exclude_sequences)
     key = hashlib.sha256(json.dumps(description.to_dict(), sort_keys=True).encode())
     for _, label in pairs:
         st = os.stat(label)
@@ -380,12 +448,13 @@ def median_frequency_weights(root: Union[str, Path], split: str = "train", cache
     return weights
 
 
-def class_weights(kind: str, root: Union[str, Path], description: Union[DatasetDescription, str, Path, None] = None) -> Optional[List[float]]:
-    """``median`` (from the training labels), ``paper`` (the description's published
-    weights: SegNet's for CamVid) or ``none``."""
+def class_weights(kind: str, root: Union[str, Path], description: Union[DatasetDescription, str, Path, None] = None,
+                  split: str = "train", exclude_sequences: Sequence[str] = ()) -> Optional[List[float]]:
+    """``median`` (from the labels of the training ``split``), ``paper`` (the description's
+    published weights: SegNet's for CamVid) or ``none``."""
     description = load_description(description)
     if kind == "median":
-        return median_frequency_weights(root, "train", description=description)
+        return median_frequency_weights(root, split, description=description, exclude_sequences=exclude_sequences)
     if kind == "paper":
         if description.class_weights is None:
             raise ValueError(f"class weights 'paper': the dataset {description.name!r} publishes none "

@@ -43,11 +43,18 @@ def autocast(device: torch.device, amp: str):
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: Tensor, amp: str = "none", channels_last: bool = False) -> Tensor:
+def predict_logits(model: nn.Module, images: Tensor, amp: str = "none", channels_last: bool = False,
+                   flip: bool = False) -> Tensor:
+    """Class scores [N, classes, H, W] whose argmax is the prediction: the logits, or with
+    ``flip`` (test-time augmentation) the mean of the softmax of the image and of its mirror."""
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast(images.device, amp):
-        return model(images).float()
+        logits = model(images).float()
+        if not flip:
+            return logits
+        mirrored = model(images.flip(-1)).float().flip(-1)
+    return (logits.softmax(1) + mirrored.softmax(1)) / 2
 
 
 @torch.no_grad()
@@ -61,9 +68,11 @@ def confusion_over(
     workers: int = 0,
     context: Optional[distributed.Context] = None,
     progress: bool = True,
+    flip: bool = False,
 ) -> Tensor:
     """The confusion matrix of ``model`` (in eval mode) over ``dataset``; under torchrun
-    each process takes every world_size-th image and the matrices are summed."""
+    each process takes every world_size-th image and the matrices are summed. ``flip``:
+    flip test-time augmentation (see :func:`predict_logits`)."""
     context = context or distributed.Context()
     was_training = model.training
     model.eval()
@@ -74,7 +83,7 @@ def confusion_over(
     num_classes = getattr(model, "num_classes", None) or getattr(getattr(model, "module", None), "num_classes")
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for images, labels in tqdm(loader, desc=f"eval {dataset.split}", unit="batch", disable=not (progress and context.is_main), leave=False):
-        logits = predict_logits(model, images.to(device), amp, channels_last)
+        logits = predict_logits(model, images.to(device), amp, channels_last, flip)
         confusion += confusion_matrix(logits.argmax(1).cpu(), labels, num_classes, dataset.description.ignore_index)
     model.train(was_training)
     return distributed.all_reduce(confusion, context)
@@ -92,18 +101,21 @@ def evaluate_checkpoint(
     workers: int = 0,
     trust: bool = False,
     dataset: Union[str, Path, DatasetDescription, None] = None,
+    flip: bool = False,
 ) -> Dict:
     """Evaluate a checkpoint on a split of the dataset it was trained on (or ``dataset``, a
-    description with as many classes); prints the table, writes JSON to ``output`` and the
-    row-normalised confusion matrix beside it (``NAME_confusion.png``)."""
+    description with as many classes; ``split`` as :func:`data.list_pairs` takes it, e.g.
+    ``train@0006R0``); prints the table, writes JSON to ``output`` and the row-normalised
+    confusion matrix beside it (``NAME_confusion.png``). ``flip``: flip test-time augmentation."""
     torch_device = resolve_device(device)
     model, config = load_model(checkpoint, torch_device, backend=backend, trust=trust, dataset=dataset)
     description = model.dataset
     data_split = SegmentationDataset(data, split, None, description)
-    confusion = confusion_over(model, data_split, torch_device, batch_size, amp, config.get("channels_last", False), workers)
+    confusion = confusion_over(model, data_split, torch_device, batch_size, amp, config.get("channels_last", False), workers,
+                               flip=flip)
     result = scores(confusion, description.classes, description.ignore_index)
     result.update(checkpoint=str(checkpoint), dataset=description.name, data=str(data_split.root), split=split,
-                  images=len(data_split), confusion_matrix=confusion.tolist())
+                  images=len(data_split), flip_tta=flip, confusion_matrix=confusion.tolist())
     print(format_scores(result))
     if output is not None:
         output = Path(output)

@@ -59,12 +59,16 @@ class TrainConfig:
     flip: bool = True
     scale: Tuple[float, float] = (1.0, 1.0)   # random rescale range
     crop: Optional[Tuple[int, int]] = None    # random crop H, W
+    color_jitter: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
+    blur: float = 0.0                         # probability of a random Gaussian blur
     channels_last: bool = False
     amp: str = "none"                         # none | bf16 | fp16 (CUDA)
     seed: int = 0
     deterministic: bool = True                # CUDA: deterministic cuDNN/ATen kernels (see deterministic_cuda)
     workers: int = 0
+    train_split: str = "train"                # a split, or several joined: "train+val" (data.list_pairs)
     val_split: str = "val"
+    holdout_sequence: Optional[str] = None    # train without this sequence and validate on it (unseen streets)
     val_every: int = 1                        # epochs; 0 = never
     device: str = "auto"
     sync_bn: bool = False
@@ -72,6 +76,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.scale = tuple(float(s) for s in self.scale)
+        self.color_jitter = tuple(float(c) for c in self.color_jitter)
         self.crop = None if self.crop is None else tuple(int(c) for c in self.crop)
         for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("workers", 0), ("val_every", 0), ("step_epochs", 1)):
             if getattr(self, name) < low:
@@ -200,10 +205,13 @@ class Trainer:
         )
 
         self.description = load_description(config.dataset)
-        augment = Augment(flip=config.flip, scale=config.scale, crop=config.crop, ignore_index=self.description.ignore_index)
-        self.train_set = SegmentationDataset(config.data, "train", augment, self.description)
-        self.val_set = SegmentationDataset(config.data, config.val_split, None, self.description) if config.val_every else None
-        weights = class_weights(config.class_weights, config.data, self.description)
+        augment = Augment(flip=config.flip, scale=config.scale, crop=config.crop, ignore_index=self.description.ignore_index,
+                          color=config.color_jitter, blur=config.blur)
+        holdout = [config.holdout_sequence] if config.holdout_sequence else []
+        self.train_set = SegmentationDataset(config.data, config.train_split, augment, self.description, holdout)
+        val_split = f"{config.train_split}@{config.holdout_sequence}" if holdout else config.val_split
+        self.val_set = SegmentationDataset(config.data, val_split, None, self.description) if config.val_every else None
+        weights = class_weights(config.class_weights, config.data, self.description, config.train_split, holdout)
         self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=self.device)
 
         per_process = math.ceil(len(self.train_set) / self.context.world_size)
@@ -229,7 +237,9 @@ class Trainer:
         # epochs or steps, workers and progress may change on resume.
         free = {"output", "epochs", "max_steps", "workers", "progress", "val_every", "device"}
         mine = dataclasses.asdict(self.config)
-        changed = {k: (saved.get(k), mine[k]) for k in mine if k not in free and _normal(saved.get(k)) != _normal(mine[k])}
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # settings older checkpoints lack
+        changed = {k: (saved.get(k, defaults[k]), mine[k]) for k in mine
+                   if k not in free and _normal(saved.get(k, defaults[k])) != _normal(mine[k])}
         if "dataset" in state and state["dataset"] != load_description(self.config.dataset).to_dict():
             changed["dataset description"] = ("as saved", f"{self.config.dataset} now")
         if changed:
