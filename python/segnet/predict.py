@@ -58,11 +58,15 @@ def legend(description: DatasetDescription, ids: Sequence[int], width: int) -> n
 
 
 def with_legend(picture: np.ndarray, description: DatasetDescription, ids: Sequence[int]) -> np.ndarray:
-    """``picture`` above the legend of the classes among ``ids`` (padded white to its width)."""
-    strip = legend(description, ids, picture.shape[1])
-    if strip.shape[1] > picture.shape[1]:
-        picture = np.pad(picture, ((0, 0), (0, strip.shape[1] - picture.shape[1]), (0, 0)), constant_values=255)
-    return np.concatenate([picture, strip], axis=0)
+    """``picture`` above the legend of the classes among ``ids``."""
+    return above(picture, legend(description, ids, picture.shape[1]))
+
+
+def above(picture: np.ndarray, strip: np.ndarray) -> np.ndarray:
+    """``picture`` above ``strip``, the narrower of the two padded white to the other's width."""
+    width = max(picture.shape[1], strip.shape[1])
+    widen = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255)
+    return np.concatenate([widen(picture), widen(strip)], axis=0)
 
 
 def list_inputs(path: Union[str, Path]) -> List[Path]:
@@ -192,7 +196,7 @@ def predict_video(model: nn.Module, path: Path, output: Path, amp: str = "none",
     frames, fps, count = read_video(path)
     names = {"overlay": output / f"{path.stem}_overlay.mp4", "side_by_side": output / f"{path.stem}_side_by_side.mp4"}
     writers = {kind: VideoWriter(name, fps) for kind, name in names.items()}
-    every = range(model.dataset.num_classes)  # one legend for all frames: the frame size stays
+    key = None  # one legend of all classes for every frame: drawn once, and the frame size stays
     done, start = 0, time.perf_counter()
     try:
         with tqdm(total=count, desc=f"predict {path.name}", unit="frame") as bar:
@@ -206,7 +210,10 @@ def predict_video(model: nn.Module, path: Path, output: Path, amp: str = "none",
                     for photo, ids in zip(photos, classes):
                         colour = colorize(ids, model.dataset)
                         writers["overlay"].write(blend(photo, colour))
-                        writers["side_by_side"].write(with_legend(np.concatenate([photo, colour], axis=1), model.dataset, every))
+                        side = np.concatenate([photo, colour], axis=1)
+                        if key is None:
+                            key = legend(model.dataset, range(model.dataset.num_classes), side.shape[1])
+                        writers["side_by_side"].write(above(side, key))
                     done += len(batch)
                     bar.update(len(batch))
                     bar.set_postfix(frames_s=f"{done / (time.perf_counter() - start):.2f}")
