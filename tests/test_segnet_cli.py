@@ -105,7 +105,11 @@ def test_export_onnx(trained, tmp_path):
     from segnet.checkpoint import load_model
 
     model, _ = load_model(trained, torch.device("cpu"))
-    x = torch.randn(2, 3, 20, 28)
+    # A fixed input: ONNX Runtime's float32 convolutions round differently from oneDNN's
+    # (~1e-6), and on about one random input in a hundred that flips a near-tie inside a
+    # pooling window, whose unpooled value then lands elsewhere (0.02 apart, seen with
+    # SEGNET_TEST_SEED=652423430 on torch 2.13; segnet_ext and plain torch agreed to 8e-7).
+    x = torch.randn(2, 3, 20, 28, generator=torch.Generator().manual_seed(0))
     (got,) = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
