@@ -41,7 +41,7 @@ demo: install
 test: install
 	$(PY) -m pytest tests
 
-OP_TESTS := tests/test_pool.py tests/test_conv_bn_relu.py tests/test_recompute.py tests/test_fuzz.py
+OP_TESTS := tests/test_pool.py tests/test_pool_torch_conventions.py tests/test_conv_bn_relu.py tests/test_recompute.py tests/test_fuzz.py
 
 test-isa: install
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 SEGNET_EXT_NO_AVX512=1 $(PY) -m pytest $(OP_TESTS)

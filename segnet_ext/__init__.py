@@ -6,7 +6,8 @@ Ops (registered with the PyTorch dispatcher as ``torch.ops.segnet_ext.*``):
 and from torch's int64 indices), and the BN+ReLU ops of the fused conv-BN-ReLU
 (``bn_stats``, ``scale_shift_relu``, ``bn_relu_backward_reduce``, ``bn_relu_backward_apply``,
 ``conv2d_scale_shift_relu``). Layers live in :mod:`segnet_ext.nn`: ``MaxPool2x2``,
-``MaxUnpool2x2``, ``ConvBNReLU2d``, ``Conv2d``, and ``fuse`` / ``unfuse`` for whole models.
+``MaxUnpool2x2``, ``ConvBNReLU2d``, ``FusedConv2d``, ``Conv2d``; :mod:`segnet_ext.fusion` has
+``fuse`` / ``unfuse`` for whole models.
 """
 from ._loader import load_native_library
 
@@ -21,7 +22,8 @@ from .ops import (  # noqa: E402
     unpack_indices,
 )
 from . import nn, reference  # noqa: E402
-from .nn import ConvBNReLU2d, fuse, unfuse  # noqa: E402
+from .nn import ConvBNReLU2d, FusedConv2d  # noqa: E402
+from .fusion import FuseReport, fuse, unfuse  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "pack_indices",
     "unpack_indices",
     "ConvBNReLU2d",
+    "FusedConv2d",
+    "FuseReport",
     "fuse",
     "unfuse",
     "nn",

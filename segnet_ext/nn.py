@@ -104,93 +104,41 @@ class Conv2d(nn.Conv2d):
                                               self.groups)
 
 
-class ConvBNReLU2d(nn.Module):
-    """``nn.Sequential(nn.Conv2d, nn.BatchNorm2d, nn.ReLU)`` as one fused block.
-
-    Computes exactly what the Sequential computes in both modes, with the same
-    ``state_dict`` keys (``0.weight``, ``0.bias``, ``1.weight``, ``1.bias``,
-    ``1.running_mean``, ``1.running_var``, ``1.num_batches_tracked``), so weights load both
-    ways; ``self[0]`` / ``self.conv`` is the convolution and ``self[1]`` / ``self.bn`` the BN.
+class _ConvBN:
+    """The conv -> BatchNorm2d (-> ReLU) computation shared by :class:`ConvBNReLU2d` and
+    :class:`FusedConv2d`. The BN's own ``training`` flag chooses batch or running
+    statistics, as in the unfused model (so ``bn.eval()`` freezes a BN as usual).
 
     Training: the convolution runs through ATen; BN and ReLU are segnet_ext's fused ops;
     the block saves its input, the pre-normalisation convolution output and per-channel
-    statistics, and its output is recomputed (bit for bit) by the next block instead of
-    being stored (see :mod:`segnet_ext.fused`). Running statistics follow
-    ``nn.BatchNorm2d`` exactly. Evaluation: BN is folded into the convolution once (cached
-    until a parameter or buffer changes) and the ReLU is fused into it.
-    ``relu=False`` gives conv-BN. ``sync_bn=True`` (or ``segnet.distributed.convert_sync_batchnorm``)
-    computes the statistics over all processes of the default group.
-    """
+    statistics, and its output is recomputed (bit for bit) by the next segnet_ext layer
+    instead of being stored (see :mod:`segnet_ext.fused`). Running statistics follow
+    ``nn.BatchNorm2d`` exactly. With running statistics (evaluation), BN is folded into the
+    convolution once (cached until a parameter or buffer changes) and the ReLU is fused into it."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=1, bias: bool = True,
-                 eps: float = 1e-5, momentum: Optional[float] = 0.1, relu: bool = True, affine: bool = True,
-                 track_running_stats: bool = True, dilation=1, groups: int = 1, sync_bn: bool = False):
-        super().__init__()
-        self.add_module("0", nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias))
-        self.add_module("1", nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats))
-        self.relu = relu
-        self.sync_bn = sync_bn
-        self._folded = None
+    _folded = None
 
-    @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> "ConvBNReLU2d":
-        """A block that uses (not copies) ``conv`` and ``bn``."""
-        if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"ConvBNReLU2d fuses nn.Conv2d with zero padding given as numbers, got {conv}")
-        if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
-            raise ValueError(f"ConvBNReLU2d needs a BatchNorm2d over the {conv.out_channels} conv outputs, got {bn}")
-        block = cls.__new__(cls)
-        nn.Module.__init__(block)
-        block.add_module("0", conv)
-        block.add_module("1", bn)
-        block.relu, block.sync_bn, block._folded = relu, False, None
-        return block
-
-    @property
-    def conv(self) -> nn.Conv2d:
-        return self._modules["0"]
-
-    @property
-    def bn(self) -> nn.BatchNorm2d:
-        return self._modules["1"]
-
-    def __getitem__(self, index: int) -> nn.Module:
-        return self._modules[str(index)]
-
-    def _conv_args(self):
-        c = self.conv
-        return (c.stride, c.padding, c.dilation, c.groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        conv, bn = self.conv, self.bn
+    def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool, sync_bn: bool = False) -> Tensor:
+        name = type(self).__name__
         if x.dim() != 4:
-            raise ValueError(f"ConvBNReLU2d expects [N, C, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(f"{name} expects [N, C, H, W], got shape {tuple(x.shape)}")
         if x.shape[1] != conv.in_channels:
-            raise ValueError(f"ConvBNReLU2d expects {conv.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        use_batch_stats = self.training or not bn.track_running_stats or bn.running_mean is None
-        if not use_batch_stats:
-            weight, bias = self._folded_parameters()
-            return fused.conv_bias_relu(x, weight, bias, self._conv_args(), self.relu)
+            raise ValueError(f"{name} expects {conv.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        if not (bn.training or not bn.track_running_stats or bn.running_mean is None):
+            weight, bias = self._folded_parameters(conv, bn)
+            return fused.conv_bias_relu(x, weight, bias, conv_args, relu)
         group = None
-        if self.sync_bn and self.training and torch.distributed.is_available() and torch.distributed.is_initialized() \
+        if sync_bn and bn.training and torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             group = torch.distributed.group.WORLD
         y, mean, unbiased_var = fused.ConvBNReLUFunction.apply(
-            x, conv.weight, conv.bias, bn.weight, bn.bias, self._conv_args(), bn.eps, self.relu, group)
-        if self.training and bn.track_running_stats and bn.running_mean is not None:
-            self._update_running_stats(mean, unbiased_var)
+            x, conv.weight, conv.bias, bn.weight, bn.bias, conv_args, bn.eps, relu, group)
+        if bn.training and bn.track_running_stats and bn.running_mean is not None:
+            _update_running_stats(bn, mean, unbiased_var)
         return y
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, unbiased_var: Tensor) -> None:
-        bn = self.bn
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
-        bn.running_var.mul_(1 - momentum).add_(unbiased_var.to(bn.running_var.dtype), alpha=momentum)
-
-    def _folded_parameters(self):
-        conv, bn = self.conv, self.bn
+    def _folded_parameters(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
         differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (bn.eps,)
@@ -210,139 +158,106 @@ class ConvBNReLU2d(nn.Module):
         self._folded = None
         return super()._apply(fn, recurse)
 
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, unbiased_var: Tensor) -> None:
+    bn.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
+    bn.running_var.mul_(1 - momentum).add_(unbiased_var.to(bn.running_var.dtype), alpha=momentum)
+
+
+def _check_fusable(conv: nn.Module, bn: nn.Module) -> None:
+    if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"fusion takes nn.Conv2d with zero padding given as numbers, got {conv}")
+    if type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels:
+        raise ValueError(f"fusion needs an nn.BatchNorm2d over the {conv.out_channels} conv outputs, got {bn}")
+
+
+class ConvBNReLU2d(_ConvBN, nn.Module):
+    """``nn.Sequential(nn.Conv2d, nn.BatchNorm2d, nn.ReLU)`` as one fused block.
+
+    Computes exactly what the Sequential computes in both modes, with the same
+    ``state_dict`` keys (``0.weight``, ``0.bias``, ``1.weight``, ``1.bias``,
+    ``1.running_mean``, ``1.running_var``, ``1.num_batches_tracked``), so weights load both
+    ways; ``self[0]`` / ``self.conv`` is the convolution and ``self[1]`` / ``self.bn`` the BN.
+    The computation and its memory: :class:`_ConvBN`. ``relu=False`` gives conv-BN.
+    ``sync_bn=True`` (or ``segnet.distributed.convert_sync_batchnorm``) computes the
+    statistics over all processes of the default group.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=1, bias: bool = True,
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1, relu: bool = True, affine: bool = True,
+                 track_running_stats: bool = True, dilation=1, groups: int = 1, sync_bn: bool = False):
+        super().__init__()
+        self.add_module("0", nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias))
+        self.add_module("1", nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats))
+        self.relu = relu
+        self.sync_bn = sync_bn
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> "ConvBNReLU2d":
+        """A block that uses (not copies) ``conv`` and ``bn``."""
+        _check_fusable(conv, bn)
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.add_module("0", conv)
+        block.add_module("1", bn)
+        block.relu, block.sync_bn = relu, False
+        return block
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self._modules["0"]
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        return self._modules["1"]
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self._modules[str(index)]
+
+    def _conv_args(self):
+        c = self.conv
+        return (c.stride, c.padding, c.dilation, c.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_bn(self.conv, self.bn, x, self.relu, self.sync_bn)
+
     def extra_repr(self) -> str:
         return f"relu={self.relu}" + (", sync_bn=True" if self.sync_bn else "")
 
 
-class _FusedAway(nn.Identity):
-    """Marks a Sequential slot whose module now lives in the ConvBNReLU2d before it
-    (kept so that unfuse() restores the original indices)."""
+class FusedConv2d(_ConvBN, nn.Conv2d):
+    """An ``nn.Conv2d`` that has taken over the ``nn.BatchNorm2d`` (and ReLU) after it: what
+    :func:`segnet_ext.fuse` turns a convolution into (the same object: its class changes,
+    its parameters, state_dict keys and hooks stay). The BN stays where it was in the
+    model, with its keys, and is no longer called; ``self.bn`` refers to it. The
+    computation and its memory: :class:`_ConvBN`."""
 
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.__dict__["_original"] = module  # not a child: no parameters, no state_dict keys
+    bn: nn.BatchNorm2d
+    relu: bool
+    sync_bn: bool
 
+    @classmethod
+    def take_over(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> "FusedConv2d":
+        _check_fusable(conv, bn)
+        if isinstance(conv, FusedConv2d):
+            raise ValueError(f"{conv} is fused already")
+        conv.__dict__.update(_unfused_class=type(conv), bn=bn, relu=relu, sync_bn=False, _folded=None)  # bn: not a child
+        conv.__class__ = cls
+        return conv
 
-def _is_pool2x2(m: nn.Module) -> bool:
-    as_pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-    return (isinstance(m, nn.MaxPool2d) and as_pair(m.kernel_size) == (2, 2) and as_pair(m.stride) == (2, 2)
-            and as_pair(m.padding) == (0, 0) and as_pair(m.dilation) == (1, 1))
+    def release(self) -> nn.Conv2d:
+        """The convolution again (this object, its class restored)."""
+        cls = self._unfused_class
+        for name in ("_unfused_class", "bn", "relu", "sync_bn", "_folded"):
+            self.__dict__.pop(name, None)
+        self.__class__ = cls
+        return self
 
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_bn(self, self.bn, input, self.relu, self.sync_bn)
 
-def _is_unpool2x2(m: nn.Module) -> bool:
-    as_pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-    return (isinstance(m, nn.MaxUnpool2d) and as_pair(m.kernel_size) == (2, 2) and as_pair(m.stride) == (2, 2)
-            and as_pair(m.padding) == (0, 0))
-
-
-def fuse(model: nn.Module, inplace: bool = True) -> nn.Module:
-    """Rewrite ``model`` with segnet_ext's layers; outputs and gradients are unchanged.
-
-    - every ``Conv2d -> BatchNorm2d -> ReLU`` (or ``Conv2d -> BatchNorm2d``) run of
-      consecutive modules in an ``nn.Sequential`` becomes a :class:`ConvBNReLU2d` (a
-      Sequential that is exactly that run is replaced whole, keeping its state_dict keys);
-    - ``MaxPool2d(2, 2)`` becomes :class:`MaxPool2x2`, and, when the model also has
-      ``MaxUnpool2d(2, 2)`` layers, pools with ``return_indices=True`` and those unpools
-      become the 2-bit pair (their indices are only meaningful to each other).
-
-    :func:`unfuse` gives back the standard modules."""
-    import copy
-
-    if not inplace:
-        model = copy.deepcopy(model)
-    swap_indices = any(_is_unpool2x2(m) for m in model.modules())
-    if isinstance(model, nn.Sequential):
-        whole = _fuse_whole_sequential(model)
-        if whole is not None:
-            return whole
-    _fuse_children(model, swap_indices)
-    return model
-
-
-def _fuse_whole_sequential(seq: nn.Sequential) -> Optional[ConvBNReLU2d]:
-    mods = list(seq)
-    if len(mods) in (2, 3) and isinstance(mods[0], nn.Conv2d) and type(mods[1]) is nn.BatchNorm2d \
-            and (len(mods) == 2 or isinstance(mods[2], nn.ReLU)):
-        try:
-            return ConvBNReLU2d.from_modules(mods[0], mods[1], relu=len(mods) == 3)
-        except ValueError:
-            return None
-    return None
-
-
-def _fuse_children(module: nn.Module, swap_indices: bool) -> None:
-    for name, child in list(module.named_children()):
-        replacement = None
-        if isinstance(child, nn.Sequential):
-            replacement = _fuse_whole_sequential(child)
-        if replacement is None and _is_pool2x2(child) and (swap_indices or not child.return_indices):
-            replacement = MaxPool2x2(ceil_mode=child.ceil_mode, return_indices=child.return_indices)
-        elif replacement is None and _is_unpool2x2(child):
-            replacement = MaxUnpool2x2()
-        if replacement is not None:
-            setattr(module, name, replacement)
-            continue
-        _fuse_children(child, swap_indices)
-        if isinstance(child, nn.Sequential):
-            _fuse_runs(child)
-
-
-def _fuse_runs(seq: nn.Sequential) -> None:
-    keys = list(seq._modules.keys())
-    i = 0
-    while i + 1 < len(keys):
-        conv, bn = seq._modules[keys[i]], seq._modules[keys[i + 1]]
-        if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d:
-            relu = i + 2 < len(keys) and isinstance(seq._modules[keys[i + 2]], nn.ReLU)
-            try:
-                block = ConvBNReLU2d.from_modules(conv, bn, relu)
-            except ValueError:
-                i += 1
-                continue
-            seq._modules[keys[i]] = block
-            seq._modules[keys[i + 1]] = _FusedAway(bn)
-            if relu:
-                seq._modules[keys[i + 2]] = _FusedAway(seq._modules[keys[i + 2]])
-            i += 3 if relu else 2
-        else:
-            i += 1
-
-
-def unfuse(model: nn.Module, inplace: bool = True) -> nn.Module:
-    """The inverse of :func:`fuse`: standard PyTorch modules only (for ONNX, torch.export,
-    or sharing with people who do not have segnet_ext); the same state_dict keys as
-    before :func:`fuse`."""
-    import copy
-
-    if not inplace:
-        model = copy.deepcopy(model)
-    if isinstance(model, ConvBNReLU2d):
-        return _as_sequential(model)
-    _unfuse_children(model)
-    return model
-
-
-def _as_sequential(block: ConvBNReLU2d) -> nn.Sequential:
-    layers = [block.conv, block.bn] + ([nn.ReLU(inplace=True)] if block.relu else [])
-    return nn.Sequential(*layers)
-
-
-def _unfuse_children(module: nn.Module) -> None:
-    keys = list(module._modules.keys())
-    for i, name in enumerate(keys):
-        child = module._modules[name]
-        if isinstance(child, ConvBNReLU2d):
-            following = [module._modules[k] for k in keys[i + 1:i + 3]]
-            if following and isinstance(following[0], _FusedAway):
-                module._modules[name] = child.conv
-                module._modules[keys[i + 1]] = following[0]._original
-                if len(following) > 1 and isinstance(following[1], _FusedAway):
-                    module._modules[keys[i + 2]] = following[1]._original
-            else:
-                module._modules[name] = _as_sequential(child)
-        elif isinstance(child, MaxPool2x2):
-            module._modules[name] = nn.MaxPool2d(2, 2, ceil_mode=child.ceil_mode, return_indices=child.return_indices)
-        elif isinstance(child, MaxUnpool2x2):
-            module._modules[name] = nn.MaxUnpool2d(2, 2)
-        elif not isinstance(child, _FusedAway):
-            _unfuse_children(child)
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bn=BatchNorm2d({self.bn.num_features}), relu={self.relu}"

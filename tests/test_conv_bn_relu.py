@@ -1,4 +1,4 @@
-"""The BN+ReLU ops, ConvBNReLU2d against the unfused Sequential, memory, fuse/unfuse."""
+"""The BN+ReLU ops, ConvBNReLU2d against the unfused Sequential, memory (fuse / unfuse: test_fusion.py)."""
 import copy
 
 import pytest
@@ -239,86 +239,6 @@ def test_recomputation_is_bit_identical_and_respects_in_place_changes():
     yr = yr * 2
     ref_b(yr).sum().backward()
     torch.testing.assert_close(b.conv.weight.grad, ref_b[0].weight.grad, rtol=1e-4, atol=1e-5)
-
-
-# ---- fuse / unfuse ----
-
-class VGG16BNLike(nn.Module):
-    """torchvision's vgg16_bn layout (features.N, classifier.N), narrower and shorter."""
-
-    def __init__(self):
-        super().__init__()
-        layers, c = [], 3
-        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M"]:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(c, v // 8, 3, padding=1), nn.BatchNorm2d(v // 8), nn.ReLU(inplace=True)]
-                c = v // 8
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(4)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * 4 * 4, 10))
-
-    def forward(self, x):
-        return self.classifier(self.avgpool(self.features(x)))
-
-
-def vgg16_bn():
-    try:
-        import torchvision
-    except ImportError:
-        return VGG16BNLike()
-    return torchvision.models.vgg16_bn(weights=None)
-
-
-class EncoderDecoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.enc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
-        self.pool = nn.MaxPool2d(2, 2, return_indices=True, ceil_mode=True)
-        self.unpool = nn.MaxUnpool2d(2, 2)
-        self.dec = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1))
-
-    def forward(self, x):
-        y = self.enc(x)
-        p, i = self.pool(y)
-        return self.dec(self.unpool(p, i, output_size=y.shape[-2:]))
-
-
-@pytest.mark.parametrize("make,size", [(vgg16_bn, (2, 3, 64, 64)), (EncoderDecoder, (2, 3, 9, 11))])
-def test_fuse_keeps_outputs_and_gradients_and_unfuse_restores(make, size):
-    # float64: in float32, rounding differences between the fused and the unfused BN can
-    # flip a near-tie in a max-pool window deep in the network, which moves a gradient
-    model = make().train().double()
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0  # torchvision's classifier: same outputs on both sides
-    original_keys = list(model.state_dict().keys())
-    fused_model = fuse(model, inplace=False)
-    assert any(isinstance(m, ConvBNReLU2d) for m in fused_model.modules())
-    assert not any(type(m) is nn.MaxPool2d for m in fused_model.modules())
-    x = torch.randn(size, dtype=torch.float64)
-    outputs = []
-    for m in (model, fused_model):
-        xi = x.clone().requires_grad_()
-        y = m(xi)
-        y.square().sum().backward()
-        outputs.append((y, xi.grad, {n: p.grad for n, p in m.named_parameters()}))
-    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(outputs[1][1], outputs[0][1], rtol=1e-7, atol=1e-9 * outputs[0][1].abs().max().item())
-    back = unfuse(fused_model, inplace=False)
-    assert list(back.state_dict().keys()) == original_keys
-    assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
-    assert not any(isinstance(m, (ConvBNReLU2d, segnet_ext.nn.MaxPool2x2)) for m in back.modules())
-    for k, v in model.state_dict().items():  # running statistics updated identically on both sides
-        torch.testing.assert_close(back.state_dict()[k], v, rtol=1e-9, atol=1e-12)
-
-
-def test_fuse_a_bare_sequential_keeps_its_keys():
-    seq, _ = pair(3, 4, torch.float32)
-    block = fuse(seq, inplace=False)
-    assert isinstance(block, ConvBNReLU2d) and block.state_dict().keys() == seq.state_dict().keys()
-    assert isinstance(unfuse(block), nn.Sequential)
 
 
 @pytest.mark.parametrize("device", DEVICES)

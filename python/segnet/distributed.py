@@ -117,10 +117,11 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     segnet_ext's fused blocks to synchronised statistics (in place)."""
     import segnet_ext
 
+    taken_over = {id(m.bn) for m in module.modules() if isinstance(m, segnet_ext.FusedConv2d)}
     for name, child in module.named_children():
-        if isinstance(child, segnet_ext.ConvBNReLU2d):
+        if isinstance(child, (segnet_ext.ConvBNReLU2d, segnet_ext.FusedConv2d)):
             child.sync_bn = True  # the fused block synchronises its own statistics
-        elif type(child) is nn.BatchNorm2d:
+        elif type(child) is nn.BatchNorm2d and id(child) not in taken_over:
             sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
             sync.load_state_dict(child.state_dict())
             sync.to(next(iter(child.buffers()), torch.empty(0)).device)
