@@ -29,7 +29,7 @@ TORCH_LIBRARY(segnet_ext, m) {
   // x: [N, C, H, W] -> mean, var (biased) over N, H, W.
   m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor var)");
   // y = relu(x * scale[c] + shift[c]) (relu=False: no ReLU), in x's memory format.
-  m.def("scale_shift_relu(Tensor x, Tensor scale, Tensor shift, bool relu) -> Tensor");
+  m.def("scale_shift_relu(Tensor x, Tensor scale, Tensor shift, bool relu, Tensor? residual=None) -> Tensor");
   // g = grad_y where x * scale + shift passed the ReLU: sum_g = sum g, sum_gc = sum g * (x - mean).
   m.def("bn_relu_backward_reduce(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor mean, bool relu)"
         " -> (Tensor sum_g, Tensor sum_gc)");

@@ -3,9 +3,10 @@ ops) and the inference one (BN folded into the convolution, ReLU fused).
 
 Training memory: a block saves its convolution input (or that input's recipe, see
 :mod:`segnet_ext.recompute`), the pre-normalisation convolution output z and per-channel
-statistics; its own output y is not stored but carries a recipe from which the next
-segnet_ext layer recomputes it bit for bit in its backward. A chain of blocks thus stores
-one activation-sized tensor per block (its z), not two.
+statistics (a residual block also its identity, or the identity's recipe); its own output
+y is not stored but carries a recipe from which the next segnet_ext layer recomputes it
+bit for bit in its backward. A chain of blocks thus stores one activation-sized tensor per
+block (its z), not two.
 """
 from typing import Optional, Tuple
 
@@ -43,8 +44,8 @@ def batch_statistics(z: Tensor, group=None) -> Tuple[Tensor, Tensor, int]:
 
 
 def bn_relu_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float, relu: bool,
-                    group=None):
-    """Training BN (+ ReLU) of z: returns y and what the backward needs,
+                    group=None, residual: Optional[Tensor] = None):
+    """Training BN (+ residual) (+ ReLU) of z: returns y and what the backward needs,
     (y, scale, shift, mean, var, invstd, count)."""
     mean, var, count = batch_statistics(z, group)
     if count <= 1:
@@ -53,7 +54,7 @@ def bn_relu_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Te
     invstd = torch.rsqrt(var + eps)
     scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
     shift = (bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(scale)) - mean * scale
-    return _ops.scale_shift_relu(z, scale, shift, relu), scale, shift, mean, var, invstd, count
+    return _ops.scale_shift_relu(z, scale, shift, relu, residual), scale, shift, mean, var, invstd, count
 
 
 def bn_relu_backward(grad_y: Tensor, z: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor,
@@ -75,30 +76,39 @@ def bn_relu_backward(grad_y: Tensor, z: Tensor, scale: Tensor, shift: Tensor, me
 
 
 class ConvBNReLUFunction(torch.autograd.Function):
-    """y = relu(BN_train(conv2d(x, weight, bias))); returns (y, batch mean, unbiased batch var)."""
+    """y = relu(BN_train(conv2d(x, weight, bias)) (+ residual)); returns (y, batch mean,
+    unbiased batch var). The residual (ResNet's identity, the shape and dtype of the
+    convolution output, or None) is saved as its recipe where it has one; the backward
+    rebuilds y from (z, scale, shift, residual) for the ReLU's mask."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, conv_args, eps: float, relu: bool, group):
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, conv_args, eps: float, relu: bool, group):
         stride, padding, dilation, groups = conv_args
         device = x.device.type
         x_c, w_c, b_c = autocast_operands(device, x, weight, bias)  # as nn.Conv2d's under autocast
         with torch.autocast(device, enabled=False):
             z = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups)
-        y, scale, shift, mean, var, invstd, count = bn_relu_forward(z, bn_weight, bn_bias, eps, relu, group)
+        y, scale, shift, mean, var, invstd, count = bn_relu_forward(z, bn_weight, bn_bias, eps, relu, group, residual)
 
-        SavedInput.save(ctx, x_c, w_c, z, scale, shift, mean, invstd)
+        SavedInput.save(ctx, [x_c, residual], w_c, z, scale, shift, mean, invstd)
         ctx.conv_args, ctx.relu, ctx.group, ctx.count = conv_args, relu, group, count
-        ctx.has_bias, ctx.dtypes = bias is not None, dtypes(x, weight, bias, bn_weight, bn_bias)
-        attach(y, ScaleShiftReLU(z, scale, shift, relu))
+        ctx.has_bias, ctx.dtypes = bias is not None, dtypes(x, weight, bias, bn_weight, bn_bias, residual)
+        attach(y, ScaleShiftReLU(z, scale, shift, relu, residual))
         unbiased = var * (count / (count - 1))
         ctx.mark_non_differentiable(mean, unbiased)
         return y, mean, unbiased
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, (w_c, z, scale, shift, mean, invstd) = SavedInput.load(ctx)
+        (x, residual), (w_c, z, scale, shift, mean, invstd) = SavedInput.load(ctx)
+        grad_y, relu = grad_y.to(z.dtype), ctx.relu
+        if residual is not None:
+            # the ReLU's mask from the rebuilt output, as torch.relu's backward takes it
+            if relu:
+                grad_y = torch.ops.aten.threshold_backward(grad_y, _ops.scale_shift_relu(z, scale, shift, True, residual), 0)
+            relu = False
         grad_z, grad_bn_weight, grad_bn_bias = bn_relu_backward(
-            grad_y.to(z.dtype), z, scale, shift, mean, invstd, ctx.count, ctx.relu, ctx.group)
+            grad_y, z, scale, shift, mean, invstd, ctx.count, relu, ctx.group)
         stride, padding, dilation, groups = ctx.conv_args
         needs = ctx.needs_input_grad
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
@@ -106,7 +116,8 @@ class ConvBNReLUFunction(torch.autograd.Function):
             False, [0, 0], groups, [needs[0], needs[1], needs[2] and ctx.has_bias],
         )
         grad_bn = (grad_bn_weight if needs[3] else None, grad_bn_bias if needs[4] else None)
-        return (*grads_as((grad_x, grad_w, grad_b, *grad_bn), ctx.dtypes), None, None, None, None)
+        grad_residual = grad_y if residual is not None and needs[5] else None
+        return (*grads_as((grad_x, grad_w, grad_b, *grad_bn, grad_residual), ctx.dtypes), None, None, None, None)
 
 
 def fold_bn(weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],

@@ -9,7 +9,8 @@ Where the patterns are found:
   object, its class changed), the BN and ReLU calls leave the graph (the modules stay,
   with their state_dict keys), and the module runs the rewritten graph as its
   ``forward`` (an instance attribute: the module keeps its class and methods). ReLU as
-  ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()``, in place or not.
+  ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()``, in place or not. ResNet's
+  ``BatchNorm2d -> add(identity) (-> ReLU)`` becomes ``conv(x, identity)``.
 - in an ``nn.Sequential``, and in any module torch.fx cannot trace, by walking the
   module tree: runs of consecutive ``Conv2d, BatchNorm2d (, ReLU)`` children.
 
@@ -71,8 +72,8 @@ def fuse(model: nn.Module, inplace: bool = True, report: bool = False
 
     Left unfused: a convolution whose output has another user than the BN, a BN or
     convolution module called at more than one place, a module whose traced forward
-    depends on its ``training`` flag, and the residual ``BN -> add -> ReLU`` (the
-    convolution and BN are fused, the add and ReLU run as before)."""
+    depends on its ``training`` flag or that torch.fx cannot trace (its Sequentials are
+    still fused). A BN whose output has other users keeps the ReLU or add after it apart."""
     if not inplace:
         model = copy.deepcopy(model)
     ctx = _Context(model)
@@ -215,6 +216,16 @@ def _is_add(node: fx.Node) -> bool:
         (node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs)
 
 
+def _residual_of(node: Optional[fx.Node], bn_node: fx.Node) -> Optional[fx.Node]:
+    """The other operand where ``node`` is ``bn_node + other`` (either order), a tensor node."""
+    if node is None or not _is_add(node) or len(node.args) != 2 or bn_node not in node.args:
+        return None
+    if (node.target is operator.iadd or node.target == "add_") and node.args[0] is not bn_node:
+        return None  # adds into the identity in place: the identity's other users see the sum
+    other = node.args[1] if node.args[0] is bn_node else node.args[0]
+    return other if isinstance(other, fx.Node) and other is not bn_node else None
+
+
 def _trace(owner: nn.Module) -> fx.Graph:
     """owner's forward as a graph, the same whichever its training flag (else ValueError)."""
     was = owner.training
@@ -232,8 +243,7 @@ def _trace(owner: nn.Module) -> fx.Graph:
 
 def _fuse_graph(module: nn.Module, path: str, ctx: _Context) -> None:
     # a module fused before runs its rewritten graph: trace that one
-    installed = module.__dict__.get("forward")
-    owner = installed if isinstance(installed, fx.GraphModule) else module
+    owner = _installed_graph(module) or module
     try:
         graph = _trace(owner)
     except Exception as e:  # noqa: BLE001  (any tracing failure: the module stays as it is)
@@ -264,24 +274,34 @@ def _fuse_graph(module: nn.Module, path: str, ctx: _Context) -> None:
         except ValueError as e:
             ctx.report.left.append(f"{_describe(path, names)}: {e}")
             continue
-        relu_node = next(iter(bn_node.users)) if len(bn_node.users) == 1 else None
-        if relu_node is not None and not _is_relu(relu_node, owner):
-            if _is_add(relu_node):
-                ctx.report.left.append(f"{_describe(path, names + ['add', '...'])}: the residual add and what "
-                                       f"follows run unfused (the convolution and BN are fused)")
-            relu_node = None
+        follower = next(iter(bn_node.users)) if len(bn_node.users) == 1 else None
+        residual_node = _residual_of(follower, bn_node) if len(node.args) == 1 and not node.kwargs else None
+        add_node = follower if residual_node is not None else None
+        after = follower if add_node is None else (next(iter(add_node.users)) if len(add_node.users) == 1 else None)
+        relu_node = after if after is not None and _is_relu(after, owner) else None
         FusedConv2d.take_over(conv, bn, relu=relu_node is not None)
-        last = relu_node if relu_node is not None else bn_node
+        if residual_node is not None:  # conv(x, identity), where the add was: the identity exists by then
+            add_node.prepend(node)
+            node.args = (node.args[0], residual_node)
+        last = relu_node or add_node or bn_node
         last.replace_all_uses_with(node)
-        for gone in (relu_node, bn_node):
+        for gone in (relu_node, add_node, bn_node):
             if gone is not None:
                 graph.erase_node(gone)
-        ctx.report.fused.append(_describe(path, names + ([_node_name(relu_node)] if relu_node is not None else [])))
+        parts = names + (["add"] if add_node is not None else []) + ([_node_name(relu_node)] if relu_node else [])
+        ctx.report.fused.append(_describe(path, parts))
         changed = True
     if changed:
         graph.lint()
-        # the module keeps its class; its forward is the rewritten graph, over its own submodules
-        module.__dict__["forward"] = fx.GraphModule(owner, graph, class_name=f"{type(module).__name__}Fused")
+        # the module keeps its class; its forward is the rewritten graph's (a bound method, as
+        # torch.export wants), over the module's own submodules
+        module.__dict__["forward"] = fx.GraphModule(owner, graph, class_name=f"{type(module).__name__}Fused").forward
+
+
+def _installed_graph(module: nn.Module) -> Optional[fx.GraphModule]:
+    """The rewritten graph a fused module runs as its forward, if any."""
+    owner = getattr(module.__dict__.get("forward"), "__self__", None)
+    return owner if isinstance(owner, fx.GraphModule) else None
 
 
 def _node_name(node: fx.Node) -> str:
@@ -312,7 +332,7 @@ def unfuse(model: nn.Module, inplace: bool = True) -> nn.Module:
     if isinstance(model, ConvBNReLU2d):
         return _as_sequential(model)
     for m in list(model.modules()):
-        if isinstance(m.__dict__.get("forward"), fx.GraphModule):
+        if _installed_graph(m) is not None:
             del m.__dict__["forward"]
         if isinstance(m, FusedConv2d):
             m.release()

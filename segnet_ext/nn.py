@@ -118,22 +118,31 @@ class _ConvBN:
 
     _folded = None
 
-    def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool, sync_bn: bool = False) -> Tensor:
+    def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool, sync_bn: bool = False,
+                 residual: Optional[Tensor] = None) -> Tensor:
+        """relu(bn(conv(x)) (+ residual)); a residual the fused op cannot take (broadcast,
+        another dtype) is added after conv-BN, as the unfused model does."""
         name = type(self).__name__
         if x.dim() != 4:
             raise ValueError(f"{name} expects [N, C, H, W], got shape {tuple(x.shape)}")
         if x.shape[1] != conv.in_channels:
             raise ValueError(f"{name} expects {conv.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if residual is not None and not _fusable_residual(conv, x, residual):
+            y = self._conv_bn(conv, bn, x, relu=False, sync_bn=sync_bn) + residual
+            return torch.relu(y) if relu else y
         conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         if not (bn.training or not bn.track_running_stats or bn.running_mean is None):
             weight, bias = self._folded_parameters(conv, bn)
-            return fused.conv_bias_relu(x, weight, bias, conv_args, relu)
+            if residual is None:
+                return fused.conv_bias_relu(x, weight, bias, conv_args, relu)
+            y = fused.conv_bias_relu(x, weight, bias, conv_args, False) + residual
+            return torch.relu(y) if relu else y
         group = None
         if sync_bn and bn.training and torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             group = torch.distributed.group.WORLD
         y, mean, unbiased_var = fused.ConvBNReLUFunction.apply(
-            x, conv.weight, conv.bias, bn.weight, bn.bias, conv_args, bn.eps, relu, group)
+            x, conv.weight, conv.bias, bn.weight, bn.bias, residual, conv_args, bn.eps, relu, group)
         if bn.training and bn.track_running_stats and bn.running_mean is not None:
             _update_running_stats(bn, mean, unbiased_var)
         return y
@@ -141,12 +150,13 @@ class _ConvBN:
     def _folded_parameters(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
         differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (bn.eps,)
-        if not differentiable and self._folded is not None and self._folded[0] == key:
+        cached = not differentiable and not torch.compiler.is_compiling()  # traced: folded in the graph
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (bn.eps,) if cached else None
+        if cached and self._folded is not None and self._folded[0] == key:
             return self._folded[1]
         with torch.set_grad_enabled(differentiable):
             folded = fused.fold_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-        if not differentiable:
+        if cached:
             self._folded = (key, folded)
         return folded
 
@@ -157,6 +167,18 @@ class _ConvBN:
     def _apply(self, fn, recurse=True):
         self._folded = None
         return super()._apply(fn, recurse)
+
+
+def _fusable_residual(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> bool:
+    """Whether the residual has the convolution output's shape, dtype (under autocast too)
+    and device."""
+    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    shape = (x.shape[0], conv.out_channels) + tuple((x.shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1
+                                                   for i in range(2))
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) and x.dtype != torch.float64 \
+        else x.dtype
+    return tuple(residual.shape) == shape and residual.dtype == dtype and residual.device == x.device
 
 
 @torch.no_grad()
@@ -233,7 +255,9 @@ class FusedConv2d(_ConvBN, nn.Conv2d):
     :func:`segnet_ext.fuse` turns a convolution into (the same object: its class changes,
     its parameters, state_dict keys and hooks stay). The BN stays where it was in the
     model, with its keys, and is no longer called; ``self.bn`` refers to it. The
-    computation and its memory: :class:`_ConvBN`."""
+    computation and its memory: :class:`_ConvBN`. ``forward(input, residual)`` is ResNet's
+    ``relu(bn(conv(input)) + residual)``, the sum not stored either (rebuilt from z and the
+    residual)."""
 
     bn: nn.BatchNorm2d
     relu: bool
@@ -256,8 +280,8 @@ class FusedConv2d(_ConvBN, nn.Conv2d):
         self.__class__ = cls
         return self
 
-    def forward(self, input: Tensor) -> Tensor:
-        return self._conv_bn(self, self.bn, input, self.relu, self.sync_bn)
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return self._conv_bn(self, self.bn, input, self.relu, self.sync_bn, residual)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn=BatchNorm2d({self.bn.num_features}), relu={self.relu}"

@@ -5,7 +5,7 @@ the same graph works on every device, under torch.compile, and to any order:
 max_pool2x2's backward is max_unpool2x2, whose backward is max_unpool2x2_backward,
 whose backward is max_unpool2x2 again.
 """
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -252,10 +252,14 @@ def _bn_stats_fake(x: Tensor):
 
 
 @torch.library.register_fake("segnet_ext::scale_shift_relu")
-def _scale_shift_relu_fake(x: Tensor, scale: Tensor, shift: Tensor, relu: bool):
+def _scale_shift_relu_fake(x: Tensor, scale: Tensor, shift: Tensor, relu: bool, residual: Optional[Tensor] = None):
     _check_activation(x, "x", "scale_shift_relu")
     _check_channel_vector(scale, "scale", x, "scale_shift_relu")
     _check_channel_vector(shift, "shift", x, "scale_shift_relu")
+    if residual is not None:
+        torch._check(residual.shape == x.shape and residual.dtype == x.dtype, lambda: (
+            f"scale_shift_relu: residual must have the shape and dtype of x {tuple(x.shape)} {x.dtype}, "
+            f"got {tuple(residual.shape)} {residual.dtype}"))
     return _bn_format_like(x)
 
 

@@ -6,10 +6,16 @@ output for its backward (a convolution saves its input) saves the recipe's tenso
 instead and rebuilds the output in its backward, with the same op that produced it, so
 bit for bit. Recipes:
 
-- ``ScaleShiftReLU``: a ConvBNReLU2d output, from its pre-BN convolution output z and its
-  per-channel scale and shift (which the block saves for its own backward);
+- ``ScaleShiftReLU``: a ConvBNReLU2d / FusedConv2d output, from its pre-BN convolution
+  output z and its per-channel scale and shift (which the block saves for its own
+  backward), and for a residual block the identity added before the ReLU (itself possibly
+  a recipe);
 - ``Unpool``: a MaxUnpool2x2 output (a sparse map, 3 of 4 zeros), from the pooled values
   (themselves possibly a recipe) and the 2-bit indices (which the unpooling saves).
+
+A recipe nests at most ``MAX_DEPTH`` recipes (the identity of a residual block is often
+the previous block's output, itself a recipe): deeper, it keeps the tensor, so that a
+rebuild costs at most ``MAX_DEPTH`` element-wise passes however long the chain.
 
 Any other consumer simply saves the tensor as usual (correct, without the saving); a
 tensor modified in place after it was made (its version changed) is never recomputed.
@@ -24,12 +30,15 @@ from torch import Tensor
 
 _ops = torch.ops.segnet_ext
 RECIPE = "_segnet_recompute"
+MAX_DEPTH = 3
 
 
 class Recipe:
-    """How to rebuild a tensor: ``tensors()`` to save, ``rebuild(saved)`` to recompute."""
+    """How to rebuild a tensor: ``tensors()`` to save, ``rebuild(saved)`` to recompute;
+    ``depth``: the element-wise passes a rebuild takes."""
 
     version: int
+    depth: int = 1
 
     def tensors(self) -> List[Tensor]:
         raise NotImplementedError
@@ -42,32 +51,51 @@ class Recipe:
         return self.rebuild(self.tensors())[0]
 
 
-class ScaleShiftReLU(Recipe):
-    def __init__(self, z: Tensor, scale: Tensor, shift: Tensor, relu: bool):
-        self.z, self.scale, self.shift, self.relu = z, scale, shift, relu
+class _Operand:
+    """A recipe's tensor operand: saved as its own recipe where it has one no deeper than
+    MAX_DEPTH - 1, else as itself."""
 
-    def tensors(self):
-        return [self.z, self.scale, self.shift]
+    def __init__(self, t: Tensor):
+        source = recipe_of(t)
+        self.source = source if source is not None and source.depth < MAX_DEPTH else None
+        self.tensor = None if self.source is not None else t
+        self.depth = self.source.depth if self.source is not None else 0
+
+    def tensors(self) -> List[Tensor]:
+        return self.source.tensors() if self.source is not None else [self.tensor]
 
     def rebuild(self, saved):
-        z, scale, shift = saved[:3]
-        return _ops.scale_shift_relu(z, scale, shift, self.relu), saved[3:]
+        return self.source.rebuild(saved) if self.source is not None else (saved[0], saved[1:])
+
+
+class ScaleShiftReLU(Recipe):
+    def __init__(self, z: Tensor, scale: Tensor, shift: Tensor, relu: bool, residual: Optional[Tensor] = None):
+        self.z, self.scale, self.shift, self.relu = z, scale, shift, relu
+        self.residual = _Operand(residual) if residual is not None else None
+        self.depth = 1 + (self.residual.depth if self.residual is not None else 0)
+
+    def tensors(self):
+        return [self.z, self.scale, self.shift] + (self.residual.tensors() if self.residual is not None else [])
+
+    def rebuild(self, saved):
+        (z, scale, shift), saved = saved[:3], saved[3:]
+        residual = None
+        if self.residual is not None:
+            residual, saved = self.residual.rebuild(saved)
+        return _ops.scale_shift_relu(z, scale, shift, self.relu, residual), saved
 
 
 class Unpool(Recipe):
     def __init__(self, values: Tensor, packed: Tensor, output_size: Sequence[int]):
-        self.source = recipe_of(values)
-        self.values = None if self.source is not None else values
+        self.values = _Operand(values)
         self.packed, self.output_size = packed, list(output_size)
+        self.depth = 1 + self.values.depth
 
     def tensors(self):
-        return (self.source.tensors() if self.source is not None else [self.values]) + [self.packed]
+        return self.values.tensors() + [self.packed]
 
     def rebuild(self, saved):
-        if self.source is not None:
-            values, saved = self.source.rebuild(saved)
-        else:
-            values, saved = saved[0], saved[1:]
+        values, saved = self.values.rebuild(saved)
         return _ops.max_unpool2x2(values, saved[0], self.output_size), saved[1:]
 
 
@@ -85,22 +113,29 @@ def recipe_of(t: Tensor) -> Optional[Recipe]:
 
 
 class SavedInput:
-    """Saves a layer input through ``ctx``: its recipe's tensors when it has one, else itself."""
+    """Saves layer inputs through ``ctx``: each one's recipe's tensors when it has one, else
+    itself (None stays None)."""
 
     @staticmethod
-    def save(ctx, x: Tensor, *others: Tensor) -> None:
-        recipe = recipe_of(x)
-        saved = recipe.tensors() if recipe is not None else [x]
-        ctx.input_recipe, ctx.input_count = recipe, len(saved)
+    def save(ctx, inputs: Sequence[Optional[Tensor]], *others: Tensor) -> None:
+        recipes, counts, saved = [], [], []
+        for x in inputs:
+            recipe = recipe_of(x) if x is not None else None
+            part = recipe.tensors() if recipe is not None else ([x] if x is not None else [])
+            recipes.append(recipe)
+            counts.append(len(part))
+            saved += part
+        ctx.input_recipes, ctx.input_counts = recipes, counts
         ctx.save_for_backward(*saved, *others)
 
     @staticmethod
-    def load(ctx) -> Tuple[Tensor, Sequence[Tensor]]:
-        """(the input, rebuilt if need be; the other saved tensors)."""
-        saved = ctx.saved_tensors
-        inputs, others = saved[: ctx.input_count], saved[ctx.input_count:]
-        x = ctx.input_recipe.rebuild(inputs)[0] if ctx.input_recipe is not None else inputs[0]
-        return x, others
+    def load(ctx) -> Tuple[List[Optional[Tensor]], Sequence[Tensor]]:
+        """(the inputs, rebuilt where need be; the other saved tensors)."""
+        saved, inputs, at = ctx.saved_tensors, [], 0
+        for recipe, n in zip(ctx.input_recipes, ctx.input_counts):
+            part, at = saved[at:at + n], at + n
+            inputs.append(recipe.rebuild(part)[0] if recipe is not None else (part[0] if n else None))
+        return inputs, saved[at:]
 
 
 def autocast_operands(device: str, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
@@ -136,13 +171,13 @@ class Conv2dFunction(torch.autograd.Function):
         ctx.dtypes = dtypes(x, weight, bias)
         device = x.device.type
         x, weight, bias = autocast_operands(device, x, weight, bias)
-        SavedInput.save(ctx, x, weight)
+        SavedInput.save(ctx, [x], weight)
         with torch.autocast(device, enabled=False):
             return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
-        x, (weight,) = SavedInput.load(ctx)
+        (x,), (weight,) = SavedInput.load(ctx)
         stride, padding, dilation, groups, has_bias = ctx.conv
         needs = ctx.needs_input_grad
         grads = torch.ops.aten.convolution_backward(

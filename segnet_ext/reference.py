@@ -4,6 +4,8 @@ They follow the documented contract, not the kernels: windows are reshaped out o
 the input, the arg-max rule is applied element by element, and the 2-bit codes are
 packed with plain tensor arithmetic.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -103,8 +105,10 @@ def _passes(x: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
     return ~(u <= 0) if relu else torch.ones_like(u, dtype=torch.bool)
 
 
-def scale_shift_relu(x: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+def scale_shift_relu(x: Tensor, scale: Tensor, shift: Tensor, relu: bool, residual: Optional[Tensor] = None) -> Tensor:
     u = x.to(scale.dtype) * _per_channel(scale) + _per_channel(shift)
+    if residual is not None:
+        u = u + residual.to(scale.dtype)
     return (torch.where(u <= 0, torch.zeros_like(u), u) if relu else u).to(x.dtype)
 
 

@@ -57,6 +57,12 @@ def test_ops_match_the_reference(shape, fmt, dtype):
         k1, k2, k3 = per_channel_inputs(x)
         dx = ops.bn_relu_backward_apply(dy, x, scale, shift, mean, k1, k2, k3, relu)
         close(dx, reference.bn_relu_backward_apply(dy, x, scale, shift, mean, k1, k2, k3, relu), dtype)
+        # ResNet's add: the residual in the other memory format (read in x's)
+        other = torch.channels_last if fmt == torch.contiguous_format else torch.contiguous_format
+        residual = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=other)
+        y = ops.scale_shift_relu(x, scale, shift, relu, residual)
+        assert y.is_contiguous(memory_format=fmt) or x.is_contiguous()
+        close(y, reference.scale_shift_relu(x, scale, shift, relu, residual), dtype)
 
 
 def test_stats_are_stable_for_large_counts_and_offsets():
@@ -74,6 +80,11 @@ def test_special_values_propagate():
     scale, shift, mean = per_channel_inputs(x)
     y = ops.scale_shift_relu(x, scale, shift, True)
     assert torch.equal(torch.isnan(y), torch.isnan(reference.scale_shift_relu(x, scale, shift, True)))
+    residual = special(torch.randn(2, 3, 4, 5)).flip(-1).contiguous()  # NaN and inf elsewhere than x's
+    y = ops.scale_shift_relu(x, scale, shift, True, residual)
+    want = reference.scale_shift_relu(x, scale, shift, True, residual)
+    torch.testing.assert_close(y, want, equal_nan=True)
+    assert torch.isnan(y).any() and torch.isinf(y).any()
     mean_x, var_x = ops.bn_stats(x)
     assert torch.isnan(mean_x).all()  # every channel has a NaN in it here
 
@@ -85,6 +96,10 @@ def test_op_errors_name_the_argument():
         ops.scale_shift_relu(x, torch.randn(4), ok, True)
     with pytest.raises(TypeError, match="scale_shift_relu: shift must be Float for Float x, got Double"):
         ops.scale_shift_relu(x, ok, ok.double(), True)
+    with pytest.raises(ValueError, match=r"scale_shift_relu: residual must have the shape of x \[2, 3, 4, 5\], got \[2, 3, 4, 1\]"):
+        ops.scale_shift_relu(x, ok, ok, True, torch.randn(2, 3, 4, 1))
+    with pytest.raises(TypeError, match=r"scale_shift_relu: residual must have the dtype of x \(Float\), got Double"):
+        ops.scale_shift_relu(x, ok, ok, True, x.double())
     with pytest.raises(ValueError, match="bn_stats: x must be a 4-D tensor"):
         ops.bn_stats(torch.randn(3, 4))
     with pytest.raises(TypeError, match="bn_stats: x must be float32, float64, float16 or bfloat16, got Int"):
@@ -100,6 +115,7 @@ def test_opcheck(fmt):
     dy = torch.randn_like(x)
     torch.library.opcheck(ops.bn_stats, (x,))
     torch.library.opcheck(ops.scale_shift_relu, (x, scale, shift, True))
+    torch.library.opcheck(ops.scale_shift_relu, (x, scale, shift, True, torch.randn(2, 3, 5, 6)))
     torch.library.opcheck(ops.bn_relu_backward_reduce, (dy, x, scale, shift, mean, True))
     torch.library.opcheck(ops.bn_relu_backward_apply, (dy, x, scale, shift, mean, scale, shift, mean, False))
 
@@ -154,10 +170,16 @@ def test_gradcheck():
     block = ConvBNReLU2d(2, 3).double()
     x = torch.randn(3, 2, 4, 5, dtype=torch.float64, requires_grad=True)
     params = [block.conv.weight, block.conv.bias, block.bn.weight, block.bn.bias]
-    fn = lambda x, w, b, g, h: segnet_ext.fused.ConvBNReLUFunction.apply(x, w, b, g, h, block._conv_args(), 1e-5, True, None)[0]
+    fn = lambda x, w, b, g, h: segnet_ext.fused.ConvBNReLUFunction.apply(x, w, b, g, h, None, block._conv_args(), 1e-5, True, None)[0]
     torch.autograd.gradcheck(fn, (x, *params))
-    fn_conv_bn = lambda x, w, b, g, h: segnet_ext.fused.ConvBNReLUFunction.apply(x, w, b, g, h, block._conv_args(), 1e-5, False, None)[0]
+    fn_conv_bn = lambda x, w, b, g, h: segnet_ext.fused.ConvBNReLUFunction.apply(x, w, b, g, h, None, block._conv_args(), 1e-5, False, None)[0]
     torch.autograd.gradcheck(fn_conv_bn, (x, *params))
+    # ResNet's block end, relu(bn(conv(x)) + residual), and without the ReLU
+    residual = torch.randn(3, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    for relu in (True, False):
+        fn_residual = lambda x, w, b, g, h, r: segnet_ext.fused.ConvBNReLUFunction.apply(
+            x, w, b, g, h, r, block._conv_args(), 1e-5, relu, None)[0]
+        torch.autograd.gradcheck(fn_residual, (x, *params, residual))
 
 
 def test_state_dict_loads_both_ways():

@@ -3,8 +3,9 @@
 // Training BN+ReLU is four ops (see csrc/ops.cpp), so that statistics can be all-reduced
 // between them under data parallelism:
 //   bn_stats:                 mean[c], var[c] (biased) over N, H, W
-//   scale_shift_relu:         y = relu(x * scale[c] + shift[c]); scale = gamma / sqrt(var + eps),
-//                             shift = beta - mean * scale (per-channel, computed by the caller)
+//   scale_shift_relu:         y = relu(x * scale[c] + shift[c] (+ residual)); scale = gamma / sqrt(var + eps),
+//                             shift = beta - mean * scale (per-channel, computed by the caller);
+//                             the residual (a tensor like x) is ResNet's identity added before the ReLU
 //   bn_relu_backward_reduce:  sum_g[c] = sum g, sum_gc[c] = sum g * (x - mean[c]), where
 //                             g = grad_y where the ReLU passed (x * scale + shift > 0), else 0
 //   bn_relu_backward_apply:   grad_x = k1[c] * g + k2[c] * (x - mean[c]) + k3[c]
@@ -39,6 +40,13 @@ SEGNET_HD bool relu_passes(A u) {
 template <typename A>
 SEGNET_HD A affine_relu(A x, A scale, A shift, bool relu) {
   const A u = affine(x, scale, shift);
+  return (relu && !relu_passes(u)) ? A(0) : u;
+}
+
+// relu(x * scale + shift + residual): the BN output plus the identity, rounded once.
+template <typename A>
+SEGNET_HD A affine_add_relu(A x, A scale, A shift, A residual, bool relu) {
+  const A u = affine(x, scale, shift) + residual;
   return (relu && !relu_passes(u)) ? A(0) : u;
 }
 

@@ -9,7 +9,8 @@
 // Reductions accumulate float (double for float64) over runs of at most 256 values per
 // accumulator, shifted by a per-channel pivot, and add those up in double (NCHW: a Moments
 // per 4096-value chunk of 16 such accumulators; channels_last: double sums per channel):
-// stable for any count. Memory traffic: stats reads x once; scale_shift_relu reads x, writes y;
+// stable for any count. Memory traffic: stats reads x once; scale_shift_relu reads x (and the
+// residual), writes y;
 // backward_reduce reads grad_y and x; backward_apply reads both and writes grad_x.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -99,6 +100,21 @@ template <typename T, typename A>
 SEGNET_LEAF void apply_row(const T* __restrict__ x, int64_t C, const A* __restrict__ scale,
                                    const A* __restrict__ shift, bool relu, T* __restrict__ y) {
   for (int64_t c = 0; c < C; ++c) y[c] = static_cast<T>(affine_relu(static_cast<A>(x[c]), scale[c], shift[c], relu));
+}
+
+template <typename T, typename A>
+SEGNET_LEAF void apply_add_run(const T* __restrict__ x, const T* __restrict__ r, int64_t n, A scale, A shift,
+                               bool relu, T* __restrict__ y) {
+  for (int64_t i = 0; i < n; ++i)
+    y[i] = static_cast<T>(affine_add_relu(static_cast<A>(x[i]), scale, shift, static_cast<A>(r[i]), relu));
+}
+
+template <typename T, typename A>
+SEGNET_LEAF void apply_add_row(const T* __restrict__ x, const T* __restrict__ r, int64_t C,
+                               const A* __restrict__ scale, const A* __restrict__ shift, bool relu,
+                               T* __restrict__ y) {
+  for (int64_t c = 0; c < C; ++c)
+    y[c] = static_cast<T>(affine_add_relu(static_cast<A>(x[c]), scale[c], shift[c], static_cast<A>(r[c]), relu));
 }
 
 template <typename T, typename A>
@@ -268,26 +284,42 @@ void for_each_run(const ChannelLayout& L, PlaneFn plane, RowsFn rows) {
 }
 
 at::Tensor scale_shift_relu_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
-                                bool relu) {
+                                bool relu, const std::optional<at::Tensor>& residual_in) {
   const char* op = "scale_shift_relu";
   const auto L = check_bn_input(op, x_in, "x");
   check_channel_vector(op, scale_in, "scale", x_in);
   check_channel_vector(op, shift_in, "shift", x_in);
+  const bool add = residual_in.has_value() && residual_in->defined();
+  if (add) check_same_shape(op, *residual_in, "residual", x_in);
   const auto x = dense(x_in, L);
+  const auto residual = add ? dense(*residual_in, L) : at::Tensor();
   const auto scale = scale_in.contiguous(), shift = shift_in.contiguous();
   auto y = empty_output(x.sizes(), x.options().memory_format(L.format));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_shift_relu", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = add ? residual.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const A* sp = scale.const_data_ptr<A>();
     const A* tp = shift.const_data_ptr<A>();
     for_each_run(
         L,
         [&](int64_t p, int64_t c) {
-          SEGNET_VECTORIZED(apply_run<scalar_t, A>(xp + p * L.inner, L.inner, sp[c], tp[c], relu, yp + p * L.inner));
+          const int64_t off = p * L.inner;
+          if (add) {
+            SEGNET_VECTORIZED(apply_add_run<scalar_t, A>(xp + off, rp + off, L.inner, sp[c], tp[c], relu, yp + off));
+          } else {
+            SEGNET_VECTORIZED(apply_run<scalar_t, A>(xp + off, L.inner, sp[c], tp[c], relu, yp + off));
+          }
         },
-        [&](int64_t r) { SEGNET_VECTORIZED(apply_row<scalar_t, A>(xp + r * L.C, L.C, sp, tp, relu, yp + r * L.C)); });
+        [&](int64_t r) {
+          const int64_t off = r * L.C;
+          if (add) {
+            SEGNET_VECTORIZED(apply_add_row<scalar_t, A>(xp + off, rp + off, L.C, sp, tp, relu, yp + off));
+          } else {
+            SEGNET_VECTORIZED(apply_row<scalar_t, A>(xp + off, L.C, sp, tp, relu, yp + off));
+          }
+        });
   });
   return y;
 }
@@ -384,7 +416,7 @@ at::Tensor conv2d_scale_shift_relu_cpu(const at::Tensor& x, const at::Tensor& we
   if (winograd3x3_applies(x, weight, stride, padding, dilation, groups))
     return winograd3x3_scale_shift_relu(x, weight, scale, shift, relu);
   const at::Tensor z = at::conv2d(x, weight, {}, stride, padding, dilation, groups);
-  return scale_shift_relu_cpu(z.contiguous(x.suggest_memory_format()), scale, shift, relu);
+  return scale_shift_relu_cpu(z.contiguous(x.suggest_memory_format()), scale, shift, relu, std::nullopt);
 }
 
 }  // namespace

@@ -46,18 +46,23 @@ std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& x_in) {
   return {mean, var};
 }
 
-Tensor scale_shift_relu_cuda(const Tensor& x_in, const Tensor& scale_in, const Tensor& shift_in, bool relu) {
+Tensor scale_shift_relu_cuda(const Tensor& x_in, const Tensor& scale_in, const Tensor& shift_in, bool relu,
+                             const std::optional<Tensor>& residual_in) {
   const char* op = "scale_shift_relu";
   const auto L = check_bn_input(op, x_in, "x");
   check_channel_vector(op, scale_in, "scale", x_in);
   check_channel_vector(op, shift_in, "shift", x_in);
+  const bool add = residual_in.has_value() && residual_in->defined();
+  if (add) check_same_shape(op, *residual_in, "residual", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(L.format), scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  const Tensor residual = add ? residual_in->contiguous(L.format) : Tensor();
   Tensor y = at::empty_like(x, L.format);
   SEGNET_DISPATCH_FLOATING(x.scalar_type(), "scale_shift_relu_cuda", [&] {
     using A = typename kernels::AccOf<scalar_t>::type;
     kernels::launch_scale_shift_relu<scalar_t>(x.const_data_ptr<scalar_t>(), dims_of(L), ptr<A>(scale), ptr<A>(shift),
-                                               relu, y.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream());
+                                               relu, add ? residual.const_data_ptr<scalar_t>() : nullptr,
+                                               y.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
@@ -123,7 +128,7 @@ Tensor conv2d_scale_shift_relu_cuda(const Tensor& x_in, const Tensor& weight_in,
                              dilation == at::IntArrayRef{1, 1};
   if (!implicit_gemm) {  // cuDNN, then the epilogue kernel
     const Tensor z = at::conv2d(x_in, weight_in, {}, stride, padding, dilation, groups);
-    return scale_shift_relu_cuda(z.contiguous(x_in.suggest_memory_format()), scale_in, shift_in, relu);
+    return scale_shift_relu_cuda(z.contiguous(x_in.suggest_memory_format()), scale_in, shift_in, relu, std::nullopt);
   }
   const auto format = x_in.suggest_memory_format();
   const Tensor x = x_in.contiguous(format), weight = weight_in.contiguous();

@@ -150,14 +150,18 @@ __global__ void sums_finish(ChannelDims d, const double* __restrict__ partial, i
 }
 
 // Element-wise passes: thread per element (grid-stride); channel = (e / inner) % C.
-// scale_shift_relu reads x, writes y; backward_apply reads dy and x, writes dx.
+// scale_shift_relu reads x (and the residual), writes y; backward_apply reads dy and x, writes dx.
+// With a residual (null: none), y = relu(x * scale + shift + residual), ResNet's add.
 template <typename T, typename A>
 __global__ void scale_shift_relu_kernel(const T* __restrict__ x, ChannelDims d, const A* __restrict__ scale,
-                                        const A* __restrict__ shift, bool relu, T* __restrict__ y) {
+                                        const A* __restrict__ shift, bool relu, const T* __restrict__ residual,
+                                        T* __restrict__ y) {
   const int64_t n = d.numel();
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = (e / d.inner) % d.C;
-    y[e] = static_cast<T>(affine_relu(static_cast<A>(x[e]), scale[c], shift[c], relu));
+    y[e] = static_cast<T>(residual ? affine_add_relu(static_cast<A>(x[e]), scale[c], shift[c],
+                                                     static_cast<A>(residual[e]), relu)
+                                   : affine_relu(static_cast<A>(x[e]), scale[c], shift[c], relu));
   }
 }
 
@@ -242,11 +246,11 @@ void launch_bn_relu_backward_reduce(const T* dy, const T* x, ChannelDims d, bool
 }
 
 template <typename T, typename A = typename AccOf<T>::type>
-void launch_scale_shift_relu(const T* x, ChannelDims d, const A* scale, const A* shift, bool relu, T* y,
-                             cudaStream_t stream, LaunchConfig cfg = {}) {
+void launch_scale_shift_relu(const T* x, ChannelDims d, const A* scale, const A* shift, bool relu, const T* residual,
+                             T* y, cudaStream_t stream, LaunchConfig cfg = {}) {
   if (d.numel() == 0) return;
   auto kernel = scale_shift_relu_kernel<T, A>;
-  SEGNET_LAUNCH(kernel, blocks_for(d.numel(), cfg), cfg.threads, stream, x, d, scale, shift, relu, y);
+  SEGNET_LAUNCH(kernel, blocks_for(d.numel(), cfg), cfg.threads, stream, x, d, scale, shift, relu, residual, y);
 }
 
 template <typename T, typename A = typename AccOf<T>::type>

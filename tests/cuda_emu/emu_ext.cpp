@@ -111,16 +111,19 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in, int threads, int64_t max
   return {mean, var};
 }
 
-Tensor scale_shift_relu(const Tensor& x_in, const Tensor& scale, const Tensor& shift, bool relu, int threads,
-                        int64_t max_blocks) {
+Tensor scale_shift_relu(const Tensor& x_in, const Tensor& scale, const Tensor& shift, bool relu,
+                        const std::optional<Tensor>& residual_in, int threads, int64_t max_blocks) {
   const auto L = segnet::check_bn_input("scale_shift_relu", x_in, "x");
+  if (residual_in) segnet::check_same_shape("scale_shift_relu", *residual_in, "residual", x_in);
   const Tensor x = x_in.contiguous(L.format);
+  const Tensor residual = residual_in ? residual_in->contiguous(L.format) : Tensor();
   Tensor y = poisoned(x.sizes(), x.options(), L.format);
   EMU_DISPATCH(x.scalar_type(), [&] {
     using A = typename segnet::kernels::AccOf<scalar_t>::type;
-    segnet::kernels::launch_scale_shift_relu<scalar_t>(x.const_data_ptr<scalar_t>(), dims_of(L), ptr<A>(scale),
-                                                       ptr<A>(shift), relu, y.mutable_data_ptr<scalar_t>(), nullptr,
-                                                       LaunchConfig{threads, max_blocks});
+    segnet::kernels::launch_scale_shift_relu<scalar_t>(
+        x.const_data_ptr<scalar_t>(), dims_of(L), ptr<A>(scale), ptr<A>(shift), relu,
+        residual_in ? residual.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), nullptr,
+        LaunchConfig{threads, max_blocks});
   });
   return y;
 }

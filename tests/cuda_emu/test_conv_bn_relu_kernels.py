@@ -36,10 +36,16 @@ def test_bn_relu_kernels_match_cpu_and_reference(emu, threads, max_blocks, dtype
             torch.testing.assert_close(got, want, rtol=acc_tol * 10, atol=acc_tol * 10, msg=what)
             torch.testing.assert_close(got, cpu, rtol=acc_tol * 10, atol=acc_tol * 10, msg=what)
         scale, shift, mean, k1, k2, k3 = per_channel(shape[1], dtype)
-        for relu in (True, False):
-            y = emu.scale_shift_relu(x, scale, shift, relu, threads, max_blocks)
-            torch.testing.assert_close(y, ops.scale_shift_relu(x, scale, shift, relu), rtol=tol(dtype), atol=tol(dtype), msg=what)
+        # the residual in the other layout: the kernel reads it in x's
+        residual = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(
+            memory_format=torch.contiguous_format if channels_last else torch.channels_last)
+        for relu, r in itertools.product((True, False), (None, residual)):
+            y = emu.scale_shift_relu(x, scale, shift, relu, r, threads, max_blocks)
+            torch.testing.assert_close(y, ops.scale_shift_relu(x, scale, shift, relu, r), rtol=tol(dtype), atol=tol(dtype), msg=what)
+            torch.testing.assert_close(y, reference.scale_shift_relu(x, scale, shift, relu, r), rtol=tol(dtype),
+                                       atol=tol(dtype), msg=what)
             assert y.stride() == x.stride(), what
+        for relu in (True, False):
             sums = emu.bn_relu_backward_reduce(dy, x, scale, shift, mean, relu, threads, max_blocks)
             for got, want in zip(sums, reference.bn_relu_backward_reduce(dy, x, scale, shift, mean, relu)):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * x.numel() ** 0.5, msg=what)
