@@ -4,7 +4,7 @@
 #   max_unpool2x2(Tensor values, Tensor packed_indices, SymInt[2] output_size) -> Tensor
 #   max_unpool2x2_backward(Tensor grad_output, Tensor packed_indices, SymInt[2] pooled_size) -> Tensor
 #   bn_stats(Tensor x) -> (Tensor mean, Tensor var)
-#   scale_shift_relu(Tensor x, Tensor scale, Tensor shift, bool relu) -> Tensor
+#   scale_shift_relu(Tensor x, Tensor scale, Tensor shift, bool relu, Tensor? residual=None) -> Tensor
 #   bn_relu_backward_reduce(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor mean, bool relu)
 #       -> (Tensor sum_g, Tensor sum_gc)
 #   bn_relu_backward_apply(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor k1,

@@ -14,7 +14,9 @@ Where the patterns are found:
 - in an ``nn.Sequential``, and in any module torch.fx cannot trace, by walking the
   module tree: runs of consecutive ``Conv2d, BatchNorm2d (, ReLU)`` children.
 
-``MaxPool2d(2, 2)`` becomes :class:`~segnet_ext.nn.MaxPool2x2`, and, when the model
+Every other ``nn.Conv2d`` becomes a :class:`~segnet_ext.nn.Conv2d` (its class changed),
+which saves a recomputable input as its recipe. ``MaxPool2d(2, 2)`` becomes
+:class:`~segnet_ext.nn.MaxPool2x2`, and, when the model
 also has ``MaxUnpool2d(2, 2)`` layers, pools with ``return_indices=True`` and those
 unpools become the 2-bit pair (their indices are only meaningful to each other).
 """
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .nn import ConvBNReLU2d, FusedConv2d, MaxPool2x2, MaxUnpool2x2, _check_fusable
+from .nn import Conv2d, ConvBNReLU2d, FusedConv2d, MaxPool2x2, MaxUnpool2x2, _check_fusable
 
 
 @dataclass
@@ -84,6 +86,9 @@ def fuse(model: nn.Module, inplace: bool = True, report: bool = False
             model = whole
     if not isinstance(model, ConvBNReLU2d):
         _fuse_module(model, "", ctx)
+    for m in model.modules():  # the other convolutions save a recomputable input as its recipe
+        if type(m) is nn.Conv2d:
+            m.__class__ = Conv2d
     return (model, ctx.report) if report else model
 
 
@@ -141,10 +146,19 @@ def _fusable_conv(m: nn.Module) -> bool:
 
 
 def _has_candidates(module: nn.Module) -> bool:
-    """Whether module holds an unfused convolution and BN (its forward may call ones held
-    in a ModuleList or a child's attributes, so all of them count)."""
+    """Whether module has a forward of its own and holds a convolution and a BN not fused yet
+    (its forward may call ones held in a ModuleList or a child's attributes, so all count)."""
+    if type(module).forward is nn.Module.forward:  # ModuleList, ModuleDict: containers only
+        return False
     inner = list(module.modules())[1:]
-    return any(_fusable_conv(m) for m in inner) and any(type(m) is nn.BatchNorm2d for m in inner)
+    taken = set()
+    for m in inner:
+        if isinstance(m, FusedConv2d):
+            taken.add(id(m.bn))
+        elif isinstance(m, ConvBNReLU2d):
+            taken.update((id(m.conv), id(m.bn)))
+    return any(_fusable_conv(m) and id(m) not in taken for m in inner) and \
+        any(type(m) is nn.BatchNorm2d and id(m) not in taken for m in inner)
 
 
 def _whole_sequential(seq: nn.Sequential) -> Optional[ConvBNReLU2d]:
@@ -336,6 +350,8 @@ def unfuse(model: nn.Module, inplace: bool = True) -> nn.Module:
             del m.__dict__["forward"]
         if isinstance(m, FusedConv2d):
             m.release()
+        if type(m) is Conv2d:
+            m.__class__ = nn.Conv2d
         elif type(m) is _BatchNorm2dInConv:
             m.__class__ = nn.BatchNorm2d
     _unfuse_children(model)

@@ -71,3 +71,14 @@ def test_recipe_benchmark_runs_on_a_tiny_input():
     assert text.count("| bf16 autocast") == 3 and "| 1.00x |" in text and text.count("| 50% |") == 5
     text = report(ms[:2], 1, 1, "python -m bench.recipe", crop=(16, 24), full=(24, 32), bf16=False)
     assert "| bf16 autocast" not in text and "left out" in text
+
+
+def test_models_benchmark_runs_on_a_tiny_input():
+    from bench.models import measure, table
+
+    row = measure("segnet_basic", False, 1, size=((96, 128), 1))
+    assert row["fused"] == row["pairs"] == 8 and not row["left"] and row["exact"] < 1e-9
+    f, p = row["eager saved MiB"]
+    assert 0 < f < p
+    text = table([row], ["eager"])
+    assert text.count("\n") == 2 and "| segnet_basic | 1x3x96x128 | 8 | 8 |" in text

@@ -1,0 +1,189 @@
+"""``fuse`` on the models people have: torchvision's and this package's SegNet, each against
+its unfused self, side by side in one process.
+
+    python -m bench.models                    # prints the table (eager)
+    python -m bench.models --compile          # ... with torch.compile'd rows too
+    python -m bench.models --write            # ... and writes it into bench/RESULTS.md
+    python -m bench.models --models resnet50  # some models only
+
+Per model (random weights, BN parameters and running statistics drawn away from their
+defaults, dropout off):
+
+- Conv-BN pairs in the model, and the patterns ``fuse`` fused (from its report);
+- exactness against the unfused model in float64, one training step at 64x64: the largest
+  difference of the outputs, the input gradient and every running statistic afterwards, each
+  relative to that tensor's largest magnitude, and of every parameter gradient relative to
+  the largest parameter gradient;
+- saved-for-backward bytes of one training forward (distinct storages seen by
+  ``saved_tensors_hooks``, less the parameters', which are kept anyway), fused / unfused;
+- time of a training step (forward, mean of the output, backward) and of an eval forward
+  (no_grad), fused / unfused: the median over rounds of the per-round ratio, the two timed in
+  alternation (bench.common.interleaved_ms).
+"""
+import argparse
+import copy
+import os
+import sys
+
+import torch
+from torch import nn
+
+import segnet_ext
+from bench.common import interleaved_ms, machine_description, median_ratio, replace_section, saved_storages
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+# model: (input size (H, W), batch) of the timed rows; resnet50's is the issue's target case
+SIZES = {
+    "resnet18": ((224, 224), 2),
+    "resnet50": ((512, 512), 2),
+    "vgg16_bn": ((224, 224), 2),
+    "mobilenet_v2": ((224, 224), 2),
+    "fcn_resnet50": ((256, 256), 1),
+    "deeplabv3_resnet50": ((256, 256), 2),  # its ASPP pooling branch: BN over 1x1 maps needs a batch of 2
+    "segnet_basic": ((360, 480), 1),
+}
+
+
+def build(name: str) -> nn.Module:
+    if name == "segnet_basic":
+        from segnet.model import build_model
+
+        return build_model("segnet_basic", backend="torch")
+    import torchvision
+
+    if name in ("fcn_resnet50", "deeplabv3_resnet50"):
+        return getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, aux_loss=False)
+    return getattr(torchvision.models, name)(weights=None)
+
+
+def prepared(model: nn.Module) -> nn.Module:
+    """BN parameters and running statistics away from their defaults; dropout off."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+            elif isinstance(m, nn.Dropout):
+                m.p = 0.0
+    return model
+
+
+def output_of(y):
+    return y["out"] if isinstance(y, dict) else y
+
+
+def exactness(plain: nn.Module, fused: nn.Module) -> float:
+    """The largest relative difference after one float64 training step (see the module doc)."""
+    plain, fused = copy.deepcopy(plain).double().train(), copy.deepcopy(fused).double().train()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for m in (plain, fused):
+        xi = x.clone().requires_grad_()
+        y = output_of(m(xi))
+        y.square().mean().backward()
+        results.append(([y, xi.grad] + list(m.buffers()), [p.grad for p in m.parameters()]))
+    diff = lambda a, b: (a.double() - b.double()).abs().max().item()
+    size = lambda t: t.double().abs().max().item() if t.numel() else 0.0
+    (tensors_f, grads_f), (tensors_p, grads_p) = results[1], results[0]
+    worst = max(diff(a, b) / max(size(b), 1e-30) for a, b in zip(tensors_f, tensors_p) if b.numel())
+    # parameter gradients relative to the largest one: a convolution's bias gradient before a
+    # training-mode BN is 0 in exact arithmetic (BN cancels it), so its own scale is rounding
+    largest = max(size(g) for g in grads_p if g is not None)
+    return max([worst] + [diff(a, b) / largest for a, b in zip(grads_f, grads_p) if b is not None])
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages a training forward saves, parameters left out."""
+    storages, _ = saved_storages(lambda: model(x.clone().requires_grad_()))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def step(model: nn.Module, x: torch.Tensor):
+    def run():
+        output_of(model(x)).mean().backward()
+    return run
+
+
+def forward_no_grad(model: nn.Module, x: torch.Tensor):
+    def run():
+        with torch.no_grad():
+            model(x)
+    return run
+
+
+def measure(name: str, compile_too: bool, repeat: int, size=None) -> dict:
+    """One row of the table; ``size``: ((H, W), batch) of the timed rows, else SIZES's."""
+    plain = prepared(build(name))
+    fused, report = segnet_ext.fuse(copy.deepcopy(plain), report=True)
+    pairs = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    row = {"model": name, "pairs": pairs, "fused": len(report.fused), "left": list(report.left),
+           "exact": exactness(plain, fused)}
+    (h, w), batch = size or SIZES[name]
+    x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(2))
+    row["input"] = f"{batch}x3x{h}x{w}"
+    variants = [("eager", plain, fused)]
+    if compile_too:
+        variants.append(("compiled", torch.compile(plain), torch.compile(fused)))
+    for mode, p, f in variants:
+        p.train(), f.train()
+        saved = [saved_activation_bytes(m, x) for m in (f, p)]
+        row[f"{mode} saved MiB"] = [b / 2**20 for b in saved]
+        ours, theirs = interleaved_ms([step(f, x), step(p, x)], repeat=repeat, warmup=1)
+        row[f"{mode} step ms"] = [min(ours), min(theirs)]
+        row[f"{mode} step ratio"] = median_ratio(ours, theirs)
+        p.eval(), f.eval()
+        ours, theirs = interleaved_ms([forward_no_grad(f, x), forward_no_grad(p, x)], repeat=repeat, warmup=1)
+        row[f"{mode} eval ratio"] = median_ratio(ours, theirs)
+        p.zero_grad(set_to_none=True), f.zero_grad(set_to_none=True)
+    return row
+
+
+def table(rows, modes) -> str:
+    head = "| model | input (timed) | Conv-BN pairs | fused | max rel. diff, float64 step |"
+    rule = "|---|---|---:|---:|---:|"
+    for mode in modes:
+        head += (f" {mode}: saved activations MiB, fused / plain (ratio) | {mode}: train step ratio |"
+                 f" {mode}: eval ratio |")
+        rule += "---:|---:|---:|"
+    lines = [head, rule]
+    for r in rows:
+        line = f"| {r['model']} | {r['input']} | {r['pairs']} | {r['fused']} | {r['exact']:.1e} |"
+        for mode in modes:
+            f, p = r[f"{mode} saved MiB"]
+            line += (f" {f:.0f} / {p:.0f} ({f / p:.2f}x) | {r[f'{mode} step ratio']:.3f}x"
+                     f" ({r[f'{mode} step ms'][1]:.0f} ms plain) | {r[f'{mode} eval ratio']:.3f}x |")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--compile", action="store_true", help="also torch.compile both models (minutes per model)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds per measurement")
+    parser.add_argument("--write", action="store_true", help=f"write the table into {RESULTS}")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    rows = []
+    for name in args.models:
+        rows.append(measure(name, args.compile, args.repeat))
+        print(f"{name}: done", file=sys.stderr, flush=True)
+    modes = ["eager"] + (["compiled"] if args.compile else [])
+    command = "python -m bench.models " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
+    text = (f"## fuse on torchvision's models and SegNet\n\n`{command.strip()}` on {machine_description()}, "
+            f"torch {torch.__version__}.\n\n" + table(rows, modes))
+    left = [f"- {r['model']}: {line}" for r in rows for line in r["left"]]
+    if left:
+        text += "\n\nLeft unfused (fuse's report):\n" + "\n".join(left)
+    print(text)
+    if args.write:
+        replace_section(RESULTS, "models", text)
+        print(f"\nwritten to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
