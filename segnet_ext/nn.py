@@ -127,16 +127,15 @@ class _ConvBN:
             raise ValueError(f"{name} expects [N, C, H, W], got shape {tuple(x.shape)}")
         if x.shape[1] != conv.in_channels:
             raise ValueError(f"{name} expects {conv.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        if residual is not None and not _fusable_residual(conv, x, residual):
+        batch_stats = bn.training or not bn.track_running_stats or bn.running_mean is None
+        if residual is not None and not (batch_stats and _fusable_residual(conv, x, residual)):
+            # evaluation (nothing to save), or an identity the op cannot take: added after
             y = self._conv_bn(conv, bn, x, relu=False, sync_bn=sync_bn) + residual
             return torch.relu(y) if relu else y
         conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-        if not (bn.training or not bn.track_running_stats or bn.running_mean is None):
+        if not batch_stats:
             weight, bias = self._folded_parameters(conv, bn)
-            if residual is None:
-                return fused.conv_bias_relu(x, weight, bias, conv_args, relu)
-            y = fused.conv_bias_relu(x, weight, bias, conv_args, False) + residual
-            return torch.relu(y) if relu else y
+            return fused.conv_bias_relu(x, weight, bias, conv_args, relu)
         group = None
         if sync_bn and bn.training and torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
