@@ -120,6 +120,26 @@ class ConvBNReLUFunction(torch.autograd.Function):
         return (*grads_as((grad_x, grad_w, grad_b, *grad_bn, grad_residual), ctx.dtypes), None, None, None, None)
 
 
+def conv_bn_relu_traced(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                       bn_bias: Optional[Tensor], residual: Optional[Tensor], conv_args, eps: float, relu: bool):
+    """What :class:`ConvBNReLUFunction` computes, as differentiable ops for torch.compile
+    to trace (an autograd.Function is opaque to the recompute policy of
+    :func:`~segnet_ext.recompute.compiled_region`): the convolution, BN statistics and
+    folding as ATen ops (the compiler fuses them), y by ``scale_shift_relu`` (autograd
+    registered in :mod:`segnet_ext.ops`), which the policy recomputes instead of saving."""
+    z = F.conv2d(x, weight, bias, *conv_args)
+    count = z.numel() // max(z.shape[1], 1)
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(z.shape)}")
+    acc = _acc_dtype(z)
+    var, mean = torch.var_mean(z.to(acc), dim=(0, 2, 3), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
+    shift = (bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(scale)) - mean * scale
+    y = _ops.scale_shift_relu(z, scale, shift, relu, residual)
+    return y, mean.detach(), (var * (count / (count - 1))).detach()
+
+
 def fold_bn(weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
             running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """The convolution weight and bias with an eval-mode BN folded in."""

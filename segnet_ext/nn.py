@@ -80,7 +80,7 @@ class MaxUnpool2x2(nn.Module):
                    "segnet_ext.pack_indices(indices, input_size))" if indices.dtype == torch.int64 else ""))
         H, W = unpool_output_size(input, output_size)
         h, w = min(H, 2 * input.shape[-2]), min(W, 2 * input.shape[-1])
-        y = ops.max_unpool2x2(input, indices, (h, w))
+        y = recompute.compiled_region(ops.max_unpool2x2, input, indices, constants=((h, w),))
         if (h, w) != (H, W):  # torch's extra row or column past the windows: zeros
             channels_last = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
             out = torch.empty((*y.shape[:-2], H, W), dtype=y.dtype, device=y.device,
@@ -140,8 +140,13 @@ class _ConvBN:
         if sync_bn and bn.training and torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             group = torch.distributed.group.WORLD
-        y, mean, unbiased_var = fused.ConvBNReLUFunction.apply(
-            x, conv.weight, conv.bias, bn.weight, bn.bias, residual, conv_args, bn.eps, relu, group)
+        if torch.compiler.is_compiling() and torch.is_grad_enabled() and group is None:
+            y, mean, unbiased_var = recompute.compiled_region(
+                fused.conv_bn_relu_traced, x, conv.weight, conv.bias, bn.weight, bn.bias, residual,
+                constants=(conv_args, bn.eps, relu))
+        else:
+            y, mean, unbiased_var = fused.ConvBNReLUFunction.apply(
+                x, conv.weight, conv.bias, bn.weight, bn.bias, residual, conv_args, bn.eps, relu, group)
         if bn.training and bn.track_running_stats and bn.running_mean is not None:
             _update_running_stats(bn, mean, unbiased_var)
         return y

@@ -3,7 +3,8 @@
 Autograd is registered once, here, and every backward is itself a registered op, so
 the same graph works on every device, under torch.compile, and to any order:
 max_pool2x2's backward is max_unpool2x2, whose backward is max_unpool2x2_backward,
-whose backward is max_unpool2x2 again.
+whose backward is max_unpool2x2 again. scale_shift_relu's backward (first order) is the
+BN+ReLU backward ops with a zero mean.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -225,9 +226,37 @@ def _gather_backward(ctx, grad):
     return _ops.max_unpool2x2(grad, packed, ctx.output_size), None, None
 
 
+def _scale_shift_relu_setup(ctx, inputs, output):
+    x, scale, shift, relu, residual = inputs
+    ctx.relu = relu
+    ctx.save_for_backward(x, scale, shift, residual)  # not the output: rebuilt where the mask needs it
+
+
+def _scale_shift_relu_backward(ctx, grad_y):
+    """(grad_x, grad_scale, grad_shift, grad_residual) with the fused BN+ReLU backward ops:
+    g = grad_y where the output passes the ReLU; grad_x = scale * g, grad_scale = sum(g * x),
+    grad_shift = sum(g), grad_residual = g (per channel sums over N, H, W)."""
+    x, scale, shift, residual = ctx.saved_tensors
+    relu, needs = ctx.relu, ctx.needs_input_grad
+    grad_y = grad_y.to(x.dtype)
+    if residual is not None:
+        if relu:  # the mask from the rebuilt output, as torch.relu's backward takes it
+            grad_y = torch.ops.aten.threshold_backward(grad_y, _ops.scale_shift_relu(x, scale, shift, True, residual), 0)
+        relu = False
+    zero = torch.zeros_like(scale)
+    grad_x = _ops.bn_relu_backward_apply(grad_y, x, scale, shift, zero, scale, zero, zero, relu) if needs[0] else None
+    grad_scale = grad_shift = None
+    if needs[1] or needs[2]:
+        grad_shift, grad_scale = _ops.bn_relu_backward_reduce(grad_y, x, scale, shift, zero, relu)
+    grad_residual = grad_y if residual is not None and needs[4] else None
+    return grad_x, grad_scale, grad_shift, None, grad_residual
+
+
 torch.library.register_autograd("segnet_ext::max_pool2x2", _pool_backward, setup_context=_pool_setup)
 torch.library.register_autograd("segnet_ext::max_unpool2x2", _unpool_backward, setup_context=_unpool_setup)
 torch.library.register_autograd("segnet_ext::max_unpool2x2_backward", _gather_backward, setup_context=_gather_setup)
+torch.library.register_autograd("segnet_ext::scale_shift_relu", _scale_shift_relu_backward,
+                                setup_context=_scale_shift_relu_setup)
 
 
 # ---- batch norm + ReLU (training); composed into ConvBNReLU2d by segnet_ext/fused.py ----

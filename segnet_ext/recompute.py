@@ -21,12 +21,24 @@ Any other consumer simply saves the tensor as usual (correct, without the saving
 tensor modified in place after it was made (its version changed) is never recomputed.
 Explicit recipes were chosen over ``saved_tensors_hooks`` because they need no context
 manager around the user's training step and never touch tensors of unrelated code.
+
+Under ``torch.compile`` no recipe is attached (a traced tensor takes no attributes): the
+compiler's own mechanism does the same job. The layers run their recomputable op inside
+:func:`compiled_region`, a selective activation checkpoint whose policy marks
+``scale_shift_relu`` and ``max_unpool2x2`` outputs MUST_RECOMPUTE and leaves every other
+op to the partitioner's usual choice; AOTAutograd then saves z, the per-channel vectors
+and the pooled values, and reruns the element-wise op in the compiled backward. One
+difference remains: where a recomputed output feeds the next recomputed op directly (a
+decoder block's output into an unpooling), the partitioner keeps the boundary tensor (the
+pooled-size values).
 """
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 _ops = torch.ops.segnet_ext
 RECIPE = "_segnet_recompute"
@@ -110,6 +122,22 @@ def recipe_of(t: Tensor) -> Optional[Recipe]:
     """The recipe of ``t`` if it still describes it (not modified in place since)."""
     recipe = getattr(t, RECIPE, None)
     return recipe if recipe is not None and recipe.version == t._version else None
+
+
+def _recompute_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in (_ops.scale_shift_relu.default, _ops.max_unpool2x2.default):
+        return CheckpointPolicy.MUST_RECOMPUTE
+    return CheckpointPolicy.PREFER_SAVE  # the partitioner's usual choice
+
+
+def compiled_region(fn, *tensors: Optional[Tensor], constants: tuple = ()):
+    """``fn(*tensors, *constants)``; while torch.compile traces a training forward, inside
+    a selective checkpoint that recomputes segnet_ext's element-wise outputs in the
+    backward instead of saving them (see the module doc). Otherwise a plain call."""
+    if not (torch.compiler.is_compiling() and torch.is_grad_enabled()):
+        return fn(*tensors, *constants)
+    return checkpoint(lambda *t: fn(*t, *constants), *tensors, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _recompute_policy))
 
 
 class SavedInput:

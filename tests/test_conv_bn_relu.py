@@ -120,6 +120,33 @@ def test_opcheck(fmt):
     torch.library.opcheck(ops.bn_relu_backward_apply, (dy, x, scale, shift, mean, scale, shift, mean, False))
 
 
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_scale_shift_relu_is_differentiable(relu, with_residual, fmt):
+    """Its registered autograd (what torch.compile traces in a fused block) against gradcheck
+    and against the reference's autograd, with values at the ReLU's kink (u == 0)."""
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt)
+    scale, shift, _ = per_channel_inputs(x)
+    residual = torch.randn_like(x) if with_residual else None
+    shift[0] = 0.0
+    x[:, 0, ::2] = 0.0  # u == 0 exactly, however it is rounded
+    if with_residual:
+        residual[:, 0, ::2] = 0.0
+    leaves = [t.requires_grad_() for t in (x, scale, shift) + ((residual,) if with_residual else ())]
+    fn = lambda x, scale, shift, *r: ops.scale_shift_relu(x, scale, shift, relu, *r)
+    dy = torch.randn_like(x)
+    got = torch.autograd.grad(fn(*leaves), leaves, dy)
+    want = torch.autograd.grad(reference.scale_shift_relu(x, scale, shift, relu, residual), leaves, dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    smooth = [t.detach().clone().requires_grad_() for t in leaves]
+    with torch.no_grad():
+        smooth[0].add_(0.01)  # gradcheck's finite differences away from the kink
+    torch.autograd.gradcheck(fn, smooth)
+    torch.library.opcheck(ops.scale_shift_relu, (*leaves[:3], relu, *leaves[3:]))
+
+
 # ---- ConvBNReLU2d against nn.Sequential(Conv2d, BatchNorm2d, ReLU) ----
 
 def pair(cin, cout, dtype=torch.float64, relu=True, **kw):

@@ -105,3 +105,32 @@ def test_stage_under_autocast_matches_the_plain_layers(dtype, onednn, fmt):
     for a, b in zip(*grads):
         assert a.dtype == b.dtype == torch.float32
         assert (a - b).norm() <= 0.05 * b.norm() + 1e-3 * scale
+
+
+# ---- under torch.compile: the partitioner recomputes what the recipes would ----
+
+def test_compiled_stage_computes_the_eager_gradients_and_stores_as_little():
+    torch._dynamo.reset()
+    ours, plain = Stage(True), Stage(False)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    activation = 2 * 8 * 64 * 96 * 4
+    weights = sum(p.numel() * 4 for p in ours.parameters())
+    results = {}
+    for name, model in (("eager", copy.deepcopy(ours)), ("compiled", torch.compile(copy.deepcopy(ours), fullgraph=True)),
+                        ("compiled plain", torch.compile(copy.deepcopy(plain)))):
+        xi = x.clone().requires_grad_()
+        saved, out = saved_bytes(lambda: model(xi))
+        out.square().mean().backward()
+        grads = [xi.grad] + [p.grad for p in model.parameters()]
+        results[name] = (saved, out.detach(), grads, list(model.buffers()))
+    (_, y_e, g_e, b_e), (compiled, y_c, g_c, b_c) = results["eager"], results["compiled"]
+    torch.testing.assert_close(y_c, y_e, rtol=1e-4, atol=1e-4)
+    largest = max(g.abs().max() for g in g_e)
+    for a, b in zip(g_c, g_e):
+        assert (a - b).abs().max() <= 1e-4 * largest
+    for a, b in zip(b_c, b_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the compiler may save a second layout of each weight (channels_last), never y or the unpooled map
+    assert compiled - 2 * weights <= 2.7 * activation
+    assert results["compiled plain"][0] - 2 * weights >= 4 * activation
