@@ -4,6 +4,7 @@ its unfused self, side by side in one process.
     python -m bench.models                    # prints the table (eager)
     python -m bench.models --compile          # ... with torch.compile'd rows too
     python -m bench.models --write            # ... and writes it into bench/RESULTS.md
+                                              #     (with --compile: its own section)
     python -m bench.models --models resnet50  # some models only
 
 Per model (random weights, BN parameters and running statistics drawn away from their
@@ -181,7 +182,7 @@ def main(argv=None):
         text += "\n\nLeft unfused (fuse's report):\n" + "\n".join(left)
     print(text)
     if args.write:
-        replace_section(RESULTS, "models", text)
+        replace_section(RESULTS, "models-compiled" if args.compile else "models", text)
         print(f"\nwritten to {RESULTS}")
 
 

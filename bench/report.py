@@ -9,6 +9,7 @@ Variants, same weights and inputs, timed in alternation in one process:
   torch+sac    (a) with selective activation checkpointing, one region per SegNet stage, its
                policy saving convolution outputs and recomputing everything else (b)
   torch+compile (a) under torch.compile (c), where it works on this machine
+  ours+compile ours under torch.compile
 
 Training: saved-for-backward bytes (exact: distinct storages autograd saves, seen by
 saved_tensors_hooks; for torch+sac, whose regions those hooks cannot see into, the region
@@ -38,7 +39,7 @@ from segnet import malloc
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 OUT = HERE / "results"
-VARIANTS = ("ours", "torch", "torch+sac", "torch+compile")
+VARIANTS = ("ours", "torch", "torch+sac", "torch+compile", "ours+compile")
 TARGETS = {"saved_vs_torch": 0.5, "saved_vs_sac": 1.02, "step_vs_torch": 1.0, "step_vs_sac": 0.9,
            "inference_vs_torch": 0.85}
 
@@ -99,11 +100,11 @@ def build(variant, model_name, seed=0):
     from segnet.model import build_model
 
     torch.manual_seed(seed)
-    model = build_model(model_name, backend="segnet_ext" if variant == "ours" else "torch")
+    model = build_model(model_name, backend="segnet_ext" if variant.startswith("ours") else "torch")
     forward = model
     if variant == "torch+sac":
         forward = functools.partial(sac_forward, model)
-    elif variant == "torch+compile":
+    elif variant.endswith("+compile"):
         forward = torch.compile(model)
     return model, forward
 
@@ -249,7 +250,7 @@ def run(model_name, size, batches, scaling_sizes, repeat, variants, peak=True):
                     result["training"][key][v]["peak_mb"] = peak_memory("train", v, model_name, size, batch)
                 if v in result["inference"][key] and "error" not in result["inference"][key][v]:
                     result["inference"][key][v]["peak_mb"] = peak_memory("infer", v, model_name, size, batch)
-    scaling_variants = [v for v in variants if v != "torch+compile"]
+    scaling_variants = [v for v in variants if not v.endswith("+compile")]
     for s in scaling_sizes:
         result["scaling"][f"{s[0]}x{s[1]}"] = measure_training(model_name, s, 1, max(2, repeat // 2), scaling_variants)
     return result
@@ -289,7 +290,7 @@ def report(result, command):
         f"the ratios within each round. Allocator: {malloc.describe()}. Variants: **ours** = `backend=\"segnet_ext\"`; "
         "**torch** (a) = `backend=\"torch\"`; **torch+sac** (b) = (a) with selective activation checkpointing, one "
         "region per stage, saving convolution outputs and recomputing BN/ReLU; **torch+compile** (c) = (a) under "
-        "`torch.compile` (default inductor). Saved bytes are exact (distinct storages autograd saves; for (b) the "
+        "`torch.compile` (default inductor); **ours+compile** = ours under `torch.compile`. Saved bytes are exact (distinct storages autograd saves; for (b) the "
         "region inputs plus the convolution outputs its policy keeps, since hooks cannot see inside its regions). "
         "Peak memory is the resident-set peak of a fresh process running two steps (model, optimiser and "
         "libraries included).",

@@ -112,9 +112,11 @@ class _ConvBN:
     Training: the convolution runs through ATen; BN and ReLU are segnet_ext's fused ops;
     the block saves its input, the pre-normalisation convolution output and per-channel
     statistics, and its output is recomputed (bit for bit) by the next segnet_ext layer
-    instead of being stored (see :mod:`segnet_ext.fused`). Running statistics follow
-    ``nn.BatchNorm2d`` exactly. With running statistics (evaluation), BN is folded into the
-    convolution once (cached until a parameter or buffer changes) and the ReLU is fused into it."""
+    instead of being stored (see :mod:`segnet_ext.fused`; under torch.compile the compiler
+    recomputes it, see :func:`segnet_ext.recompute.compiled_region`). Running statistics
+    follow ``nn.BatchNorm2d`` exactly. With running statistics (evaluation), BN is folded into
+    the convolution once (cached until a parameter or buffer changes) and the ReLU is fused
+    into it."""
 
     _folded = None
 
