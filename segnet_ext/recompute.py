@@ -29,8 +29,9 @@ compiler's own mechanism does the same job. The layers run their recomputable op
 op to the partitioner's usual choice; AOTAutograd then saves z, the per-channel vectors
 and the pooled values, and reruns the element-wise op in the compiled backward. One
 difference remains: where a recomputed output feeds the next recomputed op directly (a
-decoder block's output into an unpooling), the partitioner keeps the boundary tensor (the
-pooled-size values).
+decoder block's output into an unpooling, a residual block's output into the next block's
+add), the partitioner keeps that tensor, as it keeps every boundary of two checkpoint
+regions (``cleanup_recompute_tags`` in torch/_functorch/partitioners.py).
 """
 import functools
 from typing import List, Optional, Sequence, Tuple
