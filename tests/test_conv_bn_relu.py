@@ -141,8 +141,10 @@ def test_scale_shift_relu_is_differentiable(relu, with_residual, fmt):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     smooth = [t.detach().clone().requires_grad_() for t in leaves]
-    with torch.no_grad():
-        smooth[0].add_(0.01)  # gradcheck's finite differences away from the kink
+    with torch.no_grad():  # gradcheck's finite differences: every u at least 0.05 from the kink
+        per_channel = lambda v: v.view(1, -1, 1, 1)
+        u = x * per_channel(scale) + per_channel(shift) + (residual if with_residual else 0)
+        smooth[0].add_(torch.where(u.abs() < 0.05, torch.where(u < 0, -0.1, 0.1) / per_channel(scale), 0.0))
     torch.autograd.gradcheck(fn, smooth)
     torch.library.opcheck(ops.scale_shift_relu, (*leaves[:3], relu, *leaves[3:]))
 
