@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import cuda_kernels_available
+from .ops import cuda_kernels_available, masked_by_rebuilt_relu
 from .recompute import RECIPE, SavedInput, ScaleShiftReLU, attach  # noqa: F401  (RECIPE: for tests)
 from .recompute import autocast_operands, dtypes, grads_as
 
@@ -103,9 +103,8 @@ class ConvBNReLUFunction(torch.autograd.Function):
         (x, residual), (w_c, z, scale, shift, mean, invstd) = SavedInput.load(ctx)
         grad_y, relu = grad_y.to(z.dtype), ctx.relu
         if residual is not None:
-            # the ReLU's mask from the rebuilt output, as torch.relu's backward takes it
             if relu:
-                grad_y = torch.ops.aten.threshold_backward(grad_y, _ops.scale_shift_relu(z, scale, shift, True, residual), 0)
+                grad_y = masked_by_rebuilt_relu(grad_y, z, scale, shift, residual)
             relu = False
         grad_z, grad_bn_weight, grad_bn_bias = bn_relu_backward(
             grad_y, z, scale, shift, mean, invstd, ctx.count, relu, ctx.group)

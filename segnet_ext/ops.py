@@ -226,6 +226,12 @@ def _gather_backward(ctx, grad):
     return _ops.max_unpool2x2(grad, packed, ctx.output_size), None, None
 
 
+def masked_by_rebuilt_relu(grad_y: Tensor, x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor) -> Tensor:
+    """grad_y where relu(x * scale + shift + residual) passes, the mask taken from the rebuilt
+    output as torch.relu's backward takes it (the BN+ReLU backward ops take it from x alone)."""
+    return torch.ops.aten.threshold_backward(grad_y, _ops.scale_shift_relu(x, scale, shift, True, residual), 0)
+
+
 def _scale_shift_relu_setup(ctx, inputs, output):
     x, scale, shift, relu, residual = inputs
     ctx.relu = relu
@@ -240,8 +246,8 @@ def _scale_shift_relu_backward(ctx, grad_y):
     relu, needs = ctx.relu, ctx.needs_input_grad
     grad_y = grad_y.to(x.dtype)
     if residual is not None:
-        if relu:  # the mask from the rebuilt output, as torch.relu's backward takes it
-            grad_y = torch.ops.aten.threshold_backward(grad_y, _ops.scale_shift_relu(x, scale, shift, True, residual), 0)
+        if relu:
+            grad_y = masked_by_rebuilt_relu(grad_y, x, scale, shift, residual)
         relu = False
     zero = torch.zeros_like(scale)
     grad_x = _ops.bn_relu_backward_apply(grad_y, x, scale, shift, zero, scale, zero, zero, relu) if needs[0] else None
