@@ -48,13 +48,21 @@ def bn_relu_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Te
     """Training BN (+ residual) (+ ReLU) of z: returns y and what the backward needs,
     (y, scale, shift, mean, var, invstd, count)."""
     mean, var, count = batch_statistics(z, group)
+    invstd, scale, shift = _normalisation(z, mean, var, count, bn_weight, bn_bias, eps)
+    return _ops.scale_shift_relu(z, scale, shift, relu, residual), scale, shift, mean, var, invstd, count
+
+
+def _normalisation(z: Tensor, mean: Tensor, var: Tensor, count: int, bn_weight: Optional[Tensor],
+                   bn_bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(invstd, scale, shift) of training BN from z's batch statistics over ``count`` values
+    per channel (more than one, as nn.BatchNorm2d requires)."""
     if count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(z.shape)}")
     acc = _acc_dtype(z)
     invstd = torch.rsqrt(var + eps)
     scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
     shift = (bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(scale)) - mean * scale
-    return _ops.scale_shift_relu(z, scale, shift, relu, residual), scale, shift, mean, var, invstd, count
+    return invstd, scale, shift
 
 
 def bn_relu_backward(grad_y: Tensor, z: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor,
@@ -128,13 +136,8 @@ def conv_bn_relu_traced(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
     registered in :mod:`segnet_ext.ops`), which the policy recomputes instead of saving."""
     z = F.conv2d(x, weight, bias, *conv_args)
     count = z.numel() // max(z.shape[1], 1)
-    if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(z.shape)}")
-    acc = _acc_dtype(z)
-    var, mean = torch.var_mean(z.to(acc), dim=(0, 2, 3), correction=0)
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
-    shift = (bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(scale)) - mean * scale
+    var, mean = torch.var_mean(z.to(_acc_dtype(z)), dim=(0, 2, 3), correction=0)
+    _, scale, shift = _normalisation(z, mean, var, count, bn_weight, bn_bias, eps)
     y = _ops.scale_shift_relu(z, scale, shift, relu, residual)
     return y, mean.detach(), (var * (count / (count - 1))).detach()
 
