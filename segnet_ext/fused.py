@@ -154,16 +154,22 @@ def fold_bn(weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
     return (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype)
 
 
-def _mkldnn_conv_relu_available() -> bool:
-    try:
-        x, w = torch.ones(1, 1, 3, 3), torch.ones(1, 1, 1, 1)
-        torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "relu", [None], "")
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+def _mkldnn_conv_relu_dtypes() -> Tuple[torch.dtype, ...]:
+    """The dtypes oneDNN's convolution with a fused ReLU runs on this CPU: float32, and
+    bfloat16 where the CPU has the instructions it needs (AVX-512 BF16 or AVX-NE-CONVERT;
+    on AVX2 alone it raises)."""
+    supported = []
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            x, w = torch.ones(1, 1, 3, 3, dtype=dtype), torch.ones(1, 1, 1, 1, dtype=dtype)
+            torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "relu", [None], "")
+            supported.append(dtype)
+        except (AttributeError, RuntimeError):
+            pass
+    return tuple(supported)
 
 
-_MKLDNN_CONV_RELU = _mkldnn_conv_relu_available()
+_MKLDNN_CONV_RELU = _mkldnn_conv_relu_dtypes()
 
 
 def winograd_pays_off(x: Tensor, weight: Tensor, conv_args) -> bool:
@@ -181,8 +187,8 @@ def winograd_pays_off(x: Tensor, weight: Tensor, conv_args) -> bool:
 
 def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, conv_args, relu: bool) -> Tensor:
     """conv2d + bias (+ ReLU) in one pass where no gradient is needed: segnet_ext's
-    conv2d_scale_shift_relu on CUDA (an implicit-GEMM kernel for 3x3/stride 1/padding 1,
-    cuDNN + the fused epilogue otherwise) and on the CPU where its Winograd path pays off;
+    conv2d_scale_shift_relu on CUDA (cuDNN + the fused epilogue, or our implicit-GEMM kernel
+    for the 3x3/stride 1/padding 1 shapes where it was timed faster) and on the CPU where its Winograd path pays off;
     otherwise on the CPU oneDNN's convolution with the ReLU fused; otherwise (gradients,
     autocast) ATen's convolution and an in-place ReLU."""
     stride, padding, dilation, groups = conv_args
@@ -192,7 +198,7 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, conv_args, relu: boo
             scale = torch.ones_like(bias, dtype=_acc_dtype(x))
             return _ops.conv2d_scale_shift_relu(x, weight, scale, bias.to(scale.dtype), list(stride), list(padding),
                                                 list(dilation), groups, relu)
-        if relu and _MKLDNN_CONV_RELU and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if relu and x.device.type == "cpu" and x.dtype in _MKLDNN_CONV_RELU:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, bias, list(padding), list(stride), list(dilation), groups, "relu", [None], "")
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)

@@ -243,6 +243,24 @@ def test_eval_fold_is_cached_and_invalidated():
         assert not torch.allclose(y1, y2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_eval_in_every_dtype_matches_the_sequential(device, fmt, dtype):
+    """Low-precision inference on any CPU: on one without AVX-512 BF16, oneDNN's fused
+    convolution refuses bfloat16, and the fused layer must take another path."""
+    seq = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU())
+    with torch.no_grad():
+        seq[1].running_mean.uniform_(-1, 1)
+        seq[1].running_var.uniform_(0.5, 2)
+    block = fuse(copy.deepcopy(seq))
+    seq, block = (m.to(device, dtype).to(memory_format=fmt).eval() for m in (seq, block))
+    x = torch.randn(2, 6, 9, 11, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(block(x), seq(x), rtol=tol, atol=tol)
+
+
 # ---- memory: the output is recomputed, not stored ----
 
 @pytest.mark.parametrize("fmt", FORMATS)
