@@ -20,7 +20,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.segnet-ext-installed
 
-.PHONY: demo test test-isa test-cpu-only bench install clean
+.PHONY: demo test test-isa test-cpu-only bench gpu-check install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,14 @@ test-cpu-only:
 	rm -rf $(CPU_ONLY_TREE) && mkdir -p $(CPU_ONLY_TREE)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(CPU_ONLY_TREE)
 	$(MAKE) -C $(CPU_ONLY_TREE) test TORCH=$(CPU_ONLY_TORCH) EXTRAS=test VENV=.venv
+
+# The day a GPU is lent: builds for it, runs the CUDA tests, compute-sanitizer and the
+# bandwidth and cuDNN comparisons, writes bench/RESULTS-gpu.md (bench/gpu_check.py). It uses
+# the torch already installed and installs nothing; without a GPU it runs dry.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+gpu-check:
+	PYTHONPATH=$(CURDIR):$(CURDIR)/python $(GPU_PYTHON) -m bench.gpu_check
 
 bench: install
 	$(PY) -m bench.pool --write

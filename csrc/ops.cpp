@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "common/kernel_choice.h"
 #include "cpu/vectorize.h"
 
 // Importing segnet_ext._C runs the static registrations below; the module itself is empty.
@@ -37,8 +38,8 @@ TORCH_LIBRARY(segnet_ext, m) {
   m.def("bn_relu_backward_apply(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor k1,"
         " Tensor k2, Tensor k3, bool relu) -> Tensor");
   // Inference epilogue: y = relu(conv2d(x, weight) * scale[co] + shift[co]), in x's memory
-  // format. CUDA: an implicit-GEMM kernel for 3x3 / stride 1 / padding 1 (cuDNN + the
-  // epilogue kernel otherwise); CPU: Winograd F(2x2, 3x3) for 3x3 / stride 1 / padding 1 in
+  // format. CUDA: cuDNN + the epilogue kernel, or, for 3x3 / stride 1 / padding 1 shapes
+  // where it was timed faster, an implicit-GEMM kernel (common/kernel_choice.h); CPU: Winograd F(2x2, 3x3) for 3x3 / stride 1 / padding 1 in
   // float32 and float64 (ATen's convolution + the epilogue otherwise).
   m.def("conv2d_scale_shift_relu(Tensor x, Tensor weight, Tensor scale, Tensor shift, int[2] stride,"
         " int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
@@ -46,4 +47,6 @@ TORCH_LIBRARY(segnet_ext, m) {
   // The x86-64 level the CPU kernels run at: "AVX512", "AVX2" or "DEFAULT", as
   // torch.backends.cpu.get_cpu_capability() names ATen's (cpu/vectorize.h).
   m.def("cpu_capability() -> str", [] { return std::string(segnet::cpu_level_name(segnet::cpu_level())); });
+  // The per-shape choices between our CUDA kernels and cuDNN made so far (common/kernel_choice.h).
+  m.def("kernel_choices() -> str[]", [] { return segnet::KernelChoices::instance().describe_all(); });
 }

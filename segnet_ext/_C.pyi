@@ -11,4 +11,5 @@
 #       Tensor k2, Tensor k3, bool relu) -> Tensor
 #   conv2d_scale_shift_relu(Tensor x, Tensor weight, Tensor scale, Tensor shift, int[2] stride,
 #       int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor
+#   kernel_choices() -> str[]   (the per-shape choices between our CUDA kernels and cuDNN so far)
 #   cpu_capability() -> str   ("AVX512", "AVX2" or "DEFAULT": the level the CPU kernels run at)

@@ -16,6 +16,7 @@ _C = load_native_library()
 from .ops import (  # noqa: E402
     cpu_capability,
     cuda_kernels_available,
+    kernel_choices,
     max_pool2x2,
     max_unpool2x2,
     pack_indices,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "cpu_capability",
     "cuda_kernels_available",
+    "kernel_choices",
     "max_pool2x2",
     "max_unpool2x2",
     "pack_indices",

@@ -6,7 +6,7 @@ max_pool2x2's backward is max_unpool2x2, whose backward is max_unpool2x2_backwar
 whose backward is max_unpool2x2 again. scale_shift_relu's backward (first order) is the
 BN+ReLU backward ops with a zero mean.
 """
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -30,6 +30,14 @@ def cpu_capability() -> str:
     The best the CPU has, lowered by SEGNET_EXT_NO_AVX512=1 (to AVX2) or SEGNET_EXT_NO_AVX2=1
     (to DEFAULT), read once, when the first kernel runs."""
     return _ops.cpu_capability()
+
+
+def kernel_choices() -> List[str]:
+    """The per-shape choices the CUDA ops made in this process between segnet_ext's kernel and
+    cuDNN, one line each: the shape, dtype, layout and settings, both times, the winner.
+    Made by timing both on first use (cuDNN wins ties); SEGNET_EXT_CONV=vendor or =segnet
+    forces one side, TORCH_CPP_LOG_LEVEL=INFO logs each choice as it is made."""
+    return list(_ops.kernel_choices())
 
 
 def _check_device(t: Tensor, name: str, op: str) -> None:

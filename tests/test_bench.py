@@ -82,3 +82,17 @@ def test_models_benchmark_runs_on_a_tiny_input():
     assert 0 < f < p
     text = table([row], ["eager"])
     assert text.count("\n") == 2 and "| segnet_basic | 1x3x96x128 | 8 | 8 |" in text
+
+
+def test_gpu_check_runs_dry_here(tmp_path):
+    """`make gpu-check` without a GPU: every measurement on the CPU at tiny sizes, the report
+    written; and its sanitizer driver runs every op."""
+    from bench import gpu_check
+
+    out = tmp_path / "gpu.md"
+    gpu_check.main(["--dry", "--output", str(out)])
+    text = out.read_text()
+    for op in ("max_pool2x2", "max_unpool2x2_backward", "bn_relu_backward_apply"):
+        assert text.count(f"| {op} |") == 2 * 2 * len(gpu_check.DRY_MAPS), op
+    assert text.count("| 8->8 12x16 |") == 2 and "| none |" in text and "| bf16 |" in text
+    gpu_check.main(["--ops-once"])

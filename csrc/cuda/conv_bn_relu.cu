@@ -1,6 +1,8 @@
-// CUDA registrations of the BN+ReLU ops and the convolution with the inference epilogue: the checks and layout shared with the CPU
-// kernels (common/bn_relu_args.h), then the launchers of kernels/bn_relu.cuh on the
-// current stream.
+// CUDA registrations of the BN+ReLU ops and the convolution with the inference epilogue: the
+// checks and layout shared with the CPU kernels (common/bn_relu_args.h), then the launchers
+// of kernels/bn_relu.cuh and kernels/conv3x3.cuh on the current stream. The convolution
+// runs our kernel only for the shapes where it was timed faster than cuDNN
+// (common/kernel_choice.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -8,7 +10,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <sstream>
+#include <string>
+
 #include "common/bn_relu_args.h"
+#include "common/kernel_choice.h"
 #include "kernels/bn_relu.cuh"
 #include "kernels/conv3x3.cuh"
 
@@ -118,22 +124,20 @@ Tensor bn_relu_backward_apply_cuda(const Tensor& grad_y_in, const Tensor& x_in, 
 
 kernels::Strides4 strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-Tensor conv2d_scale_shift_relu_cuda(const Tensor& x_in, const Tensor& weight_in, const Tensor& scale_in,
-                                    const Tensor& shift_in, at::IntArrayRef stride, at::IntArrayRef padding,
-                                    at::IntArrayRef dilation, int64_t groups, bool relu) {
-  check_conv_epilogue("conv2d_scale_shift_relu", x_in, weight_in, scale_in, shift_in, groups);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const bool implicit_gemm = weight_in.size(2) == 3 && weight_in.size(3) == 3 && groups == 1 &&
-                             stride == at::IntArrayRef{1, 1} && padding == at::IntArrayRef{1, 1} &&
-                             dilation == at::IntArrayRef{1, 1};
-  if (!implicit_gemm) {  // cuDNN, then the epilogue kernel
-    const Tensor z = at::conv2d(x_in, weight_in, {}, stride, padding, dilation, groups);
-    return scale_shift_relu_cuda(z.contiguous(x_in.suggest_memory_format()), scale_in, shift_in, relu, std::nullopt);
-  }
-  const auto format = x_in.suggest_memory_format();
-  const Tensor x = x_in.contiguous(format), weight = weight_in.contiguous();
-  const Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  Tensor y = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options().memory_format(format));
+// The vendor path: ATen's convolution (cuDNN, with PyTorch's settings: TF32, benchmark,
+// determinism, exactly as nn.Conv2d runs it), then the epilogue kernel.
+Tensor conv2d_then_epilogue(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                            int64_t groups, bool relu) {
+  const Tensor z = at::conv2d(x, weight, {}, stride, padding, dilation, groups);
+  return scale_shift_relu_cuda(z.contiguous(x.suggest_memory_format()), scale, shift, relu, std::nullopt);
+}
+
+// Ours: the implicit-GEMM 3x3 / stride 1 / padding 1 kernel with the epilogue fused.
+Tensor conv3x3_scale_shift_relu(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
+                                bool relu) {
+  Tensor y = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)},
+                       x.options().memory_format(x.suggest_memory_format()));
   const kernels::Conv3x3Dims d{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0)};
   SEGNET_DISPATCH_FLOATING(x.scalar_type(), "conv2d_scale_shift_relu_cuda", [&] {
     using A = typename kernels::AccOf<scalar_t>::type;
@@ -143,6 +147,41 @@ Tensor conv2d_scale_shift_relu_cuda(const Tensor& x_in, const Tensor& weight_in,
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
+}
+
+// What the per-shape choice (common/kernel_choice.h) is keyed on: everything that changes
+// either side's speed.
+std::string conv_choice_key(const Tensor& x, const Tensor& weight, bool relu) {
+  std::ostringstream key;
+  key << "conv2d_scale_shift_relu x" << x.sizes() << " weight" << weight.sizes() << " "
+      << c10::toString(x.scalar_type())
+      << (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? " channels_last" : " contiguous")
+      << (x.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN() ? " tf32" : "")
+      << (at::globalContext().deterministicAlgorithms() ? " deterministic" : "") << (relu ? " relu" : "")
+      << " cuda:" << int(x.device().index());
+  return key.str();
+}
+
+Tensor conv2d_scale_shift_relu_cuda(const Tensor& x_in, const Tensor& weight_in, const Tensor& scale_in,
+                                    const Tensor& shift_in, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, bool relu) {
+  check_conv_epilogue("conv2d_scale_shift_relu", x_in, weight_in, scale_in, shift_in, groups);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.contiguous(x_in.suggest_memory_format()), weight = weight_in.contiguous();
+  const Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  const bool ours_applies = weight.size(2) == 3 && weight.size(3) == 3 && groups == 1 &&
+                            stride == at::IntArrayRef{1, 1} && padding == at::IntArrayRef{1, 1} &&
+                            dilation == at::IntArrayRef{1, 1} && x.numel() > 0 && weight.size(0) > 0;
+  auto run = [&](Impl impl) {
+    return impl == Impl::Ours ? conv3x3_scale_shift_relu(x, weight, scale, shift, relu)
+                              : conv2d_then_epilogue(x, weight, scale, shift, stride, padding, dilation, groups, relu);
+  };
+  // Timing needs a synchronisation, which a stream being captured into a CUDA graph forbids.
+  if (!ours_applies || kernels::stream_is_capturing(c10::cuda::getCurrentCUDAStream())) return run(Impl::Vendor);
+  const Impl impl = KernelChoices::instance().choose(conv_choice_key(x, weight, relu), [&](Impl candidate) {
+    return kernels::device_time_ms([&] { run(candidate); }, c10::cuda::getCurrentCUDAStream());
+  });
+  return run(impl);
 }
 
 }  // namespace

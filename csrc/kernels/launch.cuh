@@ -4,12 +4,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 
 #include "common/pool2x2.h"
 
 #ifdef SEGNET_CUDA_EMULATION
 #define SEGNET_LAUNCH(kernel, blocks, threads, stream, ...) \
-  ::cuda_emu::launch(dim3(blocks), dim3(threads), [&] { kernel(__VA_ARGS__); })
+  ::cuda_emu::launch(__func__, dim3(blocks), dim3(threads), [&] { kernel(__VA_ARGS__); })
 #else
 #define SEGNET_LAUNCH(kernel, blocks, threads, stream, ...) \
   kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
@@ -17,6 +18,37 @@
 
 namespace segnet {
 namespace kernels {
+
+#ifdef SEGNET_CUDA_EMULATION
+inline bool stream_is_capturing(cudaStream_t) { return false; }
+// The emulator's timer: runs `work` and returns the time a test assigned (cuda_emu::fake_timer).
+inline double device_time_ms(const std::function<void()>& work, cudaStream_t) {
+  return ::cuda_emu::fake_timer().time(work);
+}
+#else
+inline bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream, &status) == cudaSuccess && status != cudaStreamCaptureStatusNone;
+}
+
+// Milliseconds per run of `work` (launches on `stream`): one warm-up run (which also lets
+// cuDNN pick its algorithm), then the mean of a few runs between two events.
+inline double device_time_ms(const std::function<void()>& work, cudaStream_t stream) {
+  constexpr int kRuns = 5;
+  work();
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  cudaEventRecord(start, stream);
+  for (int i = 0; i < kRuns; ++i) work();
+  cudaEventRecord(stop, stream);
+  float ms = 0;
+  const bool ok = cudaEventSynchronize(stop) == cudaSuccess && cudaEventElapsedTime(&ms, start, stop) == cudaSuccess;
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return ok ? ms / kRuns : 1e30;  // a failed timing never makes a candidate win
+}
+#endif
 
 // threads per block and a cap on blocks (grid-stride loops cover the rest). Tests
 // use small values so that partial blocks, partial warps and grid-stride loops run.

@@ -18,7 +18,7 @@ def build_emulator(verbose: bool = False):
         return load(
             name="segnet_cuda_emu" + ("_sanitized" if sanitize else ""),
             sources=[os.path.join(HERE, "emu_ext.cpp")],
-            extra_include_paths=[os.path.join(ROOT, "csrc"), HERE],
+            extra_include_paths=[os.path.join(HERE, "shim"), os.path.join(ROOT, "csrc"), HERE],
             extra_cflags=["-std=c++20", "-O1", "-Wall"] + (SANITIZE_FLAGS if sanitize else []),
             extra_ldflags=SANITIZE_FLAGS if sanitize else [],
             verbose=verbose,

@@ -16,12 +16,19 @@
 // warp before it is waiting at a __syncthreads() or has finished (WarpsReverse: the
 // warp after it), so a read of shared memory that lacks its barrier reads a value not
 // yet written, every time, under one of the two orders. Free lets all threads run at once.
+// Blocks run one after another, in the order block_order() says (forward, reverse or
+// shuffled). A launch a GPU would refuse (empty grid, more than 1024 threads per block,
+// grid y or z above 65535) is an error. Every launch is recorded (recording()), beside the
+// guards and launch checks of the CUDA runtime shim (shim/), so that tests can run the
+// launchers of csrc/cuda/ themselves; kernels::device_time_ms runs the work and returns
+// times a test queued (fake_timer()).
 // Limits: all live lanes of a warp must take part in a shuffle (full mask); no dynamic
 // shared memory; one emulated launch at a time per process.
 #pragma once
 
 #define SEGNET_CUDA_EMULATION 1
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cstdint>
@@ -31,6 +38,7 @@
 #include <latch>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -58,6 +66,22 @@ enum class Schedule { Free, WarpsForward, WarpsReverse };
 inline Schedule& schedule() {
   static Schedule s = Schedule::Free;
   return s;
+}
+
+// The order blocks run in: a kernel must not depend on it (a GPU runs them in any order).
+enum class BlockOrder { Forward, Reverse, Shuffled };
+
+inline BlockOrder& block_order() {
+  static BlockOrder o = BlockOrder::Forward;
+  return o;
+}
+
+inline std::vector<unsigned> block_sequence(unsigned blocks) {
+  std::vector<unsigned> order(blocks);
+  for (unsigned b = 0; b < blocks; ++b) order[b] = b;
+  if (block_order() == BlockOrder::Reverse) std::reverse(order.begin(), order.end());
+  if (block_order() == BlockOrder::Shuffled) std::shuffle(order.begin(), order.end(), std::mt19937(blocks));
+  return order;
 }
 
 class Launch;
@@ -135,8 +159,7 @@ class Launch {
     tls.block_dim = block_;
     tls.grid_dim = grid_;
     tls.thread_idx = dim3(t % block_.x, (t / block_.x) % block_.y, t / (block_.x * block_.y));
-    const unsigned blocks = grid_.x * grid_.y * grid_.z;
-    for (unsigned b = 0; b < blocks; ++b) {
+    for (const unsigned b : block_sequence(grid_.x * grid_.y * grid_.z)) {
       tls.block_idx = dim3(b % grid_.x, (b / grid_.x) % grid_.y, b / (grid_.x * grid_.y));
       tls.released = false;
       wait_for_turn();
@@ -198,11 +221,82 @@ class Launch {
   std::exception_ptr error_;
 };
 
-// Runs `body` (a call of the kernel) as a grid x block launch; returns when all threads are done.
+// What a GPU refuses to launch: checked here before any thread runs.
+inline void check_launch(dim3 grid, dim3 block) {
+  const auto text = [](dim3 d) {
+    return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+  };
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0) {
+    throw std::runtime_error("cuda_emu: launch with an empty grid " + text(grid) + " or block " + text(block) +
+                             " (a GPU reports an invalid configuration)");
+  }
+  if (threads > 1024 || block.z > 64) {
+    throw std::runtime_error("cuda_emu: block " + text(block) + " has more than 1024 threads or z > 64");
+  }
+  if (grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
+    throw std::runtime_error("cuda_emu: grid " + text(grid) + " exceeds (2^31 - 1, 65535, 65535)");
+  }
+}
+
+// Every launch and host-side event of the CUDA runtime shim (shim/c10/cuda/*.h), in order,
+// so tests can check what the launchers in csrc/cuda/ did: "guard <device>",
+// "<launcher> <grid> <block>", "launch check".
+inline std::vector<std::string>& recording() {
+  static std::vector<std::string> events;
+  return events;
+}
+inline std::mutex& recording_mutex() {
+  static std::mutex m;
+  return m;
+}
+inline void record(std::string event) {
+  std::lock_guard<std::mutex> lock(recording_mutex());
+  recording().push_back(std::move(event));
+}
+
+// Runs `body` (a call of the kernel) as a grid x block launch; returns when all threads are
+// done. `launcher` (the function that launches) names it in the recording.
 template <typename F>
-void launch(dim3 grid, dim3 block, F&& body) {
-  if (grid.x * grid.y * grid.z == 0 || block.x * block.y * block.z == 0) return;
+void launch(const char* launcher, dim3 grid, dim3 block, F&& body) {
+  check_launch(grid, block);
+  record(std::string(launcher) + " " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z) + " " +
+         std::to_string(block.x) + "x" + std::to_string(block.y) + "x" + std::to_string(block.z));
   Launch(grid, block).run(std::function<void()>(body));
+}
+
+// The device timer of the emulation (kernels::device_time_ms): runs the work, then returns
+// the next of the times a test queued, in milliseconds, and counts the calls.
+class FakeTimer {
+ public:
+  void queue(std::vector<double> ms) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queued_ = std::move(ms);
+    next_ = 0;
+    calls_ = 0;
+  }
+  double time(const std::function<void()>& work) {
+    work();
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++calls_;
+    if (next_ >= queued_.size()) throw std::runtime_error("cuda_emu: a timing was asked for, but no time is queued");
+    return queued_[next_++];
+  }
+  int calls() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return calls_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<double> queued_;
+  size_t next_ = 0;
+  int calls_ = 0;
+};
+
+inline FakeTimer& fake_timer() {
+  static FakeTimer timer;
+  return timer;
 }
 
 inline unsigned lane() { return tls.linear % kWarpSize; }

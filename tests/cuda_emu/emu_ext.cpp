@@ -1,5 +1,7 @@
 // Test-only extension: the CUDA kernels of csrc/kernels/, built for the CPU with the
-// emulation header and launched with small, odd launch geometries.
+// emulation header and launched with small, odd launch geometries; and the CUDA ops of
+// csrc/cuda/*.cu themselves (checks, layouts, launches), run against the CUDA runtime
+// shim (shim/) on CPU tensors, unregistered.
 #include <torch/extension.h>
 
 #include "common/bn_relu_args.h"
@@ -10,6 +12,13 @@
 #include "kernels/conv3x3.cuh"
 #include "kernels/pool2x2.cuh"
 #include "selftest_kernels.cuh"
+
+// The launchers as the library builds them, minus their registration with the dispatcher
+// (the real library registers the CUDA ops).
+#undef TORCH_LIBRARY_IMPL
+#define TORCH_LIBRARY_IMPL(ns, key, m) [[maybe_unused]] static void C10_CONCATENATE(unregistered_, C10_UID)(torch::Library & m)
+#include "cuda/conv_bn_relu.cu"
+#include "cuda/pool2x2.cu"
 // clang-format on
 
 namespace {
@@ -25,6 +34,25 @@ void set_schedule(const std::string& name) {
   else if (name == "warps_reverse") cuda_emu::schedule() = Schedule::WarpsReverse;
   else TORCH_CHECK_VALUE(false, "schedule must be free, warps_forward or warps_reverse, got ", name);
 }
+
+void set_block_order(const std::string& name) {
+  using cuda_emu::BlockOrder;
+  if (name == "forward") cuda_emu::block_order() = BlockOrder::Forward;
+  else if (name == "reverse") cuda_emu::block_order() = BlockOrder::Reverse;
+  else if (name == "shuffled") cuda_emu::block_order() = BlockOrder::Shuffled;
+  else TORCH_CHECK_VALUE(false, "block order must be forward, reverse or shuffled, got ", name);
+}
+
+// The shim's recording since the last call, emptied.
+std::vector<std::string> take_recording() {
+  std::lock_guard<std::mutex> lock(cuda_emu::recording_mutex());
+  return std::exchange(cuda_emu::recording(), {});
+}
+
+void queue_times(std::vector<double> ms) { cuda_emu::fake_timer().queue(std::move(ms)); }
+int timings() { return cuda_emu::fake_timer().calls(); }
+std::vector<std::string> kernel_choices() { return segnet::KernelChoices::instance().describe_all(); }
+void clear_kernel_choices() { segnet::KernelChoices::instance().clear(); }
 
 PoolDims dims_of(const segnet::PoolGeometry& g) { return {g.N, g.C, g.H, g.W, g.Ho, g.Wo}; }
 
@@ -225,6 +253,21 @@ Tensor copy_off_by_one(const Tensor& x, int threads, int blocks) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_schedule", &set_schedule);
+  m.def("set_block_order", &set_block_order);
+  m.def("take_recording", &take_recording);
+  m.def("queue_times", &queue_times);
+  m.def("timings", &timings);
+  m.def("kernel_choices", &kernel_choices);
+  m.def("clear_kernel_choices", &clear_kernel_choices);
+  // csrc/cuda/*.cu, as registered for the CUDA dispatch key
+  m.def("cuda_max_pool2x2", &segnet::max_pool2x2_cuda);
+  m.def("cuda_max_unpool2x2", &segnet::max_unpool2x2_cuda);
+  m.def("cuda_max_unpool2x2_backward", &segnet::max_unpool2x2_backward_cuda);
+  m.def("cuda_bn_stats", &segnet::bn_stats_cuda);
+  m.def("cuda_scale_shift_relu", &segnet::scale_shift_relu_cuda);
+  m.def("cuda_bn_relu_backward_reduce", &segnet::bn_relu_backward_reduce_cuda);
+  m.def("cuda_bn_relu_backward_apply", &segnet::bn_relu_backward_apply_cuda);
+  m.def("cuda_conv2d_scale_shift_relu", &segnet::conv2d_scale_shift_relu_cuda);
   m.def("max_pool2x2", &max_pool2x2);
   m.def("max_unpool2x2", &max_unpool2x2);
   m.def("max_unpool2x2_backward", &max_unpool2x2_backward);
