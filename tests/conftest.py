@@ -53,6 +53,15 @@ def emu():
     return build_emulator()
 
 
+@pytest.fixture(params=[32, 64], ids=["index32", "index64"])
+def index_bits(request, emu):
+    """Runs an emulated kernel test with 32-bit indices (what every tensor under 2^31 elements
+    gets) and again with the 64-bit path forced."""
+    emu.set_index64(request.param == 64)
+    yield request.param
+    emu.set_index64(False)
+
+
 def write_camvid(root, splits=(("train", 4), ("val", 2)), size=(24, 32), seed=0):
     """A small CamVid-layout folder of random images and labels (every class present,
     some void), for tests that need data without the bundled sample's 360x480 cost."""

@@ -157,7 +157,10 @@ std::string conv_choice_key(const Tensor& x, const Tensor& weight, bool relu) {
       << c10::toString(x.scalar_type())
       << (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? " channels_last" : " contiguous")
       << (x.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN() ? " tf32" : "")
-      << (at::globalContext().deterministicAlgorithms() ? " deterministic" : "") << (relu ? " relu" : "")
+      << (at::globalContext().benchmarkCuDNN() ? " benchmark" : "")
+      << (at::globalContext().deterministicCuDNN() || at::globalContext().deterministicAlgorithms() ? " deterministic"
+                                                                                                    : "")
+      << (relu ? " relu" : "")
       << " cuda:" << int(x.device().index());
   return key.str();
 }

@@ -28,6 +28,16 @@ struct ChannelDims {
   SEGNET_HD int64_t numel() const { return outer * C * inner; }
 };
 
+// The channel of element e of an [outer, C, inner] tensor, without 64-bit division for
+// 32-bit I (see Divider).
+template <typename I>
+struct ChannelIndex {
+  I numel;
+  Divider<I> inner, C;
+  explicit ChannelIndex(ChannelDims d) : numel(I(d.numel())), inner(d.inner), C(d.C) {}
+  SEGNET_HD I operator()(I e) const { return C.mod(inner.div(e)); }
+};
+
 // What a reduction adds per element: the shifted moments of x (stats), or the gradient
 // sums g and g * (x - mean) (backward).
 template <typename T, typename A>
@@ -152,28 +162,26 @@ __global__ void sums_finish(ChannelDims d, const double* __restrict__ partial, i
 // Element-wise passes: thread per element (grid-stride); channel = (e / inner) % C.
 // scale_shift_relu reads x (and the residual), writes y; backward_apply reads dy and x, writes dx.
 // With a residual (null: none), y = relu(x * scale + shift + residual), ResNet's add.
-template <typename T, typename A>
-__global__ void scale_shift_relu_kernel(const T* __restrict__ x, ChannelDims d, const A* __restrict__ scale,
+template <typename T, typename A, typename I>
+__global__ void scale_shift_relu_kernel(const T* __restrict__ x, ChannelIndex<I> channel, const A* __restrict__ scale,
                                         const A* __restrict__ shift, bool relu, const T* __restrict__ residual,
                                         T* __restrict__ y) {
-  const int64_t n = d.numel();
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = (e / d.inner) % d.C;
+  for (I e = I(blockIdx.x) * blockDim.x + threadIdx.x; e < channel.numel; e += I(gridDim.x) * blockDim.x) {
+    const I c = channel(e);
     y[e] = static_cast<T>(residual ? affine_add_relu(static_cast<A>(x[e]), scale[c], shift[c],
                                                      static_cast<A>(residual[e]), relu)
                                    : affine_relu(static_cast<A>(x[e]), scale[c], shift[c], relu));
   }
 }
 
-template <typename T, typename A>
-__global__ void bn_relu_backward_apply_kernel(const T* __restrict__ dy, const T* __restrict__ x, ChannelDims d,
-                                              const A* __restrict__ scale, const A* __restrict__ shift,
-                                              const A* __restrict__ mean, const A* __restrict__ k1,
-                                              const A* __restrict__ k2, const A* __restrict__ k3, bool relu,
-                                              T* __restrict__ dx) {
-  const int64_t n = d.numel();
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = (e / d.inner) % d.C;
+template <typename T, typename A, typename I>
+__global__ void bn_relu_backward_apply_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                              ChannelIndex<I> channel, const A* __restrict__ scale,
+                                              const A* __restrict__ shift, const A* __restrict__ mean,
+                                              const A* __restrict__ k1, const A* __restrict__ k2,
+                                              const A* __restrict__ k3, bool relu, T* __restrict__ dx) {
+  for (I e = I(blockIdx.x) * blockDim.x + threadIdx.x; e < channel.numel; e += I(gridDim.x) * blockDim.x) {
+    const I c = channel(e);
     dx[e] = static_cast<T>(bn_relu_input_grad(static_cast<A>(x[e]), static_cast<A>(dy[e]), scale[c], shift[c], mean[c],
                                               k1[c], k2[c], k3[c], relu));
   }
@@ -249,8 +257,12 @@ template <typename T, typename A = typename AccOf<T>::type>
 void launch_scale_shift_relu(const T* x, ChannelDims d, const A* scale, const A* shift, bool relu, const T* residual,
                              T* y, cudaStream_t stream, LaunchConfig cfg = {}) {
   if (d.numel() == 0) return;
-  auto kernel = scale_shift_relu_kernel<T, A>;
-  SEGNET_LAUNCH(kernel, blocks_for(d.numel(), cfg), cfg.threads, stream, x, d, scale, shift, relu, residual, y);
+  with_index_type(d.numel(), cfg, [&](auto index) {
+    using I = decltype(index);
+    auto kernel = scale_shift_relu_kernel<T, A, I>;
+    SEGNET_LAUNCH(kernel, blocks_for(d.numel(), cfg), cfg.threads, stream, x, ChannelIndex<I>(d), scale, shift, relu,
+                  residual, y);
+  });
 }
 
 template <typename T, typename A = typename AccOf<T>::type>
@@ -258,9 +270,12 @@ void launch_bn_relu_backward_apply(const T* dy, const T* x, ChannelDims d, const
                                    const A* mean, const A* k1, const A* k2, const A* k3, bool relu, T* dx,
                                    cudaStream_t stream, LaunchConfig cfg = {}) {
   if (d.numel() == 0) return;
-  auto kernel = bn_relu_backward_apply_kernel<T, A>;
-  SEGNET_LAUNCH(kernel, blocks_for(d.numel(), cfg), cfg.threads, stream, dy, x, d, scale, shift, mean, k1, k2, k3,
-                relu, dx);
+  with_index_type(d.numel(), cfg, [&](auto index) {
+    using I = decltype(index);
+    auto kernel = bn_relu_backward_apply_kernel<T, A, I>;
+    SEGNET_LAUNCH(kernel, blocks_for(d.numel(), cfg), cfg.threads, stream, dy, x, ChannelIndex<I>(d), scale, shift,
+                  mean, k1, k2, k3, relu, dx);
+  });
 }
 
 }  // namespace kernels

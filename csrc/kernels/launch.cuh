@@ -10,7 +10,7 @@
 
 #ifdef SEGNET_CUDA_EMULATION
 #define SEGNET_LAUNCH(kernel, blocks, threads, stream, ...) \
-  ::cuda_emu::launch(__func__, dim3(blocks), dim3(threads), [&] { kernel(__VA_ARGS__); })
+  ::cuda_emu::launch(__PRETTY_FUNCTION__, dim3(blocks), dim3(threads), [&] { kernel(__VA_ARGS__); })
 #else
 #define SEGNET_LAUNCH(kernel, blocks, threads, stream, ...) \
   kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
@@ -51,10 +51,69 @@ inline double device_time_ms(const std::function<void()>& work, cudaStream_t str
 #endif
 
 // threads per block and a cap on blocks (grid-stride loops cover the rest). Tests
-// use small values so that partial blocks, partial warps and grid-stride loops run.
+// use small values so that partial blocks, partial warps and grid-stride loops run, and
+// index64 to run the 64-bit index path on small tensors.
 struct LaunchConfig {
   int threads = 256;
   int64_t max_blocks = 8192;
+  bool index64 = false;
+};
+
+SEGNET_HD uint32_t mulhi(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return uint32_t((uint64_t(a) * b) >> 32);
+#endif
+}
+
+// Division by a divisor fixed at launch. For 32-bit indices (numerators below 2^31) a
+// multiply-high, an add and a shift, as ATen's IntDivider; for 64-bit ones the plain
+// division, which on a GPU is a subroutine of dozens of instructions.
+template <typename I>
+struct Divider {
+  I divisor;
+  explicit Divider(int64_t d = 1) : divisor(I(d > 0 ? d : 1)) {}
+  SEGNET_HD I div(I n) const { return n / divisor; }
+  SEGNET_HD I mod(I n) const { return n % divisor; }
+};
+
+template <>
+struct Divider<uint32_t> {
+  uint32_t divisor, magic, shift;
+  explicit Divider(int64_t d = 1) : divisor(uint32_t(d > 0 ? d : 1)) {
+    for (shift = 0; shift < 32 && (uint64_t(1) << shift) < divisor; ++shift) {}
+    magic = uint32_t(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - divisor)) / divisor + 1);
+  }
+  SEGNET_HD uint32_t div(uint32_t n) const { return (mulhi(n, magic) + n) >> shift; }
+  SEGNET_HD uint32_t mod(uint32_t n) const { return n - div(n) * divisor; }
+};
+
+// Calls body(I{}) with the index type for `numel` elements: uint32_t below 2^31 (unless
+// cfg.index64), else int64_t. Grid-stride loops then stay below 2^32 as well.
+template <typename F>
+void with_index_type(int64_t numel, const LaunchConfig& cfg, F&& body) {
+  if (!cfg.index64 && numel < (int64_t(1) << 31)) {
+    body(uint32_t{});
+  } else {
+    body(int64_t{});
+  }
+}
+
+// Splits a dense memory-order index of an [N, C, H, W] tensor into (n, c, h, w).
+template <typename I, bool CHANNELS_LAST>
+struct Unravel {
+  Divider<I> d0, d1, d2;  // the three fastest dimensions' sizes, fastest first
+  Unravel(int64_t C, int64_t H, int64_t W)
+      : d0(CHANNELS_LAST ? C : W), d1(CHANNELS_LAST ? W : H), d2(CHANNELS_LAST ? H : C) {}
+  SEGNET_HD void operator()(I t, I& n, I& c, I& h, I& w) const {
+    const I q0 = d0.div(t), q1 = d1.div(q0), q2 = d2.div(q1);
+    const I i0 = t - q0 * d0.divisor, i1 = q0 - q1 * d1.divisor, i2 = q1 - q2 * d2.divisor;
+    n = q2;
+    c = CHANNELS_LAST ? i0 : i2;
+    h = CHANNELS_LAST ? i2 : i1;
+    w = CHANNELS_LAST ? i1 : i0;
+  }
 };
 
 inline unsigned blocks_for(int64_t work, const LaunchConfig& cfg) {

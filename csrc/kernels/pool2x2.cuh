@@ -81,33 +81,22 @@ __global__ void max_pool2x2_nchw_vec_kernel(const T* __restrict__ x, T* __restri
   }
 }
 
-// Decomposes a dense memory-order index into (n, c, h, w).
-template <bool CHANNELS_LAST>
-__device__ __forceinline__ void unravel(int64_t t, int64_t C, int64_t H, int64_t W, int64_t& n,
-                                        int64_t& c, int64_t& h, int64_t& w) {
-  if (CHANNELS_LAST) {
-    c = t % C; w = (t / C) % W; h = (t / (C * W)) % H; n = t / (C * W * H);
-  } else {
-    w = t % W; h = (t / W) % H; c = (t / (W * H)) % C; n = t / (W * H * C);
-  }
-}
-
 // Unpooling (and pooling backward): one thread per output element, in the output's memory
 // order (coalesced stores), every element written once: the value where the window's code
-// points here, else zero. Reads a value only where it is placed.
-template <typename T, bool CHANNELS_LAST>
+// points here, else zero. Reads a value only where it is placed. Index math in I (32-bit
+// below 2^31 elements: no 64-bit division).
+template <typename T, typename I, bool CHANNELS_LAST>
 __global__ void max_unpool2x2_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed,
-                                     T* __restrict__ y, PoolDims d) {
-  const int64_t total = d.N * d.C * d.H * d.W;
+                                     T* __restrict__ y, PoolDims d, Unravel<I, CHANNELS_LAST> unravel) {
+  const I total = I(d.N * d.C * d.H * d.W), C = I(d.C), Ho = I(d.Ho), Wo = I(d.Wo);
   const Strides4 vs = dense_strides(d.C, d.Ho, d.Wo, CHANNELS_LAST);
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, c, h, w;
-    unravel<CHANNELS_LAST>(t, d.C, d.H, d.W, n, c, h, w);
-    const int64_t oh = h >> 1, ow = w >> 1;
+  for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += I(gridDim.x) * blockDim.x) {
+    I n, c, h, w;
+    unravel(t, n, c, h, w);
+    const I oh = h >> 1, ow = w >> 1;
     T out = T(0);
-    if (oh < d.Ho && ow < d.Wo) {
-      const int64_t k = ((n * d.C + c) * d.Ho + oh) * d.Wo + ow;
+    if (oh < Ho && ow < Wo) {
+      const I k = ((n * C + c) * Ho + oh) * Wo + ow;
       if (read_code(packed, k) == 2 * (h & 1) + (w & 1)) out = v[vs.at(n, c, oh, ow)];
     }
     y[t] = out;
@@ -116,19 +105,18 @@ __global__ void max_unpool2x2_kernel(const T* __restrict__ v, const uint8_t* __r
 
 // Unpooling backward: one thread per gradient of a value, in memory order; gathers the
 // output gradient at the window's arg-max (zero where the code points outside the output).
-template <typename T, bool CHANNELS_LAST>
+template <typename T, typename I, bool CHANNELS_LAST>
 __global__ void max_unpool2x2_backward_kernel(const T* __restrict__ go,
                                               const uint8_t* __restrict__ packed,
-                                              T* __restrict__ gv, PoolDims d) {
-  const int64_t total = d.windows();
+                                              T* __restrict__ gv, PoolDims d, Unravel<I, CHANNELS_LAST> unravel) {
+  const I total = I(d.windows()), C = I(d.C), H = I(d.H), W = I(d.W), Ho = I(d.Ho), Wo = I(d.Wo);
   const Strides4 gs = dense_strides(d.C, d.H, d.W, CHANNELS_LAST);
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, c, oh, ow;
-    unravel<CHANNELS_LAST>(t, d.C, d.Ho, d.Wo, n, c, oh, ow);
-    const uint8_t code = read_code(packed, ((n * d.C + c) * d.Ho + oh) * d.Wo + ow);
-    const int64_t h = 2 * oh + (code >> 1), w = 2 * ow + (code & 1);
-    gv[t] = h < d.H && w < d.W ? go[gs.at(n, c, h, w)] : T(0);
+  for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += I(gridDim.x) * blockDim.x) {
+    I n, c, oh, ow;
+    unravel(t, n, c, oh, ow);
+    const uint8_t code = read_code(packed, ((n * C + c) * Ho + oh) * Wo + ow);
+    const I h = 2 * oh + (code >> 1), w = 2 * ow + (code & 1);
+    gv[t] = h < H && w < W ? go[gs.at(n, c, h, w)] : T(0);
   }
 }
 
@@ -160,18 +148,38 @@ void launch_max_unpool2x2(const T* v, const uint8_t* packed, T* y, PoolDims d, b
                           cudaStream_t stream, LaunchConfig cfg = {}) {
   const int64_t total = d.N * d.C * d.H * d.W;
   if (total == 0) return;
-  auto kernel = channels_last ? max_unpool2x2_kernel<T, true> : max_unpool2x2_kernel<T, false>;
-  SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, v, packed, y, d);
+  with_index_type(total, cfg, [&](auto index) {
+    using I = decltype(index);
+    if (channels_last) {
+      auto kernel = max_unpool2x2_kernel<T, I, true>;
+      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, v, packed, y, d,
+                    Unravel<I, true>(d.C, d.H, d.W));
+    } else {
+      auto kernel = max_unpool2x2_kernel<T, I, false>;
+      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, v, packed, y, d,
+                    Unravel<I, false>(d.C, d.H, d.W));
+    }
+  });
 }
 
 template <typename T>
 void launch_max_unpool2x2_backward(const T* go, const uint8_t* packed, T* gv, PoolDims d,
                                    bool channels_last, cudaStream_t stream,
                                    LaunchConfig cfg = {}) {
-  if (d.windows() == 0) return;
-  auto kernel = channels_last ? max_unpool2x2_backward_kernel<T, true>
-                              : max_unpool2x2_backward_kernel<T, false>;
-  SEGNET_LAUNCH(kernel, blocks_for(d.windows(), cfg), cfg.threads, stream, go, packed, gv, d);
+  const int64_t total = d.windows();
+  if (total == 0) return;
+  with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {  // the gathers index the full map
+    using I = decltype(index);
+    if (channels_last) {
+      auto kernel = max_unpool2x2_backward_kernel<T, I, true>;
+      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, go, packed, gv, d,
+                    Unravel<I, true>(d.C, d.Ho, d.Wo));
+    } else {
+      auto kernel = max_unpool2x2_backward_kernel<T, I, false>;
+      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, go, packed, gv, d,
+                    Unravel<I, false>(d.C, d.Ho, d.Wo));
+    }
+  });
 }
 
 }  // namespace kernels

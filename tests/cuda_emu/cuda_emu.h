@@ -32,6 +32,7 @@
 #include <atomic>
 #include <barrier>
 #include <cstdint>
+#include <cctype>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -255,12 +256,30 @@ inline void record(std::string event) {
   recording().push_back(std::move(event));
 }
 
+// The name of the function a __PRETTY_FUNCTION__ text describes (also from inside a lambda
+// of it): the identifier before the first parenthesis and its template arguments, if any.
+inline std::string function_name(const std::string& pretty) {
+  size_t end = pretty.find('(');
+  if (end == std::string::npos) return pretty;
+  for (int depth = 0; end > 0 && (pretty[end - 1] == '>' || depth > 0); --end) {
+    depth += pretty[end - 1] == '>' ? 1 : pretty[end - 1] == '<' ? -1 : 0;
+    if (depth == 0 && pretty[end - 1] == '<') {
+      --end;
+      break;
+    }
+  }
+  size_t begin = end;
+  while (begin > 0 && (std::isalnum(static_cast<unsigned char>(pretty[begin - 1])) || pretty[begin - 1] == '_')) --begin;
+  return pretty.substr(begin, end - begin);
+}
+
 // Runs `body` (a call of the kernel) as a grid x block launch; returns when all threads are
-// done. `launcher` (the function that launches) names it in the recording.
+// done. `launcher` (the __PRETTY_FUNCTION__ of the function that launches) names it in the
+// recording.
 template <typename F>
 void launch(const char* launcher, dim3 grid, dim3 block, F&& body) {
   check_launch(grid, block);
-  record(std::string(launcher) + " " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z) + " " +
+  record(function_name(launcher) + " " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z) + " " +
          std::to_string(block.x) + "x" + std::to_string(block.y) + "x" + std::to_string(block.z));
   Launch(grid, block).run(std::function<void()>(body));
 }

@@ -54,6 +54,28 @@ int timings() { return cuda_emu::fake_timer().calls(); }
 std::vector<std::string> kernel_choices() { return segnet::KernelChoices::instance().describe_all(); }
 void clear_kernel_choices() { segnet::KernelChoices::instance().clear(); }
 
+// Whether the kernels run their 64-bit index path (set by the tests; the library uses it
+// only from 2^31 elements).
+bool& index64() {
+  static bool on = false;
+  return on;
+}
+void set_index64(bool on) { index64() = on; }
+LaunchConfig config(int threads, int64_t max_blocks) { return LaunchConfig{threads, max_blocks, index64()}; }
+
+// n / d and n % d by the 32-bit Divider (kernels/launch.cuh), for its own test.
+std::tuple<Tensor, Tensor> divide(const Tensor& n_in, int64_t d) {
+  const Tensor n = n_in.to(at::kLong).contiguous();
+  Tensor q = at::empty_like(n), r = at::empty_like(n);
+  const segnet::kernels::Divider<uint32_t> divider(d);
+  for (int64_t i = 0; i < n.numel(); ++i) {
+    const auto v = uint32_t(n.const_data_ptr<int64_t>()[i]);
+    q.mutable_data_ptr<int64_t>()[i] = divider.div(v);
+    r.mutable_data_ptr<int64_t>()[i] = divider.mod(v);
+  }
+  return {q, r};
+}
+
 PoolDims dims_of(const segnet::PoolGeometry& g) { return {g.N, g.C, g.H, g.W, g.Ho, g.Wo}; }
 
 // Outputs start poisoned, so an element a kernel fails to write shows up in the comparison.
@@ -74,7 +96,7 @@ std::tuple<Tensor, Tensor> max_pool2x2(const Tensor& x_in, bool ceil_mode, int t
   EMU_DISPATCH(x.scalar_type(), [&] {
     segnet::kernels::launch_max_pool2x2(x.const_data_ptr<scalar_t>(), values.mutable_data_ptr<scalar_t>(),
                                         packed.mutable_data_ptr<uint8_t>(), dims_of(g),
-                                        g.channels_last(), nullptr, LaunchConfig{threads, max_blocks});
+                                        g.channels_last(), nullptr, config(threads, max_blocks));
   });
   return {values, packed};
 }
@@ -87,7 +109,7 @@ Tensor max_unpool2x2(const Tensor& values_in, const Tensor& packed_in, std::vect
   EMU_DISPATCH(values.scalar_type(), [&] {
     segnet::kernels::launch_max_unpool2x2(values.const_data_ptr<scalar_t>(), packed.const_data_ptr<uint8_t>(),
                                           y.mutable_data_ptr<scalar_t>(), dims_of(g), g.channels_last(),
-                                          nullptr, LaunchConfig{threads, max_blocks});
+                                          nullptr, config(threads, max_blocks));
   });
   return y;
 }
@@ -101,7 +123,7 @@ Tensor max_unpool2x2_backward(const Tensor& grad_output_in, const Tensor& packed
     segnet::kernels::launch_max_unpool2x2_backward(
         grad_output.const_data_ptr<scalar_t>(), packed.const_data_ptr<uint8_t>(),
         grad_values.mutable_data_ptr<scalar_t>(), dims_of(g), g.channels_last(), nullptr,
-        LaunchConfig{threads, max_blocks});
+        config(threads, max_blocks));
   });
   return grad_values;
 }
@@ -126,7 +148,7 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in, int threads, int64_t max
   const Tensor x = x_in.contiguous(L.format);
   auto opts = x.options().dtype(segnet::acc_type_of(x.scalar_type()));
   Tensor mean = poisoned({L.C}, opts), var = poisoned({L.C}, opts);
-  const LaunchConfig cfg{threads, max_blocks};
+  const LaunchConfig cfg = config(threads, max_blocks);
   const auto d = dims_of(L);
   const auto plan = segnet::kernels::plan_reduction(d, L.channels_last(), cfg);
   Tensor partial = partial_buffer(plan, d);
@@ -151,7 +173,7 @@ Tensor scale_shift_relu(const Tensor& x_in, const Tensor& scale, const Tensor& s
     segnet::kernels::launch_scale_shift_relu<scalar_t>(
         x.const_data_ptr<scalar_t>(), dims_of(L), ptr<A>(scale), ptr<A>(shift), relu,
         residual_in ? residual.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), nullptr,
-        LaunchConfig{threads, max_blocks});
+        config(threads, max_blocks));
   });
   return y;
 }
@@ -162,7 +184,7 @@ std::tuple<Tensor, Tensor> bn_relu_backward_reduce(const Tensor& dy_in, const Te
   const auto L = segnet::check_bn_input("bn_relu_backward_reduce", x_in, "x");
   const Tensor x = x_in.contiguous(L.format), dy = dy_in.contiguous(L.format);
   Tensor sum_g = poisoned({L.C}, scale.options()), sum_gc = poisoned({L.C}, scale.options());
-  const LaunchConfig cfg{threads, max_blocks};
+  const LaunchConfig cfg = config(threads, max_blocks);
   const auto d = dims_of(L);
   const auto plan = segnet::kernels::plan_reduction(d, L.channels_last(), cfg);
   Tensor partial = partial_buffer(plan, d);
@@ -187,7 +209,7 @@ Tensor bn_relu_backward_apply(const Tensor& dy_in, const Tensor& x_in, const Ten
     segnet::kernels::launch_bn_relu_backward_apply<scalar_t>(
         dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dims_of(L), ptr<A>(scale), ptr<A>(shift),
         ptr<A>(mean), ptr<A>(k1), ptr<A>(k2), ptr<A>(k3), relu, dx.mutable_data_ptr<scalar_t>(), nullptr,
-        LaunchConfig{threads, max_blocks});
+        config(threads, max_blocks));
   });
   return dx;
 }
@@ -205,7 +227,7 @@ Tensor conv3x3_scale_shift_relu(const Tensor& x_in, const Tensor& weight_in, con
     using A = typename segnet::kernels::AccOf<scalar_t>::type;
     segnet::kernels::launch_conv3x3_scale_shift_relu<scalar_t, A>(
         x.const_data_ptr<scalar_t>(), strides(x), weight.const_data_ptr<scalar_t>(), ptr<A>(scale), ptr<A>(shift),
-        relu, y.mutable_data_ptr<scalar_t>(), strides(y), d, nullptr, LaunchConfig{256, max_blocks});
+        relu, y.mutable_data_ptr<scalar_t>(), strides(y), d, nullptr, config(256, max_blocks));
   });
   return y;
 }
@@ -254,6 +276,8 @@ Tensor copy_off_by_one(const Tensor& x, int threads, int blocks) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_schedule", &set_schedule);
   m.def("set_block_order", &set_block_order);
+  m.def("set_index64", &set_index64);
+  m.def("divide", &divide);
   m.def("take_recording", &take_recording);
   m.def("queue_times", &queue_times);
   m.def("timings", &timings);

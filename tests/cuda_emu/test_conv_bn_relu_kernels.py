@@ -25,7 +25,7 @@ def per_channel(C, dtype):
 
 @pytest.mark.parametrize("threads,max_blocks", LAUNCHES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bn_relu_kernels_match_cpu_and_reference(emu, threads, max_blocks, dtype):
+def test_bn_relu_kernels_match_cpu_and_reference(emu, index_bits, threads, max_blocks, dtype):
     for shape, channels_last in itertools.product(SHAPES, [False, True]):
         what = f"{shape} channels_last={channels_last}"
         fmt = torch.channels_last if channels_last else torch.contiguous_format

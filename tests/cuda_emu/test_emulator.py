@@ -65,3 +65,16 @@ def test_shuffle_from_a_lane_a_partial_warp_lacks_is_an_error(emu):
     with pytest.raises(RuntimeError, match="partial warp that has only 20 lanes"):
         emu.shuffle_past_partial_warp(20)
     emu.shuffle_past_partial_warp(32)  # a full warp has the lane
+
+
+def test_32_bit_divider_matches_integer_division(emu):
+    """kernels/launch.cuh's Divider<uint32_t> (multiply-high and shift) against // and %, for
+    every numerator below 2^31 the kernels can pass, at the edges and at random."""
+    divisors = [1, 2, 3, 7, 23, 30, 60, 480, 512, 65535, 65537, 2**20 + 7, 2**30, 2**31 - 1]
+    divisors += torch.randint(1, 2**31 - 1, (20,)).tolist()
+    for d in divisors:
+        edges = [0, 1, d - 1, d, d + 1, 2 * d - 1, 2 * d, 2**31 - 1, 2**31 - 2, (2**31 - 1) // d * d]
+        n = torch.cat([torch.tensor([e for e in edges if 0 <= e < 2**31]), torch.randint(0, 2**31 - 1, (2000,)),
+                       torch.randint(0, 4 * d, (200,)).clamp(max=2**31 - 1)])
+        q, r = emu.divide(n, d)
+        assert torch.equal(q, n // d) and torch.equal(r, n % d), d

@@ -24,7 +24,7 @@ def cases():
 
 @pytest.mark.parametrize("threads,max_blocks", LAUNCHES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_pool_unpool_gather_match_cpu_and_reference(emu, threads, max_blocks, kind):
+def test_pool_unpool_gather_match_cpu_and_reference(emu, index_bits, threads, max_blocks, kind):
     for shape, ceil_mode, channels_last in cases():
         what = f"{shape} ceil={ceil_mode} cl={channels_last}"
         H, W = shape[-2:]
