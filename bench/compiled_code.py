@@ -8,7 +8,8 @@ Per kernel (each template instance; "32-bit" / "64-bit": the index type, 64-bit 
 memory, instructions, subroutine calls (in these kernels, 64-bit integer division and
 remainder: dozens of instructions each), global loads and stores and how many are 128-bit,
 tensor-core instructions (HMMA). Read with ``cuobjdump`` (the PyPI package
-``nvidia-cuda-cuobjdump``, or CUDA_HOME/bin) from segnet_ext/_C*.so as built.
+``nvidia-cuda-cuobjdump``, or CUDA_HOME/bin) and the ``nvdisasm`` it runs (``nvidia-cuda-nvdisasm``,
+triton's copy, or CUDA_HOME/bin) from segnet_ext/_C*.so as built.
 """
 import argparse
 import glob
@@ -23,22 +24,45 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
 
 
-def cuobjdump() -> str:
-    """The cuobjdump executable, or None."""
+def _find_tool(name: str):
+    """A CUDA binary tool: from the nvidia-* PyPI packages, triton's copy (torch's CUDA builds
+    bring triton), CUDA_HOME/bin or PATH; None if absent."""
+    places = []
     try:
         import nvidia
 
-        for root in nvidia.__path__:
-            found = glob.glob(os.path.join(root, "*", "bin", "cuobjdump"))
-            if found:
-                return found[0]
+        places += [os.path.join(root, "*", "bin", name) for root in nvidia.__path__]
     except ImportError:
         pass
-    for folder in (os.environ.get("CUDA_HOME", "/usr/local/cuda"),):
-        path = os.path.join(folder, "bin", "cuobjdump")
-        if os.path.exists(path):
-            return path
-    return shutil.which("cuobjdump")
+    try:
+        import triton
+
+        places.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name))
+    except ImportError:
+        pass
+    places.append(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name))
+    for pattern in places:
+        found = glob.glob(pattern)
+        if found:
+            return found[0]
+    return shutil.which(name)
+
+
+def cuobjdump():
+    """The cuobjdump executable, or None. Its -sass needs nvdisasm as well (see tools_available)."""
+    return _find_tool("cuobjdump")
+
+
+def tools_available() -> bool:
+    return cuobjdump() is not None and _find_tool("nvdisasm") is not None
+
+
+def _run(*args) -> str:
+    nvdisasm = _find_tool("nvdisasm")
+    env = dict(os.environ)
+    if nvdisasm:  # cuobjdump -sass runs nvdisasm from PATH
+        env["PATH"] = os.path.dirname(nvdisasm) + os.pathsep + env.get("PATH", "")
+    return subprocess.run([cuobjdump(), *args], capture_output=True, text=True, check=True, env=env).stdout
 
 
 def library() -> str:
@@ -74,11 +98,10 @@ def short_name(mangled: str) -> str:
 
 def read(lib: str):
     """{kernel: dict(registers, stack, local, shared, instructions, calls, global_accesses, wide_accesses, hmma)}"""
-    tool = cuobjdump()
-    if tool is None:
-        raise FileNotFoundError("cuobjdump not found: pip install nvidia-cuda-cuobjdump")
-    usage = subprocess.run([tool, "-res-usage", lib], capture_output=True, text=True, check=True).stdout
-    sass = subprocess.run([tool, "-sass", lib], capture_output=True, text=True, check=True).stdout
+    if not tools_available():
+        raise FileNotFoundError("cuobjdump and nvdisasm not found: pip install nvidia-cuda-cuobjdump "
+                                "nvidia-cuda-nvdisasm (or install triton, which ships nvdisasm)")
+    usage, sass = _run("-res-usage", lib), _run("-sass", lib)
     kernels = defaultdict(dict)
     for name, fields in re.findall(r"Function (\S+):\n\s+(.*)", usage):
         values = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", fields))
@@ -113,8 +136,7 @@ def main(argv=None):
     kernels = read(lib)
     if not kernels:
         sys.exit(f"{lib} holds no CUDA code (a CPU-only build)")
-    arches = sorted(set(re.findall(r"arch = (sm_\d+)", subprocess.run(
-        [cuobjdump(), "-res-usage", lib], capture_output=True, text=True).stdout)))
+    arches = sorted(set(re.findall(r"arch = (sm_\d+)", _run("-res-usage", lib))))
     text = (f"### Compiled CUDA kernels ({', '.join(arches)})\n\n`python -m bench.compiled_code`, read with "
             f"cuobjdump from the built library. Subroutine calls in these kernels are 64-bit integer division "
             f"and remainder.\n\n{table(kernels)}\n")

@@ -1,11 +1,12 @@
 """The compiled CUDA kernels, read from the built library's SASS (bench/compiled_code.py):
 no spills, registers within a budget per kernel. Skipped for a CPU-only build or where
-cuobjdump is missing (pip install nvidia-cuda-cuobjdump)."""
+cuobjdump or nvdisasm is missing (pip install nvidia-cuda-cuobjdump; torch's CUDA builds bring
+triton, which ships nvdisasm)."""
 import pytest
 
 from bench import compiled_code
 
-pytestmark = pytest.mark.skipif(compiled_code.cuobjdump() is None, reason="cuobjdump not installed")
+pytestmark = pytest.mark.skipif(not compiled_code.tools_available(), reason="cuobjdump or nvdisasm not installed")
 
 # registers per thread: the convolution's tiles are held in registers; everything else is
 # memory-bound and must stay small enough for full occupancy at 256 threads per block
