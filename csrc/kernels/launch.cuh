@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <type_traits>
 
 #include "common/pool2x2.h"
 
@@ -97,6 +98,17 @@ void with_index_type(int64_t numel, const LaunchConfig& cfg, F&& body) {
     body(uint32_t{});
   } else {
     body(int64_t{});
+  }
+}
+
+// Calls body(std::true_type{}) for channels_last, body(std::false_type{}) for NCHW, so a
+// launcher names its kernel's layout instance once.
+template <typename F>
+void with_layout(bool channels_last, F&& body) {
+  if (channels_last) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
   }
 }
 

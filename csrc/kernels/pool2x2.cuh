@@ -149,16 +149,12 @@ void launch_max_unpool2x2(const T* v, const uint8_t* packed, T* y, PoolDims d, b
   const int64_t total = d.N * d.C * d.H * d.W;
   if (total == 0) return;
   with_index_type(total, cfg, [&](auto index) {
-    using I = decltype(index);
-    if (channels_last) {
-      auto kernel = max_unpool2x2_kernel<T, I, true>;
-      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, v, packed, y, d,
-                    Unravel<I, true>(d.C, d.H, d.W));
-    } else {
-      auto kernel = max_unpool2x2_kernel<T, I, false>;
-      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, v, packed, y, d,
-                    Unravel<I, false>(d.C, d.H, d.W));
-    }
+    with_layout(channels_last, [&](auto layout) {
+      using I = decltype(index);
+      constexpr bool CL = decltype(layout)::value;
+      auto kernel = max_unpool2x2_kernel<T, I, CL>;
+      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, v, packed, y, d, Unravel<I, CL>(d.C, d.H, d.W));
+    });
   });
 }
 
@@ -169,16 +165,13 @@ void launch_max_unpool2x2_backward(const T* go, const uint8_t* packed, T* gv, Po
   const int64_t total = d.windows();
   if (total == 0) return;
   with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {  // the gathers index the full map
-    using I = decltype(index);
-    if (channels_last) {
-      auto kernel = max_unpool2x2_backward_kernel<T, I, true>;
+    with_layout(channels_last, [&](auto layout) {
+      using I = decltype(index);
+      constexpr bool CL = decltype(layout)::value;
+      auto kernel = max_unpool2x2_backward_kernel<T, I, CL>;
       SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, go, packed, gv, d,
-                    Unravel<I, true>(d.C, d.Ho, d.Wo));
-    } else {
-      auto kernel = max_unpool2x2_backward_kernel<T, I, false>;
-      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, go, packed, gv, d,
-                    Unravel<I, false>(d.C, d.Ho, d.Wo));
-    }
+                    Unravel<I, CL>(d.C, d.Ho, d.Wo));
+    });
   });
 }
 
