@@ -35,9 +35,10 @@ def test_every_kernel_is_compiled_for_every_dtype(kernels):
             assert any(name.startswith(f"{kernel}<{dtype}") for name in kernels), (kernel, dtype)
 
 
-def test_no_kernel_spills_and_registers_stay_within_budget(kernels):
+def test_no_kernel_spills_and_registers_and_shared_memory_stay_within_budget(kernels):
     for name, k in kernels.items():
         assert k["stack"] == 0 and k["local"] == 0, f"{name} uses stack or local memory (spills): {k}"
+        assert k["shared"] <= 48 * 1024, f"{name}: {k['shared']} bytes of static shared memory, above 48 KiB"
         budget = BUDGETS.get(name.split("<")[0], DEFAULT_BUDGET)
         assert k["registers"] <= budget, f"{name}: {k['registers']} registers, budget {budget}"
         assert k["instructions"] > 0

@@ -50,8 +50,9 @@ SEGNET_HD uint8_t window_argmax(T v00, T v01, T v10, T v11, bool has_col1, bool 
   return code;
 }
 
-SEGNET_HD uint8_t read_code(const uint8_t* packed, int64_t k) {
-  return (packed[k >> 2] >> ((k & 3) * 2)) & 3;
-}
+// The code of window k in its packed byte.
+SEGNET_HD uint8_t code_in(uint8_t byte, int64_t k) { return (byte >> ((k & 3) * 2)) & 3; }
+
+SEGNET_HD uint8_t read_code(const uint8_t* packed, int64_t k) { return code_in(packed[k >> 2], k); }
 
 }  // namespace segnet

@@ -28,27 +28,68 @@ struct ChannelDims {
   SEGNET_HD int64_t numel() const { return outer * C * inner; }
 };
 
-// The channel of element e of an [outer, C, inner] tensor, without 64-bit division for
-// 32-bit I (see Divider).
+// The element-wise passes visit every element of an [outer, C, inner] tensor with the
+// channel fixed per stretch, so that per-channel parameters load once per stretch (and no
+// element needs a division):
+//   NCHW (inner > 1): block b takes planes (n, c) = b, b + gridDim.x, ...; its threads step
+//     through the plane;
+//   channels_last (inner == 1): the first S = C * floor(grid threads / C) threads each keep
+//     channel t % C and step by S (the launcher gives the grid at least C threads).
 template <typename I>
-struct ChannelIndex {
-  I numel;
-  Divider<I> inner, C;
-  explicit ChannelIndex(ChannelDims d) : numel(I(d.numel())), inner(d.inner), C(d.C) {}
-  SEGNET_HD I operator()(I e) const { return C.mod(inner.div(e)); }
+struct ChannelWalk {
+  I numel, inner;
+  Divider<I> C;
+  explicit ChannelWalk(ChannelDims d) : numel(I(d.numel())), inner(I(d.inner)), C(d.C) {}
+
+  template <typename Load, typename Apply>
+  __device__ __forceinline__ void operator()(Load load, Apply apply) const {
+    if (inner > 1) {
+      for (I p = blockIdx.x; p * inner < numel; p += gridDim.x) {
+        const auto params = load(C.mod(p));
+        for (I i = threadIdx.x; i < inner; i += blockDim.x) apply(p * inner + i, params);
+      }
+    } else {
+      const I t = I(blockIdx.x) * blockDim.x + threadIdx.x;
+      const I stride = C.div(I(gridDim.x) * blockDim.x) * C.divisor;
+      if (t >= stride) return;
+      const auto params = load(C.mod(t));
+      for (I e = t; e < numel; e += stride) apply(e, params);
+    }
+  }
 };
 
+// Blocks and threads for a ChannelWalk: NCHW, about 8 elements per thread of a plane (a
+// small plane gets a small block, so that few warps load the parameters), a block per plane
+// up to the cap; channels_last, at least C threads and else about 16 elements per thread.
+inline std::pair<unsigned, int> walk_geometry(const ChannelDims& d, const LaunchConfig& cfg) {
+  if (d.inner > 1) {
+    const int64_t threads = std::min<int64_t>(cfg.threads, std::max<int64_t>(32, (d.inner / 8 + 31) / 32 * 32));
+    return {static_cast<unsigned>(std::min<int64_t>(d.outer * d.C, cfg.max_blocks)), static_cast<int>(threads)};
+  }
+  const int64_t want = std::max<int64_t>(d.C, d.numel() / 16);
+  return {static_cast<unsigned>(std::max<int64_t>((d.C + cfg.threads - 1) / cfg.threads,
+                                                  std::min<int64_t>((want + cfg.threads - 1) / cfg.threads,
+                                                                    cfg.max_blocks))),
+          cfg.threads};
+}
+
 // What a reduction adds per element: the shifted moments of x (stats), or the gradient
-// sums g and g * (x - mean) (backward).
+// sums g and g * (x - mean) (backward). prepare(c) loads what channel c's terms share once
+// (a thread's channel is fixed while it loops over the channel's elements).
 template <typename T, typename A>
 struct StatsTerm {
   const T* x;
   const T* dy;  // unused
   const A *scale, *shift, *mean;  // unused
   bool relu;
-  __device__ __forceinline__ A pivot(int64_t c, ChannelDims d) const { return static_cast<A>(x[c * d.inner]); }
-  __device__ __forceinline__ void add(int64_t at, int64_t c, A pivot, A& s1, A& s2) const {
-    const A v = static_cast<A>(x[at]) - pivot;
+  struct Channel {
+    A pivot;
+  };
+  __device__ __forceinline__ Channel prepare(int64_t c, ChannelDims d) const {
+    return {static_cast<A>(SEGNET_LOAD(x + c * d.inner))};
+  }
+  __device__ __forceinline__ void add(int64_t at, const Channel& ch, A& s1, A& s2) const {
+    const A v = static_cast<A>(SEGNET_LOAD(x + at)) - ch.pivot;
     s1 += v;
     s2 += v * v;
   }
@@ -60,12 +101,17 @@ struct GradTerm {
   const T* dy;
   const A *scale, *shift, *mean;
   bool relu;
-  __device__ __forceinline__ A pivot(int64_t, ChannelDims) const { return A(0); }
-  __device__ __forceinline__ void add(int64_t at, int64_t c, A, A& s1, A& s2) const {
-    const A xv = static_cast<A>(x[at]);
-    const A g = relu_grad(xv, static_cast<A>(dy[at]), scale[c], shift[c], relu);
+  struct Channel {
+    A scale, shift, mean;
+  };
+  __device__ __forceinline__ Channel prepare(int64_t c, ChannelDims) const {
+    return {SEGNET_LOAD(scale + c), SEGNET_LOAD(shift + c), SEGNET_LOAD(mean + c)};
+  }
+  __device__ __forceinline__ void add(int64_t at, const Channel& ch, A& s1, A& s2) const {
+    const A xv = static_cast<A>(SEGNET_LOAD(x + at));
+    const A g = relu_grad(xv, static_cast<A>(SEGNET_LOAD(dy + at)), ch.scale, ch.shift, relu);
     s1 += g;
-    s2 += g * (xv - mean[c]);
+    s2 += g * (xv - ch.mean);
   }
 };
 
@@ -89,21 +135,25 @@ __device__ __forceinline__ double block_sum(double v, double* scratch /* [blockD
 // channel's values j = slice*threads + t (+ k * slices*threads), j -> (o, i) = (j / inner,
 // j % inner): consecutive threads read consecutive addresses. Reads each value once.
 template <typename T, typename A, typename Term>
-__global__ void channel_partials_nchw(Term term, ChannelDims d, double* __restrict__ partial) {
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) channel_partials_nchw(Term term, ChannelDims d, double* __restrict__ partial) {
   __shared__ double scratch[1024];
   const int64_t stride = int64_t(gridDim.y) * blockDim.x;
   for (int64_t c = blockIdx.x; c < d.C; c += gridDim.x) {
-    const A pivot = term.pivot(c, d);
+    const auto ch = term.prepare(c, d);
     A s1 = 0, s2 = 0;
-    for (int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; j < d.count(); j += stride) {
-      const int64_t o = j / d.inner, i = j - o * d.inner;
-      term.add((o * d.C + c) * d.inner + i, c, pivot, s1, s2);
+    // j = o * inner + i steps by stride = so * inner + si: divisions only before the loop
+    const int64_t first = int64_t(blockIdx.y) * blockDim.x + threadIdx.x, so = stride / d.inner, si = stride % d.inner;
+    int64_t o = first / d.inner, i = first % d.inner;
+    for (int64_t j = first; j < d.count(); j += stride) {
+      term.add((o * d.C + c) * d.inner + i, ch, s1, s2);
+      o += so, i += si;
+      if (i >= d.inner) i -= d.inner, ++o;
     }
     const double t1 = block_sum(s1, scratch);
     const double t2 = block_sum(s2, scratch);
     if (threadIdx.x == 0) {
-      partial[(int64_t(blockIdx.y) * d.C + c) * 2] = t1;
-      partial[(int64_t(blockIdx.y) * d.C + c) * 2 + 1] = t2;
+      SEGNET_STORE(partial + (int64_t(blockIdx.y) * d.C + c) * 2, t1);
+      SEGNET_STORE(partial + (int64_t(blockIdx.y) * d.C + c) * 2 + 1, t2);
     }
   }
 }
@@ -113,15 +163,15 @@ __global__ void channel_partials_nchw(Term term, ChannelDims d, double* __restri
 // consecutive channels of one row (coalesced). Per-channel sums across threadIdx.y go
 // through shared memory in a fixed order.
 template <typename T, typename A, typename Term>
-__global__ void channel_partials_nhwc(Term term, ChannelDims d, double* __restrict__ partial) {
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) channel_partials_nhwc(Term term, ChannelDims d, double* __restrict__ partial) {
   __shared__ double sums[2][32][33];
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
   A s1 = 0, s2 = 0;
   if (c < d.C) {
-    const A pivot = term.pivot(c, d);
+    const auto ch = term.prepare(c, d);
     const int64_t stride = int64_t(gridDim.y) * blockDim.y;
     for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < d.outer; r += stride)
-      term.add(r * d.C + c, c, pivot, s1, s2);
+      term.add(r * d.C + c, ch, s1, s2);
   }
   sums[0][threadIdx.y][threadIdx.x] = s1;
   sums[1][threadIdx.y][threadIdx.x] = s2;
@@ -129,62 +179,75 @@ __global__ void channel_partials_nhwc(Term term, ChannelDims d, double* __restri
   if (threadIdx.y == 0 && c < d.C) {
     double t1 = 0, t2 = 0;
     for (unsigned y = 0; y < blockDim.y; ++y) t1 += sums[0][y][threadIdx.x], t2 += sums[1][y][threadIdx.x];
-    partial[(int64_t(blockIdx.y) * d.C + c) * 2] = t1;
-    partial[(int64_t(blockIdx.y) * d.C + c) * 2 + 1] = t2;
+    SEGNET_STORE(partial + (int64_t(blockIdx.y) * d.C + c) * 2, t1);
+    SEGNET_STORE(partial + (int64_t(blockIdx.y) * d.C + c) * 2 + 1, t2);
   }
 }
 
 // Stage 2 of the statistics: one thread per channel (grid-stride) adds its P partials
 // in slice order and writes mean and biased variance.
 template <typename T, typename A>
-__global__ void stats_finish(const T* __restrict__ x, ChannelDims d, const double* __restrict__ partial, int slices,
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) stats_finish(const T* __restrict__ x, ChannelDims d, const double* __restrict__ partial, int slices,
                              A* __restrict__ mean, A* __restrict__ var) {
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < d.C; c += int64_t(gridDim.x) * blockDim.x) {
     double s1 = 0, s2 = 0;
-    for (int p = 0; p < slices; ++p) s1 += partial[(p * d.C + c) * 2], s2 += partial[(p * d.C + c) * 2 + 1];
-    const Moments m = Moments::from_shifted(double(d.count()), double(static_cast<A>(x[c * d.inner])), s1, s2);
-    mean[c] = static_cast<A>(m.mean);
-    var[c] = static_cast<A>(m.var());
+    for (int p = 0; p < slices; ++p)
+      s1 += SEGNET_LOAD(partial + (p * d.C + c) * 2), s2 += SEGNET_LOAD(partial + (p * d.C + c) * 2 + 1);
+    const Moments m = Moments::from_shifted(double(d.count()), double(static_cast<A>(SEGNET_LOAD(x + c * d.inner))), s1, s2);
+    SEGNET_STORE(mean + c, static_cast<A>(m.mean));
+    SEGNET_STORE(var + c, static_cast<A>(m.var()));
   }
 }
 
 template <typename A>
-__global__ void sums_finish(ChannelDims d, const double* __restrict__ partial, int slices, A* __restrict__ sum1,
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) sums_finish(ChannelDims d, const double* __restrict__ partial, int slices, A* __restrict__ sum1,
                             A* __restrict__ sum2) {
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < d.C; c += int64_t(gridDim.x) * blockDim.x) {
     double s1 = 0, s2 = 0;
-    for (int p = 0; p < slices; ++p) s1 += partial[(p * d.C + c) * 2], s2 += partial[(p * d.C + c) * 2 + 1];
-    sum1[c] = static_cast<A>(s1);
-    sum2[c] = static_cast<A>(s2);
+    for (int p = 0; p < slices; ++p)
+      s1 += SEGNET_LOAD(partial + (p * d.C + c) * 2), s2 += SEGNET_LOAD(partial + (p * d.C + c) * 2 + 1);
+    SEGNET_STORE(sum1 + c, static_cast<A>(s1));
+    SEGNET_STORE(sum2 + c, static_cast<A>(s2));
   }
 }
 
-// Element-wise passes: thread per element (grid-stride); channel = (e / inner) % C.
-// scale_shift_relu reads x (and the residual), writes y; backward_apply reads dy and x, writes dx.
-// With a residual (null: none), y = relu(x * scale + shift + residual), ResNet's add.
+// Element-wise passes (a ChannelWalk). scale_shift_relu reads x (and the residual), writes y;
+// backward_apply reads dy and x, writes dx. With a residual (null: none),
+// y = relu(x * scale + shift + residual), ResNet's add.
 template <typename T, typename A, typename I>
-__global__ void scale_shift_relu_kernel(const T* __restrict__ x, ChannelIndex<I> channel, const A* __restrict__ scale,
-                                        const A* __restrict__ shift, bool relu, const T* __restrict__ residual,
-                                        T* __restrict__ y) {
-  for (I e = I(blockIdx.x) * blockDim.x + threadIdx.x; e < channel.numel; e += I(gridDim.x) * blockDim.x) {
-    const I c = channel(e);
-    y[e] = static_cast<T>(residual ? affine_add_relu(static_cast<A>(x[e]), scale[c], shift[c],
-                                                     static_cast<A>(residual[e]), relu)
-                                   : affine_relu(static_cast<A>(x[e]), scale[c], shift[c], relu));
-  }
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    scale_shift_relu_kernel(const T* __restrict__ x, ChannelWalk<I> walk, const A* __restrict__ scale,
+                            const A* __restrict__ shift, bool relu, const T* __restrict__ residual, T* __restrict__ y) {
+  struct Params {
+    A scale, shift;
+  };
+  walk([&](I c) { return Params{SEGNET_LOAD(scale + c), SEGNET_LOAD(shift + c)}; },
+       [&](I e, const Params& p) {
+         const A xv = static_cast<A>(SEGNET_LOAD(x + e));
+         SEGNET_STORE(y + e, static_cast<T>(residual ? affine_add_relu(xv, p.scale, p.shift,
+                                                                       static_cast<A>(SEGNET_LOAD(residual + e)), relu)
+                                                     : affine_relu(xv, p.scale, p.shift, relu)));
+       });
 }
 
 template <typename T, typename A, typename I>
-__global__ void bn_relu_backward_apply_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                              ChannelIndex<I> channel, const A* __restrict__ scale,
-                                              const A* __restrict__ shift, const A* __restrict__ mean,
-                                              const A* __restrict__ k1, const A* __restrict__ k2,
-                                              const A* __restrict__ k3, bool relu, T* __restrict__ dx) {
-  for (I e = I(blockIdx.x) * blockDim.x + threadIdx.x; e < channel.numel; e += I(gridDim.x) * blockDim.x) {
-    const I c = channel(e);
-    dx[e] = static_cast<T>(bn_relu_input_grad(static_cast<A>(x[e]), static_cast<A>(dy[e]), scale[c], shift[c], mean[c],
-                                              k1[c], k2[c], k3[c], relu));
-  }
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    bn_relu_backward_apply_kernel(const T* __restrict__ dy, const T* __restrict__ x, ChannelWalk<I> walk,
+                                  const A* __restrict__ scale, const A* __restrict__ shift, const A* __restrict__ mean,
+                                  const A* __restrict__ k1, const A* __restrict__ k2, const A* __restrict__ k3,
+                                  bool relu, T* __restrict__ dx) {
+  struct Params {
+    A scale, shift, mean, k1, k2, k3;
+  };
+  walk([&](I c) {
+         return Params{SEGNET_LOAD(scale + c), SEGNET_LOAD(shift + c), SEGNET_LOAD(mean + c),
+                       SEGNET_LOAD(k1 + c),    SEGNET_LOAD(k2 + c),    SEGNET_LOAD(k3 + c)};
+       },
+       [&](I e, const Params& p) {
+         SEGNET_STORE(dx + e, static_cast<T>(bn_relu_input_grad(static_cast<A>(SEGNET_LOAD(x + e)),
+                                                                static_cast<A>(SEGNET_LOAD(dy + e)), p.scale, p.shift,
+                                                                p.mean, p.k1, p.k2, p.k3, relu)));
+       });
 }
 
 // ---- launchers --------------------------------------------------------------------------
@@ -260,8 +323,8 @@ void launch_scale_shift_relu(const T* x, ChannelDims d, const A* scale, const A*
   with_index_type(d.numel(), cfg, [&](auto index) {
     using I = decltype(index);
     auto kernel = scale_shift_relu_kernel<T, A, I>;
-    SEGNET_LAUNCH(kernel, blocks_for(d.numel(), cfg), cfg.threads, stream, x, ChannelIndex<I>(d), scale, shift, relu,
-                  residual, y);
+    const auto geometry = walk_geometry(d, cfg);
+    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, x, ChannelWalk<I>(d), scale, shift, relu, residual, y);
   });
 }
 
@@ -273,8 +336,8 @@ void launch_bn_relu_backward_apply(const T* dy, const T* x, ChannelDims d, const
   with_index_type(d.numel(), cfg, [&](auto index) {
     using I = decltype(index);
     auto kernel = bn_relu_backward_apply_kernel<T, A, I>;
-    SEGNET_LAUNCH(kernel, blocks_for(d.numel(), cfg), cfg.threads, stream, dy, x, ChannelIndex<I>(d), scale, shift,
-                  mean, k1, k2, k3, relu, dx);
+    const auto geometry = walk_geometry(d, cfg);
+    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, dy, x, ChannelWalk<I>(d), scale, shift, mean, k1, k2, k3, relu, dx);
   });
 }
 

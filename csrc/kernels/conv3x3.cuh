@@ -28,7 +28,7 @@ struct Conv3x3Dims {
 constexpr int kConvTileM = 64, kConvTileN = 64, kConvTileK = 16, kConvThreads = 256;
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kConvThreads)
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) __launch_bounds__(kConvThreads)
     conv3x3_scale_shift_relu_kernel(const T* __restrict__ x, Strides4 xs, const T* __restrict__ w,
                                     const A* __restrict__ scale, const A* __restrict__ shift, bool relu,
                                     T* __restrict__ y, Strides4 ys, Conv3x3Dims d) {

@@ -9,16 +9,31 @@
 
 #include "common/pool2x2.h"
 
+// Global memory goes through SEGNET_LOAD(p), SEGNET_LOAD_IF(active, p, otherwise) (a
+// predicated load: `otherwise` where !active) and SEGNET_STORE(p, value): plain accesses
+// under nvcc; in the emulator, accesses whose 32-byte sectors tests count per warp
+// instruction (tests/cuda_emu/cuda_emu.h), each macro use one access site.
 #ifdef SEGNET_CUDA_EMULATION
-#define SEGNET_LAUNCH(kernel, blocks, threads, stream, ...) \
-  ::cuda_emu::launch(__PRETTY_FUNCTION__, dim3(blocks), dim3(threads), [&] { kernel(__VA_ARGS__); })
+#define SEGNET_LAUNCH(kernel, blocks, threads, stream, ...)                                               \
+  ::cuda_emu::launch(__PRETTY_FUNCTION__, dim3(blocks), dim3(threads), ::segnet::kernels::kMaxThreadsPerBlock, \
+                     [&] { kernel(__VA_ARGS__); })
+#define SEGNET_LOAD(p) ::cuda_emu::global_load((p), __COUNTER__)
+#define SEGNET_LOAD_IF(active, p, otherwise) ::cuda_emu::global_load_if((active), (p), (otherwise), __COUNTER__)
+#define SEGNET_STORE(p, value) ::cuda_emu::global_store((p), (value), __COUNTER__)
 #else
 #define SEGNET_LAUNCH(kernel, blocks, threads, stream, ...) \
   kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
+#define SEGNET_LOAD(p) (*(p))
+#define SEGNET_LOAD_IF(active, p, otherwise) ((active) ? *(p) : (otherwise))
+#define SEGNET_STORE(p, value) (*(p) = (value))
 #endif
 
 namespace segnet {
 namespace kernels {
+
+// Every kernel is compiled for blocks of at most this many threads (__launch_bounds__: nvcc
+// budgets registers for it); a GPU refuses a larger block, and so does the emulator.
+constexpr int kMaxThreadsPerBlock = 256;
 
 #ifdef SEGNET_CUDA_EMULATION
 inline bool stream_is_capturing(cudaStream_t) { return false; }
@@ -55,7 +70,7 @@ inline double device_time_ms(const std::function<void()>& work, cudaStream_t str
 // use small values so that partial blocks, partial warps and grid-stride loops run, and
 // index64 to run the 64-bit index path on small tensors.
 struct LaunchConfig {
-  int threads = 256;
+  int threads = kMaxThreadsPerBlock;
   int64_t max_blocks = 8192;
   bool index64 = false;
 };

@@ -24,9 +24,10 @@ __device__ __forceinline__ uint8_t pool_window(const T* __restrict__ x, Strides4
   const bool col1 = 2 * ow + 1 < d.W, row1 = 2 * oh + 1 < d.H;
   const T* p = x + xs.at(n, c, 2 * oh, 2 * ow);
   T m;
-  const uint8_t code = window_argmax(p[0], col1 ? p[xs.w] : p[0], row1 ? p[xs.h] : p[0],
-                                     col1 && row1 ? p[xs.h + xs.w] : p[0], col1, row1, &m);
-  y[ys.at(n, c, oh, ow)] = m;
+  const T v00 = SEGNET_LOAD(p);
+  const uint8_t code = window_argmax(v00, SEGNET_LOAD_IF(col1, p + xs.w, v00), SEGNET_LOAD_IF(row1, p + xs.h, v00),
+                                     SEGNET_LOAD_IF(col1 && row1, p + xs.h + xs.w, v00), col1, row1, &m);
+  SEGNET_STORE(y + ys.at(n, c, oh, ow), m);
   return code;
 }
 
@@ -36,7 +37,7 @@ __device__ __forceinline__ uint8_t pool_window(const T* __restrict__ x, Strides4
 // channels of one pixel (coalesced); otherwise thread t owns byte t (coalesced for NCHW).
 // Traffic: each input element read once, each value written once, one byte store per thread.
 template <typename T, bool CHANNELS_FASTEST>
-__global__ void max_pool2x2_kernel(const T* __restrict__ x, Strides4 xs, T* __restrict__ y,
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) max_pool2x2_kernel(const T* __restrict__ x, Strides4 xs, T* __restrict__ y,
                                    Strides4 ys, uint8_t* __restrict__ packed, PoolDims d) {
   const int64_t bytes = packed_bytes(d.windows()), windows = d.windows();
   const int64_t plane_bytes = d.Ho * d.Wo / 4;
@@ -50,7 +51,7 @@ __global__ void max_pool2x2_kernel(const T* __restrict__ x, Strides4 xs, T* __re
     uint8_t bits = 0;
     for (int i = 0; i < 4 && 4 * byte + i < windows; ++i)
       bits |= pool_window(x, xs, y, ys, d, 4 * byte + i) << (2 * i);
-    packed[byte] = bits;
+    SEGNET_STORE(packed + byte, bits);
   }
 }
 
@@ -58,7 +59,7 @@ __global__ void max_pool2x2_kernel(const T* __restrict__ x, Strides4 xs, T* __re
 // one thread owns a byte, loads its 2 x 8 input elements as aligned vectors and stores
 // its 4 values as one vector.
 template <typename T>
-__global__ void max_pool2x2_nchw_vec_kernel(const T* __restrict__ x, T* __restrict__ y,
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) max_pool2x2_nchw_vec_kernel(const T* __restrict__ x, T* __restrict__ y,
                                             uint8_t* __restrict__ packed, PoolDims d) {
   const int64_t bytes = d.windows() / 4;
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < bytes;
@@ -67,17 +68,19 @@ __global__ void max_pool2x2_nchw_vec_kernel(const T* __restrict__ x, T* __restri
     const int64_t h = 2 * (row % d.Ho), plane = row / d.Ho;
     const T* r0 = x + (plane * d.H + h) * d.W + 2 * ow;
     const bool row1 = h + 1 < d.H;
-    const AlignedVec<T, 8> a = *reinterpret_cast<const AlignedVec<T, 8>*>(r0);
-    const AlignedVec<T, 8> b = row1 ? *reinterpret_cast<const AlignedVec<T, 8>*>(r0 + d.W) : a;
-    AlignedVec<T, 4> out;
+    using In = AlignedVec<T, 8>;
+    using Out = AlignedVec<T, 4>;
+    const In a = SEGNET_LOAD(reinterpret_cast<const In*>(r0));
+    const In b = SEGNET_LOAD_IF(row1, reinterpret_cast<const In*>(r0 + d.W), a);
+    Out out;
     uint8_t bits = 0;
     for (int i = 0; i < 4; ++i) {
       bits |= window_argmax(a.v[2 * i], a.v[2 * i + 1], b.v[2 * i], b.v[2 * i + 1], true, row1,
                             &out.v[i])
               << (2 * i);
     }
-    *reinterpret_cast<AlignedVec<T, 4>*>(y + k) = out;
-    packed[t] = bits;
+    SEGNET_STORE(reinterpret_cast<Out*>(y + k), out);
+    SEGNET_STORE(packed + t, bits);
   }
 }
 
@@ -86,7 +89,7 @@ __global__ void max_pool2x2_nchw_vec_kernel(const T* __restrict__ x, T* __restri
 // points here, else zero. Reads a value only where it is placed. Index math in I (32-bit
 // below 2^31 elements: no 64-bit division).
 template <typename T, typename I, bool CHANNELS_LAST>
-__global__ void max_unpool2x2_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed,
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) max_unpool2x2_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed,
                                      T* __restrict__ y, PoolDims d, Unravel<I, CHANNELS_LAST> unravel) {
   const I total = I(d.N * d.C * d.H * d.W), C = I(d.C), Ho = I(d.Ho), Wo = I(d.Wo);
   const Strides4 vs = dense_strides(d.C, d.Ho, d.Wo, CHANNELS_LAST);
@@ -94,19 +97,18 @@ __global__ void max_unpool2x2_kernel(const T* __restrict__ v, const uint8_t* __r
     I n, c, h, w;
     unravel(t, n, c, h, w);
     const I oh = h >> 1, ow = w >> 1;
-    T out = T(0);
-    if (oh < Ho && ow < Wo) {
-      const I k = ((n * C + c) * Ho + oh) * Wo + ow;
-      if (read_code(packed, k) == 2 * (h & 1) + (w & 1)) out = v[vs.at(n, c, oh, ow)];
-    }
-    y[t] = out;
+    const bool inside = oh < Ho && ow < Wo;
+    const I k = ((n * C + c) * Ho + oh) * Wo + ow;
+    const uint8_t byte = SEGNET_LOAD_IF(inside, packed + (k >> 2), uint8_t(0));
+    const bool here = inside && code_in(byte, k) == 2 * (h & 1) + (w & 1);
+    SEGNET_STORE(y + t, SEGNET_LOAD_IF(here, v + vs.at(n, c, oh, ow), T(0)));
   }
 }
 
 // Unpooling backward: one thread per gradient of a value, in memory order; gathers the
 // output gradient at the window's arg-max (zero where the code points outside the output).
 template <typename T, typename I, bool CHANNELS_LAST>
-__global__ void max_unpool2x2_backward_kernel(const T* __restrict__ go,
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) max_unpool2x2_backward_kernel(const T* __restrict__ go,
                                               const uint8_t* __restrict__ packed,
                                               T* __restrict__ gv, PoolDims d, Unravel<I, CHANNELS_LAST> unravel) {
   const I total = I(d.windows()), C = I(d.C), H = I(d.H), W = I(d.W), Ho = I(d.Ho), Wo = I(d.Wo);
@@ -114,9 +116,10 @@ __global__ void max_unpool2x2_backward_kernel(const T* __restrict__ go,
   for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += I(gridDim.x) * blockDim.x) {
     I n, c, oh, ow;
     unravel(t, n, c, oh, ow);
-    const uint8_t code = read_code(packed, ((n * C + c) * Ho + oh) * Wo + ow);
+    const I k = ((n * C + c) * Ho + oh) * Wo + ow;
+    const uint8_t code = code_in(SEGNET_LOAD(packed + (k >> 2)), k);
     const I h = 2 * oh + (code >> 1), w = 2 * ow + (code & 1);
-    gv[t] = h < H && w < W ? go[gs.at(n, c, h, w)] : T(0);
+    SEGNET_STORE(gv + t, SEGNET_LOAD_IF(h < H && w < W, go + gs.at(n, c, h, w), T(0)));
   }
 }
 

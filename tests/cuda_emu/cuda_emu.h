@@ -22,6 +22,13 @@
 // guards and launch checks of the CUDA runtime shim (shim/), so that tests can run the
 // launchers of csrc/cuda/ themselves; kernels::device_time_ms runs the work and returns
 // times a test queued (fake_timer()).
+// Global memory traffic (memory_traffic()): kernels load and store global memory through
+// SEGNET_LOAD / SEGNET_STORE (kernels/launch.cuh; plain accesses under nvcc). While counting
+// is on, the emulator records per warp and per access site the distinct 32-byte sectors its
+// active lanes touch, as a GPU's L1 splits a warp's request: the k-th execution of a site by
+// each lane of a warp is one warp instruction (lanes that skip it are inactive for it).
+// __shared__ variables live in one section, poisoned (0xff bytes: NaN, -1) before every
+// block, so a kernel that reads shared memory it did not write in that block reads garbage.
 // Limits: all live lanes of a warp must take part in a shuffle (full mask); no dynamic
 // shared memory; one emulated launch at a time per process.
 #pragma once
@@ -43,6 +50,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -51,7 +59,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// Every __shared__ variable in one section (its bounds: __start_/__stop_cuda_emu_shared), so
+// that a block can start from poisoned shared memory.
+#define __shared__ __attribute__((section("cuda_emu_shared"))) static
+extern "C" __attribute__((weak)) char __start_cuda_emu_shared[], __stop_cuda_emu_shared[];  // null without any
 
 struct dim3 {
   unsigned x, y, z;
@@ -85,6 +96,29 @@ inline std::vector<unsigned> block_sequence(unsigned blocks) {
   return order;
 }
 
+// Global memory traffic of the launches while counting() is on: warp-level requests and the
+// 32-byte sectors they touch (distinct per warp instruction).
+struct Traffic {
+  uint64_t load_requests = 0, load_sectors = 0, store_requests = 0, store_sectors = 0;
+};
+inline bool& counting() {
+  static bool on = false;
+  return on;
+}
+inline Traffic& traffic() {
+  static Traffic t;
+  return t;
+}
+
+// One lane's access: the site's k-th execution by this lane, and a sector it touches
+// (none when the lane is inactive: a predicated-off access still counts as executed).
+struct Access {
+  uint32_t site, occurrence;
+  uint64_t sector;
+  bool store, active;
+  auto key() const { return std::tuple(store, site, occurrence, sector); }
+};
+
 class Launch;
 
 struct ThreadState {
@@ -106,7 +140,7 @@ class Launch {
   Launch(dim3 grid, dim3 block)
       : grid_(grid), block_(block), threads_(block.x * block.y * block.z),
         warps_((threads_ + kWarpSize - 1) / kWarpSize), slots_(threads_),
-        block_end_(threads_, ResetBlock{this}) {
+        accesses_(threads_), occurrences_(threads_), block_end_(threads_, ResetBlock{this}) {
     reset_block();
   }
 
@@ -139,6 +173,22 @@ class Launch {
   }
 
   void syncwarp() { warp_sync_[tls.linear / kWarpSize]->arrive_and_wait(); }
+
+  // A global access of `bytes` at p by this lane from access site `site` (see counting()).
+  void note_access(const void* p, size_t bytes, uint32_t site, bool store, bool active) {
+    auto& seen = occurrences_[tls.linear];
+    auto it = std::find_if(seen.begin(), seen.end(), [&](const auto& e) { return e.first == site; });
+    if (it == seen.end()) it = seen.insert(seen.end(), {site, 0u});
+    const uint32_t k = it->second++;
+    auto& log = accesses_[tls.linear];
+    const uint64_t first = reinterpret_cast<uintptr_t>(p) / 32;
+    const uint64_t last = (reinterpret_cast<uintptr_t>(p) + std::max<size_t>(bytes, 1) - 1) / 32;
+    if (!active) {
+      log.push_back({site, k, 0, store, false});
+      return;
+    }
+    for (uint64_t sector = first; sector <= last; ++sector) log.push_back({site, k, sector, store, true});
+  }
 
   unsigned live_lanes(unsigned warp) const {
     return std::min<unsigned>(kWarpSize, threads_ - warp * kWarpSize);
@@ -196,8 +246,41 @@ class Launch {
     if (next >= 0) gates_[next]->count_down();
   }
 
+  // Adds the finished block's accesses to traffic(): per warp, the distinct (site, k, sector)
+  // triples are its sectors; the distinct (site, k) pairs with an active lane its requests.
+  void count_block_traffic() {
+    std::vector<Access> warp;
+    for (unsigned w = 0; w < warps_; ++w) {
+      warp.clear();
+      for (unsigned t = w * kWarpSize; t < std::min(threads_, (w + 1) * kWarpSize); ++t) {
+        for (const Access& a : accesses_[t])
+          if (a.active) warp.push_back(a);
+        accesses_[t].clear();
+      }
+      std::sort(warp.begin(), warp.end(), [](const Access& a, const Access& b) { return a.key() < b.key(); });
+      Traffic& total = traffic();
+      for (size_t i = 0; i < warp.size(); ++i) {
+        const Access& a = warp[i];
+        const bool new_sector = i == 0 || warp[i - 1].key() != a.key();
+        const bool new_request = i == 0 || warp[i - 1].store != a.store || warp[i - 1].site != a.site ||
+                                 warp[i - 1].occurrence != a.occurrence;
+        (a.store ? total.store_sectors : total.load_sectors) += new_sector;
+        (a.store ? total.store_requests : total.load_requests) += new_request;
+      }
+    }
+    for (auto& seen : occurrences_) seen.clear();
+  }
+
+  // Byte by byte and uninstrumented: under AddressSanitizer the section also holds the
+  // redzones between variables, which a checked memset would report.
+  __attribute__((no_sanitize_address)) static void poison_shared() {
+    for (volatile char* p = __start_cuda_emu_shared; p < __stop_cuda_emu_shared; ++p) *p = char(0xff);
+  }
+
   // Runs once between blocks, while every thread waits at block_end_.
   void reset_block() {
+    if (counting()) count_block_traffic();
+    poison_shared();
     sync_ = std::make_unique<std::barrier<>>(threads_);
     warp_sync_.clear();
     gates_.clear();
@@ -214,6 +297,8 @@ class Launch {
   dim3 grid_, block_;
   unsigned threads_, warps_;
   std::vector<uint64_t> slots_;
+  std::vector<std::vector<Access>> accesses_;                        // per thread, this block
+  std::vector<std::vector<std::pair<uint32_t, uint32_t>>> occurrences_;  // per thread: site -> executions
   std::unique_ptr<std::barrier<>> sync_;
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync_;
   std::vector<std::unique_ptr<std::latch>> gates_;
@@ -274,11 +359,17 @@ inline std::string function_name(const std::string& pretty) {
 }
 
 // Runs `body` (a call of the kernel) as a grid x block launch; returns when all threads are
-// done. `launcher` (the __PRETTY_FUNCTION__ of the function that launches) names it in the
+// done. A block above the kernel's __launch_bounds__ is an error. `launcher` (the
+// __PRETTY_FUNCTION__ of the function that launches) names it in the
 // recording.
 template <typename F>
-void launch(const char* launcher, dim3 grid, dim3 block, F&& body) {
+void launch(const char* launcher, dim3 grid, dim3 block, unsigned launch_bounds, F&& body) {
   check_launch(grid, block);
+  if (block.x * block.y * block.z > launch_bounds) {
+    throw std::runtime_error("cuda_emu: " + function_name(launcher) + " launches " +
+                             std::to_string(block.x * block.y * block.z) + " threads per block, above the kernel's "
+                             "__launch_bounds__(" + std::to_string(launch_bounds) + ") (a GPU refuses the launch)");
+  }
   record(function_name(launcher) + " " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z) + " " +
          std::to_string(block.x) + "x" + std::to_string(block.y) + "x" + std::to_string(block.z));
   Launch(grid, block).run(std::function<void()>(body));
@@ -319,6 +410,23 @@ inline FakeTimer& fake_timer() {
 }
 
 inline unsigned lane() { return tls.linear % kWarpSize; }
+
+// The global accesses behind SEGNET_LOAD / SEGNET_STORE (kernels/launch.cuh).
+template <typename T>
+T global_load(const T* p, uint32_t site) {
+  if (counting()) tls.launch->note_access(p, sizeof(T), site, false, true);
+  return *p;
+}
+template <typename T>
+T global_load_if(bool active, const T* p, T otherwise, uint32_t site) {
+  if (counting()) tls.launch->note_access(p, sizeof(T), site, false, active);
+  return active ? *p : otherwise;
+}
+template <typename T, typename V>
+void global_store(T* p, V&& value, uint32_t site) {
+  if (counting()) tls.launch->note_access(p, sizeof(T), site, true, true);
+  *p = std::forward<V>(value);
+}
 
 }  // namespace cuda_emu
 

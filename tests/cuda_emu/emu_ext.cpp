@@ -242,6 +242,34 @@ Tensor block_sum(const Tensor& x, bool sync, int threads, int blocks) {
   return out;
 }
 
+// Global memory traffic (cuda_emu::Traffic) of the launches between count_traffic(true)
+// and count_traffic(false); turning it on clears the counts.
+void count_traffic(bool on) {
+  cuda_emu::counting() = on;
+  if (on) cuda_emu::traffic() = {};
+}
+std::map<std::string, int64_t> traffic() {
+  const cuda_emu::Traffic& t = cuda_emu::traffic();
+  return {{"load_requests", t.load_requests}, {"load_sectors", t.load_sectors},
+          {"store_requests", t.store_requests}, {"store_sectors", t.store_sectors}};
+}
+
+Tensor strided_copy(const Tensor& x, int64_t n, int stride, bool odd_lanes_skip, int threads, int blocks) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && (n - 1) * stride < x.numel());
+  Tensor y = at::empty({n}, x.options());
+  auto kernel = selftest::strided_copy;
+  SEGNET_LAUNCH(kernel, blocks, threads, nullptr, x.const_data_ptr<float>(), n, stride, odd_lanes_skip,
+                y.mutable_data_ptr<float>());
+  return y;
+}
+
+Tensor read_shared_first(int threads, int blocks) {
+  Tensor out = at::zeros({int64_t(threads) * blocks}, at::kFloat);
+  auto kernel = selftest::read_shared_first;
+  SEGNET_LAUNCH(kernel, blocks, threads, nullptr, out.mutable_data_ptr<float>());
+  return out;
+}
+
 Tensor shuffles(int threads, int blocks, int width) {
   Tensor out = at::full({int64_t(threads) * blocks * 5}, -1, at::kInt);
   auto kernel = selftest::shuffles;
@@ -305,4 +333,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("atomics", &atomics);
   m.def("shuffle_past_partial_warp", &shuffle_past_partial_warp);
   m.def("copy_off_by_one", &copy_off_by_one);
+  m.def("count_traffic", &count_traffic);
+  m.def("traffic", &traffic);
+  m.def("strided_copy", &strided_copy);
+  m.def("read_shared_first", &read_shared_first);
 }

@@ -62,4 +62,20 @@ __global__ void copy_off_by_one(const float* x, int64_t n, float* y) {
     y[i] = x[i];
 }
 
+// y[i] = x[i * stride] through the counted accessors (a stride of 1 is a coalesced copy);
+// lanes whose i is odd skip the load when `odd_lanes_skip` (a predicated load).
+__global__ void strided_copy(const float* x, int64_t n, int stride, bool odd_lanes_skip, float* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    SEGNET_STORE(y + i, SEGNET_LOAD_IF(!(odd_lanes_skip && i % 2), x + i * stride, 0.f));
+}
+
+// out[block * blockDim.x + t] = what the block finds in shared memory before writing it:
+// poison (NaN) in every block, never the previous block's 1.
+__global__ void read_shared_first(float* out) {
+  __shared__ float s[1024];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
+  __syncthreads();
+  s[threadIdx.x] = 1.f;
+}
+
 }  // namespace selftest

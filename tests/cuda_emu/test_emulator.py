@@ -78,3 +78,14 @@ def test_32_bit_divider_matches_integer_division(emu):
                        torch.randint(0, 4 * d, (200,)).clamp(max=2**31 - 1)])
         q, r = emu.divide(n, d)
         assert torch.equal(q, n // d) and torch.equal(r, n % d), d
+
+
+@pytest.mark.parametrize("threads,blocks,message", [
+    (257, 1, r"257 threads per block, above the kernel's __launch_bounds__\(256\)"),
+    (0, 1, "empty grid"),
+    (32, 0, "empty grid"),
+])
+def test_launches_a_gpu_refuses_are_errors(emu, threads, blocks, message):
+    x = torch.randn(64)
+    with pytest.raises(RuntimeError, match=message):
+        emu.strided_copy(x, 64, 1, False, threads, blocks)
