@@ -32,7 +32,9 @@ struct ChannelDims {
 // channel fixed per stretch, so that per-channel parameters load once per stretch (and no
 // element needs a division):
 //   NCHW (inner > 1): block b takes planes (n, c) = b, b + gridDim.x, ...; its threads step
-//     through the plane;
+//     through the plane from the 32-byte boundary of `anchor` (the output) at or before the
+//     plane's start, the lanes before the start idle (apply's `active` false), so that every
+//     warp instruction covers whole sectors whatever the plane's size;
 //   channels_last (inner == 1): the first S = C * floor(grid threads / C) threads each keep
 //     channel t % C and step by S (the launcher gives the grid at least C threads).
 template <typename I>
@@ -41,32 +43,37 @@ struct ChannelWalk {
   Divider<I> C;
   explicit ChannelWalk(ChannelDims d) : numel(I(d.numel())), inner(I(d.inner)), C(d.C) {}
 
-  template <typename Load, typename Apply>
-  __device__ __forceinline__ void operator()(Load load, Apply apply) const {
+  template <typename T, typename Load, typename Apply>
+  __device__ __forceinline__ void operator()(const T* anchor, Load load, Apply apply) const {
     if (inner > 1) {
       for (I p = blockIdx.x; p * inner < numel; p += gridDim.x) {
         const auto params = load(C.mod(p));
-        for (I i = threadIdx.x; i < inner; i += blockDim.x) apply(p * inner + i, params);
+        const I first = p * inner, lead = I(reinterpret_cast<uintptr_t>(anchor + first) % 32 / sizeof(T));
+        for (I i = threadIdx.x; i < inner + lead; i += blockDim.x) {
+          const bool active = i >= lead;
+          apply(active ? first + i - lead : first, params, active);
+        }
       }
     } else {
       const I t = I(blockIdx.x) * blockDim.x + threadIdx.x;
       const I stride = C.div(I(gridDim.x) * blockDim.x) * C.divisor;
       if (t >= stride) return;
       const auto params = load(C.mod(t));
-      for (I e = t; e < numel; e += stride) apply(e, params);
+      for (I e = t; e < numel; e += stride) apply(e, params, true);
     }
   }
 };
 
-// Blocks and threads for a ChannelWalk: NCHW, about 8 elements per thread of a plane (a
-// small plane gets a small block, so that few warps load the parameters), a block per plane
-// up to the cap; channels_last, at least C threads and else about 16 elements per thread.
-inline std::pair<unsigned, int> walk_geometry(const ChannelDims& d, const LaunchConfig& cfg) {
+// Blocks and threads for a ChannelWalk, about `per_thread` elements per thread, so that each
+// thread's parameters (loaded once per plane or once) weigh little against its elements:
+// NCHW, a block per plane (up to the cap) of just enough warps; channels_last, at least C
+// threads.
+inline std::pair<unsigned, int> walk_geometry(const ChannelDims& d, const LaunchConfig& cfg, int64_t per_thread) {
   if (d.inner > 1) {
-    const int64_t threads = std::min<int64_t>(cfg.threads, std::max<int64_t>(32, (d.inner / 8 + 31) / 32 * 32));
+    const int64_t threads = std::min<int64_t>(cfg.threads, std::max<int64_t>(32, (d.inner / per_thread + 31) / 32 * 32));
     return {static_cast<unsigned>(std::min<int64_t>(d.outer * d.C, cfg.max_blocks)), static_cast<int>(threads)};
   }
-  const int64_t want = std::max<int64_t>(d.C, d.numel() / 16);
+  const int64_t want = std::max<int64_t>(d.C, d.numel() / per_thread);
   return {static_cast<unsigned>(std::max<int64_t>((d.C + cfg.threads - 1) / cfg.threads,
                                                   std::min<int64_t>((want + cfg.threads - 1) / cfg.threads,
                                                                     cfg.max_blocks))),
@@ -88,10 +95,9 @@ struct StatsTerm {
   __device__ __forceinline__ Channel prepare(int64_t c, ChannelDims d) const {
     return {static_cast<A>(SEGNET_LOAD(x + c * d.inner))};
   }
-  __device__ __forceinline__ void add(int64_t at, const Channel& ch, A& s1, A& s2) const {
-    const A v = static_cast<A>(SEGNET_LOAD(x + at)) - ch.pivot;
-    s1 += v;
-    s2 += v * v;
+  __device__ __forceinline__ void add(int64_t at, const Channel& ch, A& s1, A& s2, bool active = true) const {
+    const A v = static_cast<A>(SEGNET_LOAD_IF(active, x + at, T(0))) - ch.pivot;
+    if (active) s1 += v, s2 += v * v;
   }
 };
 
@@ -107,11 +113,10 @@ struct GradTerm {
   __device__ __forceinline__ Channel prepare(int64_t c, ChannelDims) const {
     return {SEGNET_LOAD(scale + c), SEGNET_LOAD(shift + c), SEGNET_LOAD(mean + c)};
   }
-  __device__ __forceinline__ void add(int64_t at, const Channel& ch, A& s1, A& s2) const {
-    const A xv = static_cast<A>(SEGNET_LOAD(x + at));
-    const A g = relu_grad(xv, static_cast<A>(SEGNET_LOAD(dy + at)), ch.scale, ch.shift, relu);
-    s1 += g;
-    s2 += g * (xv - ch.mean);
+  __device__ __forceinline__ void add(int64_t at, const Channel& ch, A& s1, A& s2, bool active = true) const {
+    const A xv = static_cast<A>(SEGNET_LOAD_IF(active, x + at, T(0)));
+    const A g = relu_grad(xv, static_cast<A>(SEGNET_LOAD_IF(active, dy + at, T(0))), ch.scale, ch.shift, relu);
+    if (active) s1 += g, s2 += g * (xv - ch.mean);
   }
 };
 
@@ -132,22 +137,31 @@ __device__ __forceinline__ double block_sum(double v, double* scratch /* [blockD
 }
 
 // Stage 1, NCHW: block (blockIdx.x = channel, grid-stride; blockIdx.y = slice) sums the
-// channel's values j = slice*threads + t (+ k * slices*threads), j -> (o, i) = (j / inner,
-// j % inner): consecutive threads read consecutive addresses. Reads each value once.
+// channel's values j = slice*threads + t - lead (+ k * slices*threads), j -> (o, i) =
+// (j / inner, j % inner): consecutive threads read consecutive addresses, and from the 32-byte
+// boundary at or before the channel's first value (lead values before it; those lanes idle
+// in their first step), so warps read whole sectors. Reads each value once; thread 0 loads
+// the channel's terms for the block.
 template <typename T, typename A, typename Term>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock) channel_partials_nchw(Term term, ChannelDims d, double* __restrict__ partial) {
   __shared__ double scratch[1024];
-  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
+  __shared__ typename Term::Channel channel;
+  const int64_t stride = int64_t(gridDim.y) * blockDim.x, so = stride / d.inner, si = stride % d.inner;
   for (int64_t c = blockIdx.x; c < d.C; c += gridDim.x) {
-    const auto ch = term.prepare(c, d);
+    __syncthreads();  // channel may still be read for the previous one
+    if (threadIdx.x == 0) channel = term.prepare(c, d);
+    __syncthreads();
+    const auto ch = channel;
     A s1 = 0, s2 = 0;
+    const int64_t lead = d.inner >= 32 ? int64_t(reinterpret_cast<uintptr_t>(term.x + c * d.inner) % 32 / sizeof(T)) : 0;
     // j = o * inner + i steps by stride = so * inner + si: divisions only before the loop
-    const int64_t first = int64_t(blockIdx.y) * blockDim.x + threadIdx.x, so = stride / d.inner, si = stride % d.inner;
-    int64_t o = first / d.inner, i = first % d.inner;
-    for (int64_t j = first; j < d.count(); j += stride) {
-      term.add((o * d.C + c) * d.inner + i, ch, s1, s2);
+    int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x - lead;
+    int64_t o = j < 0 ? 0 : j / d.inner, i = j < 0 ? j : j % d.inner;
+    for (; j < d.count(); j += stride) {
+      term.add((o * d.C + c) * d.inner + (j < 0 ? 0 : i), ch, s1, s2, j >= 0);
       o += so, i += si;
       if (i >= d.inner) i -= d.inner, ++o;
+      else if (i < 0) i += d.inner, --o;  // the step from the lead (inner > lead: one wrap)
     }
     const double t1 = block_sum(s1, scratch);
     const double t2 = block_sum(s2, scratch);
@@ -221,12 +235,13 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   struct Params {
     A scale, shift;
   };
-  walk([&](I c) { return Params{SEGNET_LOAD(scale + c), SEGNET_LOAD(shift + c)}; },
-       [&](I e, const Params& p) {
-         const A xv = static_cast<A>(SEGNET_LOAD(x + e));
-         SEGNET_STORE(y + e, static_cast<T>(residual ? affine_add_relu(xv, p.scale, p.shift,
-                                                                       static_cast<A>(SEGNET_LOAD(residual + e)), relu)
-                                                     : affine_relu(xv, p.scale, p.shift, relu)));
+  walk(y, [&](I c) { return Params{SEGNET_LOAD(scale + c), SEGNET_LOAD(shift + c)}; },
+       [&](I e, const Params& p, bool active) {
+         const A xv = static_cast<A>(SEGNET_LOAD_IF(active, x + e, T(0)));
+         const A r = residual ? static_cast<A>(SEGNET_LOAD_IF(active, residual + e, T(0))) : A(0);
+         SEGNET_STORE_IF(active, y + e,
+                         static_cast<T>(residual ? affine_add_relu(xv, p.scale, p.shift, r, relu)
+                                                 : affine_relu(xv, p.scale, p.shift, relu)));
        });
 }
 
@@ -239,14 +254,15 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   struct Params {
     A scale, shift, mean, k1, k2, k3;
   };
-  walk([&](I c) {
+  walk(dx, [&](I c) {
          return Params{SEGNET_LOAD(scale + c), SEGNET_LOAD(shift + c), SEGNET_LOAD(mean + c),
                        SEGNET_LOAD(k1 + c),    SEGNET_LOAD(k2 + c),    SEGNET_LOAD(k3 + c)};
        },
-       [&](I e, const Params& p) {
-         SEGNET_STORE(dx + e, static_cast<T>(bn_relu_input_grad(static_cast<A>(SEGNET_LOAD(x + e)),
-                                                                static_cast<A>(SEGNET_LOAD(dy + e)), p.scale, p.shift,
-                                                                p.mean, p.k1, p.k2, p.k3, relu)));
+       [&](I e, const Params& p, bool active) {
+         const A xv = static_cast<A>(SEGNET_LOAD_IF(active, x + e, T(0)));
+         const A g = static_cast<A>(SEGNET_LOAD_IF(active, dy + e, T(0)));
+         SEGNET_STORE_IF(active, dx + e,
+                         static_cast<T>(bn_relu_input_grad(xv, g, p.scale, p.shift, p.mean, p.k1, p.k2, p.k3, relu)));
        });
 }
 
@@ -263,7 +279,9 @@ struct ReductionPlan {
 
 inline ReductionPlan plan_reduction(const ChannelDims& d, bool channels_last, const LaunchConfig& cfg) {
   ReductionPlan p{channels_last, 1};
-  const int64_t per_slice = channels_last ? int64_t(p.rows_per_block) * 16 : int64_t(cfg.threads) * 16;
+  // channels_last: 128 rows per thread, so that the 16-byte partials (written, then read by
+  // the finish) weigh little against the rows read
+  const int64_t per_slice = channels_last ? int64_t(p.rows_per_block) * 128 : int64_t(cfg.threads) * 16;
   const int64_t want = (d.count() + per_slice - 1) / per_slice;
   const int64_t cap = std::max<int64_t>(1, cfg.max_blocks / std::max<int64_t>(1, channels_last ? (d.C + 31) / 32 : d.C));
   p.slices = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, cap, 1024})));
@@ -323,7 +341,7 @@ void launch_scale_shift_relu(const T* x, ChannelDims d, const A* scale, const A*
   with_index_type(d.numel(), cfg, [&](auto index) {
     using I = decltype(index);
     auto kernel = scale_shift_relu_kernel<T, A, I>;
-    const auto geometry = walk_geometry(d, cfg);
+    const auto geometry = walk_geometry(d, cfg, 32);  // 2 parameters per thread
     SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, x, ChannelWalk<I>(d), scale, shift, relu, residual, y);
   });
 }
@@ -336,7 +354,7 @@ void launch_bn_relu_backward_apply(const T* dy, const T* x, ChannelDims d, const
   with_index_type(d.numel(), cfg, [&](auto index) {
     using I = decltype(index);
     auto kernel = bn_relu_backward_apply_kernel<T, A, I>;
-    const auto geometry = walk_geometry(d, cfg);
+    const auto geometry = walk_geometry(d, cfg, 64);  // 6 parameters per thread
     SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, dy, x, ChannelWalk<I>(d), scale, shift, mean, k1, k2, k3, relu, dx);
   });
 }

@@ -10,7 +10,8 @@
 #include "common/pool2x2.h"
 
 // Global memory goes through SEGNET_LOAD(p), SEGNET_LOAD_IF(active, p, otherwise) (a
-// predicated load: `otherwise` where !active) and SEGNET_STORE(p, value): plain accesses
+// predicated load: `otherwise` where !active), SEGNET_STORE(p, value) and
+// SEGNET_STORE_IF(active, p, value) (a predicated store): plain accesses
 // under nvcc; in the emulator, accesses whose 32-byte sectors tests count per warp
 // instruction (tests/cuda_emu/cuda_emu.h), each macro use one access site.
 #ifdef SEGNET_CUDA_EMULATION
@@ -19,13 +20,18 @@
                      [&] { kernel(__VA_ARGS__); })
 #define SEGNET_LOAD(p) ::cuda_emu::global_load((p), __COUNTER__)
 #define SEGNET_LOAD_IF(active, p, otherwise) ::cuda_emu::global_load_if((active), (p), (otherwise), __COUNTER__)
-#define SEGNET_STORE(p, value) ::cuda_emu::global_store((p), (value), __COUNTER__)
+#define SEGNET_STORE(p, value) ::cuda_emu::global_store(true, (p), (value), __COUNTER__)
+#define SEGNET_STORE_IF(active, p, value) ::cuda_emu::global_store((active), (p), (value), __COUNTER__)
 #else
 #define SEGNET_LAUNCH(kernel, blocks, threads, stream, ...) \
   kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
 #define SEGNET_LOAD(p) (*(p))
 #define SEGNET_LOAD_IF(active, p, otherwise) ((active) ? *(p) : (otherwise))
 #define SEGNET_STORE(p, value) (*(p) = (value))
+#define SEGNET_STORE_IF(active, p, value) \
+  do {                                    \
+    if (active) *(p) = (value);           \
+  } while (0)
 #endif
 
 namespace segnet {

@@ -423,9 +423,9 @@ T global_load_if(bool active, const T* p, T otherwise, uint32_t site) {
   return active ? *p : otherwise;
 }
 template <typename T, typename V>
-void global_store(T* p, V&& value, uint32_t site) {
-  if (counting()) tls.launch->note_access(p, sizeof(T), site, true, true);
-  *p = std::forward<V>(value);
+void global_store(bool active, T* p, V&& value, uint32_t site) {
+  if (counting()) tls.launch->note_access(p, sizeof(T), site, true, active);
+  if (active) *p = std::forward<V>(value);
 }
 
 }  // namespace cuda_emu
