@@ -84,24 +84,104 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) max_pool2x2_nchw_vec_kern
   }
 }
 
-// Unpooling (and pooling backward): one thread per output element, in the output's memory
-// order (coalesced stores), every element written once: the value where the window's code
-// points here, else zero. Reads a value only where it is placed. Index math in I (32-bit
-// below 2^31 elements: no 64-bit division).
+// Pooling, NCHW where the vectorised kernel does not apply (W % 8 != 0: SegNet's 60- and
+// 30-wide maps, odd sizes): one thread per window, a warp 32 consecutive windows (their
+// values consecutive: coalesced stores), reading each of its two input rows as one 2-element
+// load where W is even; the 4 lanes of a packed byte OR their codes together by shuffles and
+// the first stores the byte. The loop runs while any lane of the warp has a window (the
+// shuffles need every lane), the others idle. Blocks of a multiple of 4 threads, so that a
+// byte's 4 windows are lanes 4j..4j+3 of one warp. Index math in I.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_pool2x2_nchw_kernel(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ packed, PoolDims d,
+                            Unravel<I, false> unravel) {
+  using Pair = AlignedVec<T, 2>;
+  const I windows = I(d.windows()), C = I(d.C), H = I(d.H), W = I(d.W);
+  const bool pairs = W % 2 == 0;
+  const I lane = threadIdx.x % 32;
+  for (I k = I(blockIdx.x) * blockDim.x + threadIdx.x; k - lane < windows; k += I(gridDim.x) * blockDim.x) {
+    const bool active = k < windows;
+    I n, c, oh, ow;
+    unravel(active ? k : 0, n, c, oh, ow);
+    const I h = 2 * oh, w = 2 * ow;
+    const bool col1 = w + 1 < W, row1 = h + 1 < H;
+    const T* top = x + ((n * C + c) * H + h) * W + w;
+    T v00, v01, v10, v11;
+    if (pairs) {
+      const Pair a = SEGNET_LOAD_IF(active, reinterpret_cast<const Pair*>(top), Pair{});
+      const Pair b = SEGNET_LOAD_IF(active && row1, reinterpret_cast<const Pair*>(top + W), a);
+      v00 = a.v[0], v01 = a.v[1], v10 = b.v[0], v11 = b.v[1];
+    } else {
+      v00 = SEGNET_LOAD_IF(active, top, T(0));
+      v01 = SEGNET_LOAD_IF(active && col1, top + 1, v00);
+      v10 = SEGNET_LOAD_IF(active && row1, top + W, v00);
+      v11 = SEGNET_LOAD_IF(active && row1 && col1, top + W + 1, v00);
+    }
+    T m;
+    const unsigned code = window_argmax(v00, v01, v10, v11, col1, row1, &m);
+    unsigned bits = active ? code << (2 * (k & 3)) : 0u;
+    bits |= __shfl_xor_sync(0xffffffffu, bits, 1);
+    bits |= __shfl_xor_sync(0xffffffffu, bits, 2);
+    SEGNET_STORE_IF(active, y + k, m);
+    SEGNET_STORE_IF(active && (k & 3) == 0, packed + (k >> 2), uint8_t(bits));
+  }
+}
+
+// Unpooling, channels_last: one thread per output element, in memory order (coalesced
+// stores), every element written once: the value where the window's code points here, else
+// zero; reads a value only where it is placed.
+// Unpooling, NCHW: one thread per window (a warp: consecutive windows of a row), which reads
+// its code byte and value once and writes its 2x2 block as two rows of two (one 2-element
+// store each where W is even), plus the zeros of a last row or column that no window covers
+// (floor mode, odd H or W): y's sectors once, v's once, the packed bytes 4 lanes to a byte.
+// `unravel` splits the loop index: output elements (channels_last) or windows (NCHW).
+// Index math in I (32-bit below 2^31 elements: no 64-bit division).
 template <typename T, typename I, bool CHANNELS_LAST>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) max_unpool2x2_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed,
-                                     T* __restrict__ y, PoolDims d, Unravel<I, CHANNELS_LAST> unravel) {
-  const I total = I(d.N * d.C * d.H * d.W), C = I(d.C), Ho = I(d.Ho), Wo = I(d.Wo);
-  const Strides4 vs = dense_strides(d.C, d.Ho, d.Wo, CHANNELS_LAST);
-  for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += I(gridDim.x) * blockDim.x) {
-    I n, c, h, w;
-    unravel(t, n, c, h, w);
-    const I oh = h >> 1, ow = w >> 1;
-    const bool inside = oh < Ho && ow < Wo;
-    const I k = ((n * C + c) * Ho + oh) * Wo + ow;
-    const uint8_t byte = SEGNET_LOAD_IF(inside, packed + (k >> 2), uint8_t(0));
-    const bool here = inside && code_in(byte, k) == 2 * (h & 1) + (w & 1);
-    SEGNET_STORE(y + t, SEGNET_LOAD_IF(here, v + vs.at(n, c, oh, ow), T(0)));
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_unpool2x2_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed, T* __restrict__ y, PoolDims d,
+                         Unravel<I, CHANNELS_LAST> unravel) {
+  const I C = I(d.C), H = I(d.H), W = I(d.W), Ho = I(d.Ho), Wo = I(d.Wo);
+  if constexpr (CHANNELS_LAST) {
+    const I total = I(d.N * d.C * d.H * d.W);
+    const Strides4 vs = dense_strides(d.C, d.Ho, d.Wo, true);
+    for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += I(gridDim.x) * blockDim.x) {
+      I n, c, h, w;
+      unravel(t, n, c, h, w);
+      const I oh = h >> 1, ow = w >> 1;
+      const bool inside = oh < Ho && ow < Wo;
+      const I k = ((n * C + c) * Ho + oh) * Wo + ow;
+      const uint8_t byte = SEGNET_LOAD_IF(inside, packed + (k >> 2), uint8_t(0));
+      const bool here = inside && code_in(byte, k) == 2 * (h & 1) + (w & 1);
+      SEGNET_STORE(y + t, SEGNET_LOAD_IF(here, v + vs.at(n, c, oh, ow), T(0)));
+    }
+  } else {
+    using Pair = AlignedVec<T, 2>;
+    const I windows = I(d.windows());
+    const bool pairs = W % 2 == 0;  // then every window's row pair starts 2-element aligned
+    for (I k = I(blockIdx.x) * blockDim.x + threadIdx.x; k < windows; k += I(gridDim.x) * blockDim.x) {
+      I n, c, oh, ow;
+      unravel(k, n, c, oh, ow);
+      const uint8_t code = code_in(SEGNET_LOAD(packed + (k >> 2)), k);
+      const T value = SEGNET_LOAD(v + k), zero = T(0);
+      const I h = 2 * oh, w = 2 * ow;
+      const bool col1 = w + 1 < W, row1 = h + 1 < H;
+      const bool col2 = ow + 1 == Wo && w + 2 < W, row2 = oh + 1 == Ho && h + 2 < H;  // uncovered
+      T* top = y + ((n * C + c) * H + h) * W + w;
+      const T a0 = code == 0 ? value : zero, a1 = code == 1 ? value : zero;
+      const T b0 = code == 2 ? value : zero, b1 = code == 3 ? value : zero;
+      if (pairs) {
+        SEGNET_STORE(reinterpret_cast<Pair*>(top), (Pair{{a0, a1}}));
+        SEGNET_STORE_IF(row1, reinterpret_cast<Pair*>(top + W), (Pair{{b0, b1}}));
+      } else {
+        SEGNET_STORE(top, a0);
+        SEGNET_STORE_IF(col1, top + 1, a1);
+        SEGNET_STORE_IF(row1, top + W, b0);
+        SEGNET_STORE_IF(row1 && col1, top + W + 1, b1);
+      }
+      SEGNET_STORE_IF(col2, top + 2, zero);
+      SEGNET_STORE_IF(col2 && row1, top + W + 2, zero);
+      for (I j = 0; j < I(2 + col2); ++j) SEGNET_STORE_IF(row2 && w + j < W, top + 2 * W + j, zero);
+    }
   }
 }
 
@@ -140,6 +220,14 @@ void launch_max_pool2x2(const T* x, T* y, uint8_t* packed, PoolDims d, bool chan
   } else if (channels_last && (d.Ho * d.Wo) % 4 == 0) {
     auto kernel = max_pool2x2_kernel<T, true>;
     SEGNET_LAUNCH(kernel, blocks, cfg.threads, stream, x, xs, y, ys, packed, d);
+  } else if (!channels_last) {
+    with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
+      using I = decltype(index);
+      auto kernel = max_pool2x2_nchw_kernel<T, I>;
+      const int threads = std::max(4, cfg.threads / 4 * 4);
+      SEGNET_LAUNCH(kernel, blocks_for(d.windows(), LaunchConfig{threads, cfg.max_blocks}), threads, stream, x, y,
+                    packed, d, Unravel<I, false>(d.C, d.Ho, d.Wo));
+    });
   } else {
     auto kernel = max_pool2x2_kernel<T, false>;
     SEGNET_LAUNCH(kernel, blocks, cfg.threads, stream, x, xs, y, ys, packed, d);
@@ -152,12 +240,16 @@ void launch_max_unpool2x2(const T* v, const uint8_t* packed, T* y, PoolDims d, b
   const int64_t total = d.N * d.C * d.H * d.W;
   if (total == 0) return;
   with_index_type(total, cfg, [&](auto index) {
-    with_layout(channels_last, [&](auto layout) {
-      using I = decltype(index);
-      constexpr bool CL = decltype(layout)::value;
-      auto kernel = max_unpool2x2_kernel<T, I, CL>;
-      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, v, packed, y, d, Unravel<I, CL>(d.C, d.H, d.W));
-    });
+    using I = decltype(index);
+    if (channels_last || d.windows() == 0) {  // no window (H or W is 1, floor mode): all zeros, in either layout
+      auto kernel = max_unpool2x2_kernel<T, I, true>;
+      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, v, packed, y, d,
+                    Unravel<I, true>(d.C, d.H, d.W));
+    } else {
+      auto kernel = max_unpool2x2_kernel<T, I, false>;
+      SEGNET_LAUNCH(kernel, blocks_for(d.windows(), cfg), cfg.threads, stream, v, packed, y, d,
+                    Unravel<I, false>(d.C, d.Ho, d.Wo));
+    }
   });
 }
 
