@@ -14,44 +14,75 @@ struct PoolDims {
   SEGNET_HD int64_t windows() const { return N * C * Ho * Wo; }
 };
 
-// Pools window k (logical NCHW index): writes its maximum, returns its code.
-template <typename T>
-__device__ __forceinline__ uint8_t pool_window(const T* __restrict__ x, Strides4 xs,
-                                               T* __restrict__ y, Strides4 ys, const PoolDims& d,
-                                               int64_t k) {
-  const int64_t ow = k % d.Wo, oh = (k / d.Wo) % d.Ho, c = (k / (d.Wo * d.Ho)) % d.C;
-  const int64_t n = k / (d.Wo * d.Ho * d.C);
-  const bool col1 = 2 * ow + 1 < d.W, row1 = 2 * oh + 1 < d.H;
-  const T* p = x + xs.at(n, c, 2 * oh, 2 * ow);
+// Pools window (n, c, oh, ow) of x: writes its maximum to y, returns its code. An inactive
+// lane (predicated off) loads and stores nothing and returns 0.
+template <typename T, typename I>
+__device__ __forceinline__ uint8_t pool_window(const T* __restrict__ x, Strides4 xs, T* __restrict__ y, Strides4 ys,
+                                               I H, I W, I n, I c, I oh, I ow, bool active = true) {
+  const bool col1 = 2 * ow + 1 < W, row1 = 2 * oh + 1 < H;
+  const T* p = x + (active ? xs.at(n, c, 2 * oh, 2 * ow) : 0);
+  const T v00 = SEGNET_LOAD_IF(active, p, T(0));
   T m;
-  const T v00 = SEGNET_LOAD(p);
-  const uint8_t code = window_argmax(v00, SEGNET_LOAD_IF(col1, p + xs.w, v00), SEGNET_LOAD_IF(row1, p + xs.h, v00),
-                                     SEGNET_LOAD_IF(col1 && row1, p + xs.h + xs.w, v00), col1, row1, &m);
-  SEGNET_STORE(y + ys.at(n, c, oh, ow), m);
-  return code;
+  const uint8_t code =
+      window_argmax(v00, SEGNET_LOAD_IF(active && col1, p + xs.w, v00), SEGNET_LOAD_IF(active && row1, p + xs.h, v00),
+                    SEGNET_LOAD_IF(active && col1 && row1, p + xs.h + xs.w, v00), col1, row1, &m);
+  SEGNET_STORE_IF(active, y + (active ? ys.at(n, c, oh, ow) : 0), m);
+  return active ? code : 0;
 }
 
-// Pooling, any layout: one thread owns each packed byte and pools its 4 windows.
-// CHANNELS_FASTEST (channels_last, Ho*Wo % 4 == 0): consecutive threads take the same
-// byte position of consecutive channels, so a warp reads and writes 32 consecutive
-// channels of one pixel (coalesced); otherwise thread t owns byte t (coalesced for NCHW).
-// Traffic: each input element read once, each value written once, one byte store per thread.
-template <typename T, bool CHANNELS_FASTEST>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) max_pool2x2_kernel(const T* __restrict__ x, Strides4 xs, T* __restrict__ y,
-                                   Strides4 ys, uint8_t* __restrict__ packed, PoolDims d) {
+// Pooling, channels_last where Ho*Wo % 4 != 0 (a packed byte may hold windows of two
+// channels): one thread owns each packed byte and pools its 4 windows.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_pool2x2_kernel(const T* __restrict__ x, Strides4 xs, T* __restrict__ y, Strides4 ys,
+                       uint8_t* __restrict__ packed, PoolDims d) {
   const int64_t bytes = packed_bytes(d.windows()), windows = d.windows();
-  const int64_t plane_bytes = d.Ho * d.Wo / 4;
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < bytes;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    int64_t byte = t;
-    if (CHANNELS_FASTEST) {  // t = (n * plane_bytes + j) * C + c
-      const int64_t c = t % d.C, j = (t / d.C) % plane_bytes, n = t / (d.C * plane_bytes);
-      byte = (n * d.C + c) * plane_bytes + j;
-    }
+  for (int64_t byte = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; byte < bytes;
+       byte += int64_t(gridDim.x) * blockDim.x) {
     uint8_t bits = 0;
-    for (int i = 0; i < 4 && 4 * byte + i < windows; ++i)
-      bits |= pool_window(x, xs, y, ys, d, 4 * byte + i) << (2 * i);
+    for (int i = 0; i < 4 && 4 * byte + i < windows; ++i) {
+      const int64_t k = 4 * byte + i, ow = k % d.Wo, oh = (k / d.Wo) % d.Ho, c = (k / (d.Wo * d.Ho)) % d.C;
+      bits |= pool_window(x, xs, y, ys, d.H, d.W, k / (d.Wo * d.Ho * d.C), c, oh, ow) << (2 * i);
+    }
     SEGNET_STORE(packed + byte, bits);
+  }
+}
+
+// Pooling, channels_last with Ho*Wo % 4 == 0 (a byte's windows are of one channel): a block
+// takes tiles of 32 channels x 32 packed-byte positions of one image (128 windows of each
+// channel); threadIdx.x is the channel, so every load and value store of a warp covers 32
+// consecutive channels of one pixel; the codes go through shared memory, so that each
+// channel's 32 bytes (consecutive: the packed codes are in NCHW window order) are stored by
+// one warp instruction. Index math in I.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_pool2x2_nhwc_tile_kernel(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ packed, PoolDims d,
+                                 Divider<I> wo, Divider<I> byte_tiles, Divider<I> channel_tiles) {
+  __shared__ uint8_t codes[32][33];
+  const I C = I(d.C), H = I(d.H), W = I(d.W), plane_bytes = I(d.Ho * d.Wo / 4);
+  const I tiles = I(d.N) * byte_tiles.divisor * channel_tiles.divisor;
+  const Strides4 xs = dense_strides(d.C, d.H, d.W, true), ys = dense_strides(d.C, d.Ho, d.Wo, true);
+  for (I tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const I rest = channel_tiles.div(tile), first_channel = (tile - rest * channel_tiles.divisor) * 32;
+    const I n = byte_tiles.div(rest), first_byte = (rest - n * byte_tiles.divisor) * 32;
+    const I c = first_channel + threadIdx.x;
+    for (I jj = threadIdx.y; jj < 32; jj += blockDim.y) {
+      const I j = first_byte + jj;
+      const bool active = c < C && j < plane_bytes;
+      uint8_t bits = 0;
+      for (I i = 0; i < 4; ++i) {
+        const I p = 4 * j + i, oh = wo.div(p), ow = p - oh * wo.divisor;
+        bits |= pool_window(x, xs, y, ys, H, W, n, c, oh, ow, active) << (2 * i);
+      }
+      codes[threadIdx.x][jj] = bits;
+    }
+    __syncthreads();
+    for (I cc = threadIdx.y; cc < 32; cc += blockDim.y) {
+      const I channel = first_channel + cc, j = first_byte + threadIdx.x;
+      SEGNET_STORE_IF(channel < C && j < plane_bytes, packed + (n * C + channel) * plane_bytes + j,
+                      codes[cc][threadIdx.x]);
+    }
+    __syncthreads();  // codes is refilled for the next tile
   }
 }
 
@@ -210,16 +241,21 @@ void launch_max_pool2x2(const T* x, T* y, uint8_t* packed, PoolDims d, bool chan
                         cudaStream_t stream, LaunchConfig cfg = {}) {
   const int64_t bytes = packed_bytes(d.windows());
   if (bytes == 0) return;
-  const unsigned blocks = blocks_for(bytes, cfg);
   const Strides4 xs = dense_strides(d.C, d.H, d.W, channels_last);
   const Strides4 ys = dense_strides(d.C, d.Ho, d.Wo, channels_last);
   if (!channels_last && d.W % 8 == 0 && is_aligned_for_vec<T, 8>(x) &&
       is_aligned_for_vec<T, 4>(y)) {
     auto kernel = max_pool2x2_nchw_vec_kernel<T>;
-    SEGNET_LAUNCH(kernel, blocks, cfg.threads, stream, x, y, packed, d);
+    SEGNET_LAUNCH(kernel, blocks_for(bytes, cfg), cfg.threads, stream, x, y, packed, d);
   } else if (channels_last && (d.Ho * d.Wo) % 4 == 0) {
-    auto kernel = max_pool2x2_kernel<T, true>;
-    SEGNET_LAUNCH(kernel, blocks, cfg.threads, stream, x, xs, y, ys, packed, d);
+    with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
+      using I = decltype(index);
+      auto kernel = max_pool2x2_nhwc_tile_kernel<T, I>;
+      const int64_t byte_tiles = (d.Ho * d.Wo / 4 + 31) / 32, channel_tiles = (d.C + 31) / 32;
+      const int64_t tiles = d.N * byte_tiles * channel_tiles;
+      SEGNET_LAUNCH(kernel, unsigned(std::min(tiles, cfg.max_blocks)), dim3(32, std::max(1, cfg.threads / 32)),
+                    stream, x, y, packed, d, Divider<I>(d.Wo), Divider<I>(byte_tiles), Divider<I>(channel_tiles));
+    });
   } else if (!channels_last) {
     with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
       using I = decltype(index);
@@ -229,8 +265,8 @@ void launch_max_pool2x2(const T* x, T* y, uint8_t* packed, PoolDims d, bool chan
                     packed, d, Unravel<I, false>(d.C, d.Ho, d.Wo));
     });
   } else {
-    auto kernel = max_pool2x2_kernel<T, false>;
-    SEGNET_LAUNCH(kernel, blocks, cfg.threads, stream, x, xs, y, ys, packed, d);
+    auto kernel = max_pool2x2_kernel<T>;
+    SEGNET_LAUNCH(kernel, blocks_for(bytes, cfg), cfg.threads, stream, x, xs, y, ys, packed, d);
   }
 }
 
