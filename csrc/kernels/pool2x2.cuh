@@ -118,17 +118,16 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) max_pool2x2_nchw_vec_kern
 // Pooling, NCHW where the vectorised kernel does not apply (W % 8 != 0: SegNet's 60- and
 // 30-wide maps, odd sizes): one thread per window, a warp 32 consecutive windows (their
 // values consecutive: coalesced stores), reading each of its two input rows as one 2-element
-// load where W is even; the 4 lanes of a packed byte OR their codes together by shuffles and
-// the first stores the byte. The loop runs while any lane of the warp has a window (the
+// load where W is even and x 2-element aligned (`pairs`); the 4 lanes of a packed byte OR
+// their codes together by shuffles and the first stores the byte. The loop runs while any lane of the warp has a window (the
 // shuffles need every lane), the others idle. Blocks of a multiple of 4 threads, so that a
 // byte's 4 windows are lanes 4j..4j+3 of one warp. Index math in I.
 template <typename T, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     max_pool2x2_nchw_kernel(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ packed, PoolDims d,
-                            Unravel<I, false> unravel) {
+                            Unravel<I, false> unravel, bool pairs) {
   using Pair = AlignedVec<T, 2>;
   const I windows = I(d.windows()), C = I(d.C), H = I(d.H), W = I(d.W);
-  const bool pairs = W % 2 == 0;
   const I lane = threadIdx.x % 32;
   for (I k = I(blockIdx.x) * blockDim.x + threadIdx.x; k - lane < windows; k += I(gridDim.x) * blockDim.x) {
     const bool active = k < windows;
@@ -163,14 +162,15 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
 // zero; reads a value only where it is placed.
 // Unpooling, NCHW: one thread per window (a warp: consecutive windows of a row), which reads
 // its code byte and value once and writes its 2x2 block as two rows of two (one 2-element
-// store each where W is even), plus the zeros of a last row or column that no window covers
+// store each where W is even and y 2-element aligned: `pairs`), plus the zeros of a last row or column that no window covers
 // (floor mode, odd H or W): y's sectors once, v's once, the packed bytes 4 lanes to a byte.
-// `unravel` splits the loop index: output elements (channels_last) or windows (NCHW).
+// `unravel` splits the loop index: output elements (channels_last) or windows (NCHW);
+// `pairs` only matters for NCHW.
 // Index math in I (32-bit below 2^31 elements: no 64-bit division).
 template <typename T, typename I, bool CHANNELS_LAST>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     max_unpool2x2_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed, T* __restrict__ y, PoolDims d,
-                         Unravel<I, CHANNELS_LAST> unravel) {
+                         Unravel<I, CHANNELS_LAST> unravel, bool pairs) {
   const I C = I(d.C), H = I(d.H), W = I(d.W), Ho = I(d.Ho), Wo = I(d.Wo);
   if constexpr (CHANNELS_LAST) {
     const I total = I(d.N * d.C * d.H * d.W);
@@ -188,7 +188,6 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   } else {
     using Pair = AlignedVec<T, 2>;
     const I windows = I(d.windows());
-    const bool pairs = W % 2 == 0;  // then every window's row pair starts 2-element aligned
     for (I k = I(blockIdx.x) * blockDim.x + threadIdx.x; k < windows; k += I(gridDim.x) * blockDim.x) {
       I n, c, oh, ow;
       unravel(k, n, c, oh, ow);
@@ -262,7 +261,7 @@ void launch_max_pool2x2(const T* x, T* y, uint8_t* packed, PoolDims d, bool chan
       auto kernel = max_pool2x2_nchw_kernel<T, I>;
       const int threads = std::max(4, cfg.threads / 4 * 4);
       SEGNET_LAUNCH(kernel, blocks_for(d.windows(), LaunchConfig{threads, cfg.max_blocks}), threads, stream, x, y,
-                    packed, d, Unravel<I, false>(d.C, d.Ho, d.Wo));
+                    packed, d, Unravel<I, false>(d.C, d.Ho, d.Wo), d.W % 2 == 0 && is_aligned_for_vec<T, 2>(x));
     });
   } else {
     auto kernel = max_pool2x2_kernel<T>;
@@ -280,11 +279,11 @@ void launch_max_unpool2x2(const T* v, const uint8_t* packed, T* y, PoolDims d, b
     if (channels_last || d.windows() == 0) {  // no window (H or W is 1, floor mode): all zeros, in either layout
       auto kernel = max_unpool2x2_kernel<T, I, true>;
       SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, v, packed, y, d,
-                    Unravel<I, true>(d.C, d.H, d.W));
+                    Unravel<I, true>(d.C, d.H, d.W), false);
     } else {
       auto kernel = max_unpool2x2_kernel<T, I, false>;
       SEGNET_LAUNCH(kernel, blocks_for(d.windows(), cfg), cfg.threads, stream, v, packed, y, d,
-                    Unravel<I, false>(d.C, d.Ho, d.Wo));
+                    Unravel<I, false>(d.C, d.Ho, d.Wo), d.W % 2 == 0 && is_aligned_for_vec<T, 2>(y));
     }
   });
 }
