@@ -12,12 +12,21 @@ pytestmark = pytest.mark.skipif(not compiled_code.tools_available(), reason="cuo
 # memory-bound and must stay small enough for full occupancy at 256 threads per block
 BUDGETS = {"conv3x3_scale_shift_relu_kernel": 128}
 DEFAULT_BUDGET = 64
-# memory-bound kernels whose 32-bit index path (every tensor under 2^31 elements) divides by
-# multiply-high and shift; and those that still call 64-bit division subroutines
-DIVISION_FREE = ("max_pool2x2_nchw_kernel", "max_pool2x2_nhwc_tile_kernel", "max_unpool2x2_kernel",
-                 "max_unpool2x2_backward_kernel", "scale_shift_relu_kernel", "bn_relu_backward_apply_kernel")
-STILL_DIVIDING = ("max_pool2x2_kernel", "max_pool2x2_nchw_vec_kernel", "channel_partials_nchw",
-                  "channel_partials_nhwc")
+# the memory-bound kernels: their 32-bit index instances (every tensor under 2^31 elements)
+# and the reduction's second stage divide integers by multiply-high and shift, never by a
+# 64-bit division subroutine (the BN statistics do call double-precision division, per channel)
+MEMORY_BOUND = ("max_pool2x2_nchw_vec_kernel", "max_pool2x2_nchw_band_kernel", "max_pool2x2_nchw_kernel",
+                "max_pool2x2_nhwc_tile_kernel", "max_unpool2x2_nchw_band_kernel", "max_unpool2x2_nchw_kernel",
+                "max_unpool2x2_nhwc_tile_kernel", "max_unpool2x2_backward_nchw_band_kernel",
+                "max_unpool2x2_backward_nchw_kernel", "max_unpool2x2_backward_nhwc_tile_kernel", "zero_kernel",
+                "scale_shift_relu_kernel", "bn_relu_backward_apply_kernel", "channel_partials_nchw",
+                "channel_partials_nhwc", "stats_finish", "sums_finish")
+
+# the kernels that move 16-byte vectors where the layout allows (a scalar peel and tail
+# otherwise): each 32-bit index instance (every tensor under 2^31 elements) loads 128 bits at
+# a time and stores at least 64 (2x2 pooling halves a row: 16 bytes of a bf16 row give 8 of
+# output). nvcc splits the element-wise kernels' vector stores in their 64-bit instances.
+VECTORISED = ("max_pool2x2_nchw_vec_kernel", "scale_shift_relu_kernel", "bn_relu_backward_apply_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +38,8 @@ def kernels():
 
 
 def test_every_kernel_is_compiled_for_every_dtype(kernels):
-    for kernel in ("max_pool2x2_kernel", "max_pool2x2_nchw_kernel", "max_unpool2x2_kernel", "max_unpool2x2_backward_kernel",
-                   "scale_shift_relu_kernel", "bn_relu_backward_apply_kernel", "conv3x3_scale_shift_relu_kernel"):
-        for dtype in ("fp32", "fp64", "fp16", "bf16"):
+    for kernel in MEMORY_BOUND + ("conv3x3_scale_shift_relu_kernel",):
+        for dtype in ("fp32", "fp64") if kernel == "sums_finish" else ("fp32", "fp64", "fp16", "bf16"):
             assert any(name.startswith(f"{kernel}<{dtype}") for name in kernels), (kernel, dtype)
 
 
@@ -44,16 +52,17 @@ def test_no_kernel_spills_and_registers_and_shared_memory_stay_within_budget(ker
         assert k["instructions"] > 0
 
 
-def test_element_wise_kernels_call_no_division_subroutine(kernels):
-    checked = {name: k["calls"] for name, k in kernels.items() if name.startswith(DIVISION_FREE) and "32-bit" in name}
-    assert len(checked) == 2 * 2 * 4 + 4 * 4, sorted(checked)  # unpool both ways x 2 layouts, 2 pools, 2 BN; 4 dtypes
-    assert not any(checked.values()), checked
-    for name in checked:  # and each 32-bit instance is shorter than its 64-bit twin
-        assert kernels[name]["instructions"] < kernels[name.replace("32-bit", "64-bit")]["instructions"], name
+def test_memory_bound_kernels_call_no_integer_division_subroutine(kernels):
+    checked = {name: k["integer_division_calls"] for name, k in kernels.items()
+               if name.split("<")[0] in MEMORY_BOUND and "64-bit" not in name}
+    assert {name.split("<")[0] for name in checked} == set(MEMORY_BOUND)
+    assert not any(checked.values()), {name: calls for name, calls in checked.items() if calls}
+    # the count itself: a 64-bit instance divides by subroutine
+    assert kernels["max_pool2x2_nchw_kernel<fp32, 64-bit>"]["integer_division_calls"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 part 2: pooling and the BN reductions still index with 64-bit "
-                                       "division; remove this mark when they no longer do")
-def test_pooling_and_reduction_kernels_call_no_division_subroutine(kernels):
-    offenders = {name: k["calls"] for name, k in kernels.items() if name.startswith(STILL_DIVIDING) and k["calls"]}
-    assert not offenders, offenders
+def test_vectorised_kernels_move_wide_vectors(kernels):
+    checked = {name: (k["wide_loads"], k["wide_stores"]) for name, k in kernels.items()
+               if name.split("<")[0] in VECTORISED and "32-bit" in name}
+    assert len(checked) == 4 * len(VECTORISED), checked  # 4 dtypes each
+    assert all(loads and stores for loads, stores in checked.values()), checked

@@ -14,6 +14,7 @@
 // (x, scale, shift) by scale_shift_relu, which is what lets a block drop its output.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #ifndef SEGNET_HD
@@ -26,9 +27,22 @@
 
 namespace segnet {
 
+// a * b + c rounded once, written out: left to the compilers, nvcc contracts x * scale + shift
+// into an FFMA, the CPU build contracts it only where its ISA level has FMA, and the rounding
+// (so a ReLU mask at u = 0, and a recomputed output) would differ between them. With it, CPU
+// (any ISA level: an instruction, or libm's fma at the baseline) and CUDA agree bit for bit.
+template <typename A>
+SEGNET_HD A fused_multiply_add(A a, A b, A c) {
+#ifdef __CUDA_ARCH__
+  return ::fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
 template <typename A>
 SEGNET_HD A affine(A x, A scale, A shift) {
-  return x * scale + shift;
+  return fused_multiply_add(x, scale, shift);
 }
 
 // relu(u) that propagates NaN, as torch.relu does.
@@ -59,7 +73,7 @@ SEGNET_HD A relu_grad(A x, A grad_y, A scale, A shift, bool relu) {
 // BN+ReLU's input gradient at one element.
 template <typename A>
 SEGNET_HD A bn_relu_input_grad(A x, A grad_y, A scale, A shift, A mean, A k1, A k2, A k3, bool relu) {
-  return k1 * relu_grad(x, grad_y, scale, shift, relu) + k2 * (x - mean) + k3;
+  return fused_multiply_add(k1, relu_grad(x, grad_y, scale, shift, relu), fused_multiply_add(k2, x - mean, k3));
 }
 
 // Count, mean and sum of squared deviations of a set of values; two sets combine exactly

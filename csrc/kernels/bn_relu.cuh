@@ -4,8 +4,11 @@
 // An activation is seen as [outer, C, inner]: NCHW is [N, C, H*W], channels_last is
 // [N*H*W, C, 1]. Per-channel reductions run in two deterministic stages (no atomics):
 // partial sums of P slices of every channel into a [P, C, 2] double buffer, then one
-// thread per channel adds its P partials in order.
+// thread per channel adds its P partials in order. With one slice (P = 1: small maps) the
+// first stage writes the outputs itself.
 #pragma once
+
+#include <initializer_list>
 
 #include "common/bn_relu.h"
 #include "kernels/launch.cuh"
@@ -33,36 +36,65 @@ struct ChannelDims {
 // element needs a division):
 //   NCHW (inner > 1): block b takes planes (n, c) = b, b + gridDim.x, ...; its threads step
 //     through the plane from the 32-byte boundary of `anchor` (the output) at or before the
-//     plane's start, the lanes before the start idle (apply's `active` false), so that every
+//     plane's start, the lanes before the start idle (element's `active` false), so that every
 //     warp instruction covers whole sectors whatever the plane's size;
 //   channels_last (inner == 1): the first S = C * floor(grid threads / C) threads each keep
 //     channel t % C and step by S (the launcher gives the grid at least C threads).
+// NCHW with `vectors` (every pointer 16-byte aligned), a thread takes V = 16 / sizeof(T)
+// consecutive elements at a time, as one 16-byte vector: chunk(e, params) for elements
+// e .. e + V - 1 from the plane's first 32-byte boundary of `anchor`, and element() for the
+// elements before it and after the plane's last whole vector (a lane each). channels_last
+// stays scalar: a vector
+// spans V channels, whose parameters a thread would load as V strided scalars per array
+// (5x the sectors of the op on SegNet's smallest map) and hold in V times the registers.
 template <typename I>
 struct ChannelWalk {
   I numel, inner;
   Divider<I> C;
-  explicit ChannelWalk(ChannelDims d) : numel(I(d.numel())), inner(I(d.inner)), C(d.C) {}
+  bool vectors;
+  ChannelWalk(ChannelDims d, bool vectors) : numel(I(d.numel())), inner(I(d.inner)), C(d.C), vectors(vectors) {}
 
-  template <typename T, typename Load, typename Apply>
-  __device__ __forceinline__ void operator()(const T* anchor, Load load, Apply apply) const {
+  template <typename T, typename Load, typename Element, typename Chunk>
+  __device__ __forceinline__ void operator()(const T* anchor, Load load, Element element, Chunk chunk) const {
+    constexpr I V = 16 / sizeof(T);
+    using Params = decltype(load(I(0)));
     if (inner > 1) {
       for (I p = blockIdx.x; p * inner < numel; p += gridDim.x) {
-        const auto params = load(C.mod(p));
+        const Params params = load(C.mod(p));
         const I first = p * inner, lead = I(reinterpret_cast<uintptr_t>(anchor + first) % 32 / sizeof(T));
-        for (I i = threadIdx.x; i < inner + lead; i += blockDim.x) {
-          const bool active = i >= lead;
-          apply(active ? first + i - lead : first, params, active);
+        if (!vectors) {
+          for (I i = threadIdx.x; i < inner + lead; i += blockDim.x) {
+            const bool active = i >= lead;
+            element(active ? first + i - lead : first, params, active);
+          }
+          continue;
         }
+        // the elements before the plane's first 32-byte boundary and after its last whole
+        // vector, a lane each (one warp instruction apiece); whole vectors between them
+        const I head = lead ? (32 / sizeof(T) - lead < inner ? 32 / sizeof(T) - lead : inner) : I(0);
+        const I vectors_in_plane = (inner - head) / V, tail_start = head + vectors_in_plane * V;
+        if (threadIdx.x < head) element(first + threadIdx.x, params, true);
+        for (I i = threadIdx.x; i < vectors_in_plane; i += blockDim.x)
+          chunk(first + head + i * V, params);
+        if (threadIdx.x < inner - tail_start) element(first + tail_start + threadIdx.x, params, true);
       }
     } else {
       const I t = I(blockIdx.x) * blockDim.x + threadIdx.x;
       const I stride = C.div(I(gridDim.x) * blockDim.x) * C.divisor;
       if (t >= stride) return;
-      const auto params = load(C.mod(t));
-      for (I e = t; e < numel; e += stride) apply(e, params, true);
+      const Params params = load(C.mod(t));
+      for (I e = t; e < numel; e += stride) element(e, params, true);
     }
   }
 };
+
+// Whether a ChannelWalk over d may move 16-byte vectors of T, given every pointer it accesses.
+template <typename T>
+bool walk_vectors(const ChannelDims& d, std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers)
+    if (p && !is_aligned_for_vec<T, 16 / sizeof(T)>(p)) return false;
+  return d.inner > 1;
+}
 
 // Blocks and threads for a ChannelWalk, about `per_thread` elements per thread, so that each
 // thread's parameters (loaded once per plane or once) weigh little against its elements:
@@ -82,7 +114,8 @@ inline std::pair<unsigned, int> walk_geometry(const ChannelDims& d, const Launch
 
 // What a reduction adds per element: the shifted moments of x (stats), or the gradient
 // sums g and g * (x - mean) (backward). prepare(c) loads what channel c's terms share once
-// (a thread's channel is fixed while it loops over the channel's elements).
+// (a thread's channel is fixed while it loops over the channel's elements); finish turns a
+// channel's two sums into the op's two outputs (mean and biased variance; the sums).
 template <typename T, typename A>
 struct StatsTerm {
   const T* x;
@@ -98,6 +131,11 @@ struct StatsTerm {
   __device__ __forceinline__ void add(int64_t at, const Channel& ch, A& s1, A& s2, bool active = true) const {
     const A v = static_cast<A>(SEGNET_LOAD_IF(active, x + at, T(0))) - ch.pivot;
     if (active) s1 += v, s2 += v * v;
+  }
+  SEGNET_HD static void finish(const Channel& ch, int64_t count, double s1, double s2, A* mean, A* var) {
+    const Moments m = Moments::from_shifted(double(count), double(ch.pivot), s1, s2);
+    SEGNET_STORE(mean, static_cast<A>(m.mean));
+    SEGNET_STORE(var, static_cast<A>(m.var()));
   }
 };
 
@@ -118,7 +156,16 @@ struct GradTerm {
     const A g = relu_grad(xv, static_cast<A>(SEGNET_LOAD_IF(active, dy + at, T(0))), ch.scale, ch.shift, relu);
     if (active) s1 += g, s2 += g * (xv - ch.mean);
   }
+  SEGNET_HD static void finish(const Channel&, int64_t, double s1, double s2, A* sum_g, A* sum_gc) {
+    SEGNET_STORE(sum_g, static_cast<A>(s1));
+    SEGNET_STORE(sum_gc, static_cast<A>(s2));
+  }
 };
+
+// A block's partial sums of one channel: one 16-byte store (and load in the finish) where two
+// 8-byte ones would each move a sector. The launchers take the caller's buffer of
+// ReductionPlan::partial_doubles() doubles (16-byte aligned, as every allocation).
+using Partial = AlignedVec<double, 2>;
 
 // Sum of a double over a 1-D block (any size up to 1024, partial warps included), in a
 // fixed tree order; every thread gets the result. All threads must call it (barriers).
@@ -141,33 +188,45 @@ __device__ __forceinline__ double block_sum(double v, double* scratch /* [blockD
 // (j / inner, j % inner): consecutive threads read consecutive addresses, and from the 32-byte
 // boundary at or before the channel's first value (lead values before it; those lanes idle
 // in their first step), so warps read whole sectors. Reads each value once; thread 0 loads
-// the channel's terms for the block.
-template <typename T, typename A, typename Term>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) channel_partials_nchw(Term term, ChannelDims d, double* __restrict__ partial) {
+// the channel's terms for the block. The stride slices*threads = so * inner + si (split by
+// the launcher); the one division per thread and channel in I.
+template <typename T, typename A, typename Term, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    channel_partials_nchw(Term term, ChannelDims d, Divider<I> inner, int64_t so, int64_t si,
+                          Partial* __restrict__ partial, A* __restrict__ out1, A* __restrict__ out2) {
   __shared__ double scratch[1024];
   __shared__ typename Term::Channel channel;
-  const int64_t stride = int64_t(gridDim.y) * blockDim.x, so = stride / d.inner, si = stride % d.inner;
+  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
   for (int64_t c = blockIdx.x; c < d.C; c += gridDim.x) {
     __syncthreads();  // channel may still be read for the previous one
     if (threadIdx.x == 0) channel = term.prepare(c, d);
     __syncthreads();
     const auto ch = channel;
     A s1 = 0, s2 = 0;
-    const int64_t lead = d.inner >= 32 ? int64_t(reinterpret_cast<uintptr_t>(term.x + c * d.inner) % 32 / sizeof(T)) : 0;
-    // j = o * inner + i steps by stride = so * inner + si: divisions only before the loop
-    int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x - lead;
-    int64_t o = j < 0 ? 0 : j / d.inner, i = j < 0 ? j : j % d.inner;
-    for (; j < d.count(); j += stride) {
-      term.add((o * d.C + c) * d.inner + (j < 0 ? 0 : i), ch, s1, s2, j >= 0);
-      o += so, i += si;
-      if (i >= d.inner) i -= d.inner, ++o;
-      else if (i < 0) i += d.inner, --o;  // the step from the lead (inner > lead: one wrap)
+    const I lead = d.inner >= 32 ? I(reinterpret_cast<uintptr_t>(term.x + c * d.inner) % 32 / sizeof(T)) : I(0);
+    // j = o * inner + i steps by stride = so * inner + si, so its element's offset
+    // at = (o * C + c) * inner + i by so * C * inner + si, and by (C - 1) * inner more where i
+    // wraps: the one division before the loop, no multiplication in it. Counted from the
+    // lead (jl = j + lead), in I: where I is unsigned, `at` is exact modulo 2^32 and below
+    // 2^31 wherever it is used.
+    const I plane = I(d.C) * I(d.inner), wrap = plane - I(d.inner), step = I(so) * plane + I(si);
+    const I end = I(d.count()) + lead, first = I(c) * I(d.inner);
+    I jl = I(blockIdx.y) * I(blockDim.x) + I(threadIdx.x);
+    const I o = jl < lead ? I(0) : inner.div(jl - lead);
+    int64_t i = int64_t(jl) - int64_t(lead) - int64_t(o) * d.inner;  // >= -lead
+    I at = (o * I(d.C)) * I(d.inner) + first + I(i);
+    for (; jl < end; jl += I(stride)) {
+      term.add(jl < lead ? first : at, ch, s1, s2, jl >= lead);
+      at += step, i += si;
+      if (i >= d.inner) i -= d.inner, at += wrap;
+      else if (i < 0) i += d.inner, at -= wrap;  // the step from the lead (inner > lead: one wrap)
     }
     const double t1 = block_sum(s1, scratch);
     const double t2 = block_sum(s2, scratch);
-    if (threadIdx.x == 0) {
-      SEGNET_STORE(partial + (int64_t(blockIdx.y) * d.C + c) * 2, t1);
-      SEGNET_STORE(partial + (int64_t(blockIdx.y) * d.C + c) * 2 + 1, t2);
+    if (threadIdx.x == 0 && gridDim.y == 1) {
+      Term::finish(ch, d.count(), t1, t2, out1 + c, out2 + c);
+    } else if (threadIdx.x == 0) {
+      SEGNET_STORE(partial + int64_t(blockIdx.y) * d.C + c, (Partial{{t1, t2}}));
     }
   }
 }
@@ -175,17 +234,19 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) channel_partials_nchw(Ter
 // Stage 1, channels_last: block (32, ROWS) threads; threadIdx.x picks a channel of a
 // 32-channel tile (blockIdx.x), threadIdx.y a row of slice blockIdx.y: a warp reads 32
 // consecutive channels of one row (coalesced). Per-channel sums across threadIdx.y go
-// through shared memory in a fixed order.
-template <typename T, typename A, typename Term>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) channel_partials_nhwc(Term term, ChannelDims d, double* __restrict__ partial) {
+// through shared memory in a fixed order. Rows counted in I.
+template <typename T, typename A, typename Term, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    channel_partials_nhwc(Term term, ChannelDims d, Partial* __restrict__ partial, A* __restrict__ out1,
+                          A* __restrict__ out2) {
   __shared__ double sums[2][32][33];
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
   A s1 = 0, s2 = 0;
+  typename Term::Channel ch{};
   if (c < d.C) {
-    const auto ch = term.prepare(c, d);
-    const int64_t stride = int64_t(gridDim.y) * blockDim.y;
-    for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < d.outer; r += stride)
-      term.add(r * d.C + c, ch, s1, s2);
+    ch = term.prepare(c, d);
+    const I stride = I(gridDim.y) * blockDim.y, rows = I(d.outer);
+    for (I r = I(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += stride) term.add(int64_t(r) * d.C + c, ch, s1, s2);
   }
   sums[0][threadIdx.y][threadIdx.x] = s1;
   sums[1][threadIdx.y][threadIdx.x] = s2;
@@ -193,20 +254,26 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) channel_partials_nhwc(Ter
   if (threadIdx.y == 0 && c < d.C) {
     double t1 = 0, t2 = 0;
     for (unsigned y = 0; y < blockDim.y; ++y) t1 += sums[0][y][threadIdx.x], t2 += sums[1][y][threadIdx.x];
-    SEGNET_STORE(partial + (int64_t(blockIdx.y) * d.C + c) * 2, t1);
-    SEGNET_STORE(partial + (int64_t(blockIdx.y) * d.C + c) * 2 + 1, t2);
+    if (gridDim.y == 1) {
+      Term::finish(ch, d.count(), t1, t2, out1 + c, out2 + c);
+    } else {
+      SEGNET_STORE(partial + int64_t(blockIdx.y) * d.C + c, (Partial{{t1, t2}}));
+    }
   }
 }
 
 // Stage 2 of the statistics: one thread per channel (grid-stride) adds its P partials
 // in slice order and writes mean and biased variance.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) stats_finish(const T* __restrict__ x, ChannelDims d, const double* __restrict__ partial, int slices,
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) stats_finish(const T* __restrict__ x, ChannelDims d, const Partial* __restrict__ partial, int slices,
                              A* __restrict__ mean, A* __restrict__ var) {
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < d.C; c += int64_t(gridDim.x) * blockDim.x) {
+  const int C = int(d.C);  // channels: below 2^31
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += gridDim.x * blockDim.x) {
     double s1 = 0, s2 = 0;
-    for (int p = 0; p < slices; ++p)
-      s1 += SEGNET_LOAD(partial + (p * d.C + c) * 2), s2 += SEGNET_LOAD(partial + (p * d.C + c) * 2 + 1);
+    for (int p = 0; p < slices; ++p) {
+      const Partial sums = SEGNET_LOAD(partial + int64_t(p) * C + c);
+      s1 += sums.v[0], s2 += sums.v[1];
+    }
     const Moments m = Moments::from_shifted(double(d.count()), double(static_cast<A>(SEGNET_LOAD(x + c * d.inner))), s1, s2);
     SEGNET_STORE(mean + c, static_cast<A>(m.mean));
     SEGNET_STORE(var + c, static_cast<A>(m.var()));
@@ -214,34 +281,49 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) stats_finish(const T* __r
 }
 
 template <typename A>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) sums_finish(ChannelDims d, const double* __restrict__ partial, int slices, A* __restrict__ sum1,
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) sums_finish(ChannelDims d, const Partial* __restrict__ partial, int slices, A* __restrict__ sum1,
                             A* __restrict__ sum2) {
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < d.C; c += int64_t(gridDim.x) * blockDim.x) {
+  const int C = int(d.C);  // channels: below 2^31
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += gridDim.x * blockDim.x) {
     double s1 = 0, s2 = 0;
-    for (int p = 0; p < slices; ++p)
-      s1 += SEGNET_LOAD(partial + (p * d.C + c) * 2), s2 += SEGNET_LOAD(partial + (p * d.C + c) * 2 + 1);
+    for (int p = 0; p < slices; ++p) {
+      const Partial sums = SEGNET_LOAD(partial + int64_t(p) * C + c);
+      s1 += sums.v[0], s2 += sums.v[1];
+    }
     SEGNET_STORE(sum1 + c, static_cast<A>(s1));
     SEGNET_STORE(sum2 + c, static_cast<A>(s2));
   }
 }
 
-// Element-wise passes (a ChannelWalk). scale_shift_relu reads x (and the residual), writes y;
-// backward_apply reads dy and x, writes dx. With a residual (null: none),
-// y = relu(x * scale + shift + residual), ResNet's add.
+// Element-wise passes (a ChannelWalk), in 16-byte vectors where the walk allows.
+// scale_shift_relu reads x (and the residual), writes y; backward_apply reads dy and x, writes
+// dx. With a residual (null: none), y = relu(x * scale + shift + residual), ResNet's add.
 template <typename T, typename A, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     scale_shift_relu_kernel(const T* __restrict__ x, ChannelWalk<I> walk, const A* __restrict__ scale,
                             const A* __restrict__ shift, bool relu, const T* __restrict__ residual, T* __restrict__ y) {
+  using Vec = AlignedVec<T, 16 / sizeof(T)>;
   struct Params {
     A scale, shift;
+  };
+  const auto out = [&](A xv, A r, const Params& p) {
+    return static_cast<T>(residual ? affine_add_relu(xv, p.scale, p.shift, r, relu)
+                                   : affine_relu(xv, p.scale, p.shift, relu));
   };
   walk(y, [&](I c) { return Params{SEGNET_LOAD(scale + c), SEGNET_LOAD(shift + c)}; },
        [&](I e, const Params& p, bool active) {
          const A xv = static_cast<A>(SEGNET_LOAD_IF(active, x + e, T(0)));
          const A r = residual ? static_cast<A>(SEGNET_LOAD_IF(active, residual + e, T(0))) : A(0);
-         SEGNET_STORE_IF(active, y + e,
-                         static_cast<T>(residual ? affine_add_relu(xv, p.scale, p.shift, r, relu)
-                                                 : affine_relu(xv, p.scale, p.shift, relu)));
+         SEGNET_STORE_IF(active, y + e, out(xv, r, p));
+       },
+       [&](I e, const Params& p) {
+         const Vec xs = SEGNET_LOAD(reinterpret_cast<const Vec*>(x + e));
+         const Vec rs = residual ? SEGNET_LOAD(reinterpret_cast<const Vec*>(residual + e)) : Vec{};
+         Vec ys;
+#pragma unroll
+         for (int k = 0; k < int(sizeof(Vec) / sizeof(T)); ++k)
+           ys.v[k] = out(static_cast<A>(xs.v[k]), residual ? static_cast<A>(rs.v[k]) : A(0), p);
+         SEGNET_STORE(reinterpret_cast<Vec*>(y + e), ys);
        });
 }
 
@@ -251,8 +333,12 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
                                   const A* __restrict__ scale, const A* __restrict__ shift, const A* __restrict__ mean,
                                   const A* __restrict__ k1, const A* __restrict__ k2, const A* __restrict__ k3,
                                   bool relu, T* __restrict__ dx) {
+  using Vec = AlignedVec<T, 16 / sizeof(T)>;
   struct Params {
     A scale, shift, mean, k1, k2, k3;
+  };
+  const auto out = [&](A xv, A g, const Params& p) {
+    return static_cast<T>(bn_relu_input_grad(xv, g, p.scale, p.shift, p.mean, p.k1, p.k2, p.k3, relu));
   };
   walk(dx, [&](I c) {
          return Params{SEGNET_LOAD(scale + c), SEGNET_LOAD(shift + c), SEGNET_LOAD(mean + c),
@@ -261,8 +347,16 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
        [&](I e, const Params& p, bool active) {
          const A xv = static_cast<A>(SEGNET_LOAD_IF(active, x + e, T(0)));
          const A g = static_cast<A>(SEGNET_LOAD_IF(active, dy + e, T(0)));
-         SEGNET_STORE_IF(active, dx + e,
-                         static_cast<T>(bn_relu_input_grad(xv, g, p.scale, p.shift, p.mean, p.k1, p.k2, p.k3, relu)));
+         SEGNET_STORE_IF(active, dx + e, out(xv, g, p));
+       },
+       [&](I e, const Params& p) {
+         const Vec xs = SEGNET_LOAD(reinterpret_cast<const Vec*>(x + e));
+         const Vec gs = SEGNET_LOAD(reinterpret_cast<const Vec*>(dy + e));
+         Vec dxs;
+#pragma unroll
+         for (int k = 0; k < int(sizeof(Vec) / sizeof(T)); ++k)
+           dxs.v[k] = out(static_cast<A>(xs.v[k]), static_cast<A>(gs.v[k]), p);
+         SEGNET_STORE(reinterpret_cast<Vec*>(dx + e), dxs);
        });
 }
 
@@ -288,19 +382,27 @@ inline ReductionPlan plan_reduction(const ChannelDims& d, bool channels_last, co
   return p;
 }
 
+// Stage 1; with one slice per channel its blocks also write the outputs (out1, out2), and
+// the caller launches no stage 2.
 template <typename T, typename A, typename Term>
-void launch_channel_partials(const Term& term, ChannelDims d, const ReductionPlan& plan, double* partial,
-                             cudaStream_t stream, const LaunchConfig& cfg) {
-  if (plan.channels_last) {
-    const dim3 grid(static_cast<unsigned>((d.C + 31) / 32), plan.slices);
-    auto kernel = channel_partials_nhwc<T, A, Term>;
-    SEGNET_LAUNCH(kernel, grid, dim3(32, plan.rows_per_block), stream, term, d, partial);
-  } else {
-    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(d.C, std::max<int64_t>(1, cfg.max_blocks / plan.slices))),
-                    plan.slices);
-    auto kernel = channel_partials_nchw<T, A, Term>;
-    SEGNET_LAUNCH(kernel, grid, cfg.threads, stream, term, d, partial);
-  }
+void launch_channel_partials(const Term& term, ChannelDims d, const ReductionPlan& plan, double* partial, A* out1,
+                             A* out2, cudaStream_t stream, const LaunchConfig& cfg) {
+  Partial* records = reinterpret_cast<Partial*>(partial);
+  with_index_type(d.numel(), cfg, [&](auto index) {
+    using I = decltype(index);
+    if (plan.channels_last) {
+      const dim3 grid(static_cast<unsigned>((d.C + 31) / 32), plan.slices);
+      auto kernel = channel_partials_nhwc<T, A, Term, I>;
+      SEGNET_LAUNCH(kernel, grid, dim3(32, plan.rows_per_block), stream, term, d, records, out1, out2);
+    } else {
+      const dim3 grid(static_cast<unsigned>(std::min<int64_t>(d.C, std::max<int64_t>(1, cfg.max_blocks / plan.slices))),
+                      plan.slices);
+      const int64_t stride = int64_t(plan.slices) * cfg.threads;
+      auto kernel = channel_partials_nchw<T, A, Term, I>;
+      SEGNET_LAUNCH(kernel, grid, cfg.threads, stream, term, d, Divider<I>(d.inner), stride / d.inner,
+                    stride % d.inner, records, out1, out2);
+    }
+  });
 }
 
 template <typename T, typename A = typename AccOf<T>::type>
@@ -310,13 +412,16 @@ void launch_bn_stats(const T* x, ChannelDims d, bool channels_last, A* mean, A* 
   if (d.count() == 0) {
     // no values: mean and variance 0 (the caller rejects training on fewer than 2 values)
     auto finish = sums_finish<A>;
-    SEGNET_LAUNCH(finish, blocks_for(d.C, cfg), cfg.threads, stream, d, partial, 0, mean, var);
+    SEGNET_LAUNCH(finish, blocks_for(d.C, cfg), cfg.threads, stream, d, reinterpret_cast<const Partial*>(partial), 0,
+                  mean, var);
     return;
   }
   const StatsTerm<T, A> term{x, nullptr, nullptr, nullptr, nullptr, false};
-  launch_channel_partials<T, A>(term, d, plan, partial, stream, cfg);
+  launch_channel_partials<T, A>(term, d, plan, partial, mean, var, stream, cfg);
+  if (plan.slices == 1) return;
   auto finish = stats_finish<T, A>;
-  SEGNET_LAUNCH(finish, blocks_for(d.C, cfg), cfg.threads, stream, x, d, partial, plan.slices, mean, var);
+  SEGNET_LAUNCH(finish, blocks_for(d.C, cfg), cfg.threads, stream, x, d, reinterpret_cast<const Partial*>(partial),
+                plan.slices, mean, var);
 }
 
 template <typename T, typename A = typename AccOf<T>::type>
@@ -324,14 +429,16 @@ void launch_bn_relu_backward_reduce(const T* dy, const T* x, ChannelDims d, bool
                                     const A* shift, const A* mean, bool relu, A* sum_g, A* sum_gc, double* partial,
                                     const ReductionPlan& plan, cudaStream_t stream, LaunchConfig cfg = {}) {
   if (d.C == 0) return;
-  int slices = 0;
+  int slices = 0;  // no values: sums of 0
   if (d.count() > 0) {
     const GradTerm<T, A> term{x, dy, scale, shift, mean, relu};
-    launch_channel_partials<T, A>(term, d, plan, partial, stream, cfg);
+    launch_channel_partials<T, A>(term, d, plan, partial, sum_g, sum_gc, stream, cfg);
+    if (plan.slices == 1) return;
     slices = plan.slices;
   }
   auto finish = sums_finish<A>;
-  SEGNET_LAUNCH(finish, blocks_for(d.C, cfg), cfg.threads, stream, d, partial, slices, sum_g, sum_gc);
+  SEGNET_LAUNCH(finish, blocks_for(d.C, cfg), cfg.threads, stream, d, reinterpret_cast<const Partial*>(partial),
+                slices, sum_g, sum_gc);
 }
 
 template <typename T, typename A = typename AccOf<T>::type>
@@ -342,7 +449,8 @@ void launch_scale_shift_relu(const T* x, ChannelDims d, const A* scale, const A*
     using I = decltype(index);
     auto kernel = scale_shift_relu_kernel<T, A, I>;
     const auto geometry = walk_geometry(d, cfg, 32);  // 2 parameters per thread
-    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, x, ChannelWalk<I>(d), scale, shift, relu, residual, y);
+    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, x, ChannelWalk<I>(d, walk_vectors<T>(d, {x, residual, y})),
+                  scale, shift, relu, residual, y);
   });
 }
 
@@ -355,7 +463,8 @@ void launch_bn_relu_backward_apply(const T* dy, const T* x, ChannelDims d, const
     using I = decltype(index);
     auto kernel = bn_relu_backward_apply_kernel<T, A, I>;
     const auto geometry = walk_geometry(d, cfg, 64);  // 6 parameters per thread
-    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, dy, x, ChannelWalk<I>(d), scale, shift, mean, k1, k2, k3, relu, dx);
+    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, dy, x, ChannelWalk<I>(d, walk_vectors<T>(d, {dy, x, dx})),
+                  scale, shift, mean, k1, k2, k3, relu, dx);
   });
 }
 

@@ -89,6 +89,14 @@ SEGNET_HD uint32_t mulhi(uint32_t a, uint32_t b) {
 #endif
 }
 
+// The lanes of the calling thread's warp that exist: a block whose size is not a multiple of
+// 32 ends in a partial warp, and a shuffle's mask must not name lanes it lacks.
+__device__ __forceinline__ unsigned warp_lanes() {
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const unsigned n = blockDim.x * blockDim.y * blockDim.z, left = n - (t & ~31u);
+  return left >= 32 ? ~0u : (1u << left) - 1;
+}
+
 // Division by a divisor fixed at launch. For 32-bit indices (numerators below 2^31) a
 // multiply-high, an add and a shift, as ATen's IntDivider; for 64-bit ones the plain
 // division, which on a GPU is a subroutine of dozens of instructions.

@@ -14,11 +14,11 @@ struct PoolDims {
   SEGNET_HD int64_t windows() const { return N * C * Ho * Wo; }
 };
 
-// Pools window (n, c, oh, ow) of x: writes its maximum to y, returns its code. An inactive
-// lane (predicated off) loads and stores nothing and returns 0.
+// Pools window (n, c, oh, ow) of x: writes its maximum to y (where `store`), returns its
+// code. An inactive lane (predicated off) loads and stores nothing and returns 0.
 template <typename T, typename I>
 __device__ __forceinline__ uint8_t pool_window(const T* __restrict__ x, Strides4 xs, T* __restrict__ y, Strides4 ys,
-                                               I H, I W, I n, I c, I oh, I ow, bool active = true) {
+                                               I H, I W, I n, I c, I oh, I ow, bool active, bool store) {
   const bool col1 = 2 * ow + 1 < W, row1 = 2 * oh + 1 < H;
   const T* p = x + (active ? xs.at(n, c, 2 * oh, 2 * ow) : 0);
   const T v00 = SEGNET_LOAD_IF(active, p, T(0));
@@ -26,83 +26,314 @@ __device__ __forceinline__ uint8_t pool_window(const T* __restrict__ x, Strides4
   const uint8_t code =
       window_argmax(v00, SEGNET_LOAD_IF(active && col1, p + xs.w, v00), SEGNET_LOAD_IF(active && row1, p + xs.h, v00),
                     SEGNET_LOAD_IF(active && col1 && row1, p + xs.h + xs.w, v00), col1, row1, &m);
-  SEGNET_STORE_IF(active, y + (active ? ys.at(n, c, oh, ow) : 0), m);
+  SEGNET_STORE_IF(active && store, y + (active && store ? ys.at(n, c, oh, ow) : 0), m);
   return active ? code : 0;
 }
 
-// Pooling, channels_last where Ho*Wo % 4 != 0 (a packed byte may hold windows of two
-// channels): one thread owns each packed byte and pools its 4 windows.
-template <typename T>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock)
-    max_pool2x2_kernel(const T* __restrict__ x, Strides4 xs, T* __restrict__ y, Strides4 ys,
-                       uint8_t* __restrict__ packed, PoolDims d) {
-  const int64_t bytes = packed_bytes(d.windows()), windows = d.windows();
-  for (int64_t byte = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; byte < bytes;
-       byte += int64_t(gridDim.x) * blockDim.x) {
-    uint8_t bits = 0;
-    for (int i = 0; i < 4 && 4 * byte + i < windows; ++i) {
-      const int64_t k = 4 * byte + i, ow = k % d.Wo, oh = (k / d.Wo) % d.Ho, c = (k / (d.Wo * d.Ho)) % d.C;
-      bits |= pool_window(x, xs, y, ys, d.H, d.W, k / (d.Wo * d.Ho * d.C), c, oh, ow) << (2 * i);
+// ---- channels_last tiles: 32 channels x 128 windows of one image ----
+// The kernels of channels_last maps walk tiles of 32 consecutive channels
+// (threadIdx.x: every value access of a warp covers 32 consecutive channels of one pixel)
+// by kTileWindows consecutive windows (NCHW window order, p = oh * Wo + ow) of one image.
+// The tile's code bytes go through shared memory, each channel's loaded or stored as one
+// warp instruction over consecutive bytes (a channel's codes are consecutive in the packed
+// NCHW window order), where a thread per (window, channel) would access a byte per lane in
+// 32 different places.
+constexpr int kTileWindows = 128;
+
+template <typename I>
+struct WindowTiles {
+  Divider<I> channel_tiles, window_tiles;
+  I count;  // tiles in the map
+  WindowTiles(int64_t N, int64_t C, int64_t windows_per_plane)
+      : channel_tiles((C + 31) / 32), window_tiles((windows_per_plane + kTileWindows - 1) / kTileWindows),
+        count(I(N * channel_tiles.divisor * window_tiles.divisor)) {}
+  SEGNET_HD void operator()(I tile, I& n, I& first_channel, I& first_window) const {
+    const I rest = channel_tiles.div(tile);
+    first_channel = (tile - rest * channel_tiles.divisor) * 32;
+    n = window_tiles.div(rest);
+    first_window = (rest - n * window_tiles.divisor) * kTileWindows;
+  }
+};
+
+// 33 bytes a channel: where Ho*Wo % 4 != 0 a channel's windows may start inside a byte.
+using TileCodes = uint8_t[32][36];
+
+// Stages the code bytes of windows first_window .. first_window + count - 1 of channels
+// first_channel .. + 31 of image n (a channel's bytes from the one holding its first window).
+template <typename I>
+__device__ __forceinline__ void load_tile_codes(TileCodes& codes, const uint8_t* __restrict__ packed, I n, I C, I P,
+                                                I first_channel, I first_window, I count) {
+  for (I cc = threadIdx.y; cc < 32; cc += blockDim.y) {
+    const I c = first_channel + cc, first = ((n * C + c) * P + first_window);
+    const I byte0 = first >> 2, last = (first + count - 1) >> 2;
+    for (I j = threadIdx.x; j < 33; j += 32) {
+      const bool needed = c < C && byte0 + j <= last;
+      codes[cc][j] = SEGNET_LOAD_IF(needed, packed + (needed ? byte0 + j : 0), uint8_t(0));
     }
-    SEGNET_STORE(packed + byte, bits);
   }
 }
 
-// Pooling, channels_last with Ho*Wo % 4 == 0 (a byte's windows are of one channel): a block
-// takes tiles of 32 channels x 32 packed-byte positions of one image (128 windows of each
-// channel); threadIdx.x is the channel, so every load and value store of a warp covers 32
-// consecutive channels of one pixel; the codes go through shared memory, so that each
-// channel's 32 bytes (consecutive: the packed codes are in NCHW window order) are stored by
-// one warp instruction. Index math in I.
+// The code of window `first + q`, where `first` is the window index (n * C + c) * P +
+// first_window of channel cc's first window in the tile.
+template <typename I>
+__device__ __forceinline__ uint8_t tile_code(const TileCodes& codes, I cc, I first, I q) {
+  const I k = first + q;
+  return code_in(codes[cc][(k >> 2) - (first >> 2)], k);
+}
+
+// Pooling, channels_last, in tiles: a warp pools one window of 32 channels (every load and
+// value store covers 32 consecutive channels of one pixel); the codes go through shared
+// memory, and each channel's bytes are stored by one warp instruction. Where Ho*Wo % 4 != 0
+// a byte may hold windows of two tiles (of one channel, or the last of a channel and the
+// first of the next): the tile holding a byte's first window stores it, pooling the up to 3
+// windows after its own once more for their codes (loads only). Index math in I.
 template <typename T, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     max_pool2x2_nhwc_tile_kernel(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ packed, PoolDims d,
-                                 Divider<I> wo, Divider<I> byte_tiles, Divider<I> channel_tiles) {
-  __shared__ uint8_t codes[32][33];
-  const I C = I(d.C), H = I(d.H), W = I(d.W), plane_bytes = I(d.Ho * d.Wo / 4);
-  const I tiles = I(d.N) * byte_tiles.divisor * channel_tiles.divisor;
+                                 WindowTiles<I> tiles, Divider<I> wo, Divider<I> plane_windows, Divider<I> channels) {
+  __shared__ uint8_t codes[32][kTileWindows + 4];
+  const I C = I(d.C), H = I(d.H), W = I(d.W), P = plane_windows.divisor, windows = I(d.windows());
   const Strides4 xs = dense_strides(d.C, d.H, d.W, true), ys = dense_strides(d.C, d.Ho, d.Wo, true);
-  for (I tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const I rest = channel_tiles.div(tile), first_channel = (tile - rest * channel_tiles.divisor) * 32;
-    const I n = byte_tiles.div(rest), first_byte = (rest - n * byte_tiles.divisor) * 32;
+  for (I tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
+    I n, first_channel, first_window;
+    tiles(tile, n, first_channel, first_window);
+    const I count = P - first_window < I(kTileWindows) ? P - first_window : I(kTileWindows);
     const I c = first_channel + threadIdx.x;
-    for (I jj = threadIdx.y; jj < 32; jj += blockDim.y) {
-      const I j = first_byte + jj;
-      const bool active = c < C && j < plane_bytes;
-      uint8_t bits = 0;
-      for (I i = 0; i < 4; ++i) {
-        const I p = 4 * j + i, oh = wo.div(p), ow = p - oh * wo.divisor;
-        bits |= pool_window(x, xs, y, ys, H, W, n, c, oh, ow, active) << (2 * i);
+    const bool on = c < C;
+    const I first = (n * C + (on ? c : first_channel)) * P + first_window;  // this channel's first window
+    const I byte_end = ((first + count + 3) >> 2) << 2, end = byte_end < windows ? byte_end : windows;
+    const I span = (P & 3) ? count + 3 : count;  // bytes straddle tiles only where Ho*Wo % 4 != 0
+    for (I q = threadIdx.y; q < span; q += blockDim.y) {
+      const bool mine = q < count;
+      I wn = n, wc = c, wp = first_window + q;
+      if (!mine) {  // a window of the next tile (or channel) that shares this tile's last byte
+        const I plane = plane_windows.div(first + q);
+        wp = first + q - plane * P, wn = channels.div(plane), wc = plane - wn * C;
       }
-      codes[threadIdx.x][jj] = bits;
+      const I oh = wo.div(wp), ow = wp - oh * wo.divisor;
+      const bool active = on && first + q < end;
+      codes[threadIdx.x][q] = pool_window(x, xs, y, ys, H, W, wn, wc, oh, ow, active, mine);
     }
     __syncthreads();
     for (I cc = threadIdx.y; cc < 32; cc += blockDim.y) {
-      const I channel = first_channel + cc, j = first_byte + threadIdx.x;
-      SEGNET_STORE_IF(channel < C && j < plane_bytes, packed + (n * C + channel) * plane_bytes + j,
-                      codes[cc][threadIdx.x]);
+      const I channel = first_channel + cc;
+      const I f = (n * C + (channel < C ? channel : first_channel)) * P + first_window;
+      const I byte = ((f + 3) >> 2) + threadIdx.x;  // the bytes whose first window is in the tile
+      const I e = ((f + count + 3) >> 2) << 2, channel_end = e < windows ? e : windows;
+      const bool owned = channel < C && 4 * byte < f + count;
+      uint8_t bits = 0;
+      for (I i = 0; i < 4; ++i) {
+        if (owned && 4 * byte + i < channel_end) bits |= codes[cc][4 * byte + i - f] << (2 * i);
+      }
+      SEGNET_STORE_IF(owned, packed + (owned ? byte : 0), bits);
     }
     __syncthreads();  // codes is refilled for the next tile
   }
 }
 
+// ---- NCHW bands: whole window rows of narrow maps ----
+// Where a row is narrow (Wo <= kBandWindows / 4: SegNet's 60- and 30-wide maps), a warp's
+// consecutive windows span several rows and each access instruction would start and end
+// inside sectors that the row's other instructions touch as well. There a block takes
+// whole window rows r = plane * Ho + oh (across planes: their input or output rows are one
+// contiguous stretch of memory), stages that stretch in shared memory with flat accesses
+// that start at a sector boundary, and works on the windows from there. A band's windows
+// are a multiple of 4, so no packed byte belongs to two blocks.
+constexpr int kBandWindows = 256;
+// Shared elements a band may need: its windows' 2x2 blocks, a column no window covers in
+// each row, and in floor mode a row no window covers in each plane.
+constexpr int kBandElements = 9 * kBandWindows;
+
+template <typename I>
+struct Bands {
+  Divider<I> ho, wo;
+  I H, W, rows_per_band, window_rows, count;
+  Bands(const PoolDims& d)
+      : ho(d.Ho), wo(d.Wo), H(I(d.H)), W(I(d.W)), rows_per_band(I(rows_for(d.Wo))),
+        window_rows(I(d.N * d.C * d.Ho)), count((window_rows + rows_per_band - 1) / rows_per_band) {}
+  // Rows of a band: as many as fit kBandWindows windows, a multiple of 4 / gcd(Wo, 4) so that
+  // a band's windows are a multiple of 4 (Wo <= kBandWindows / 4: at least 4 rows fit).
+  static int64_t rows_for(int64_t Wo) {
+    const int64_t step = Wo % 4 == 0 ? 1 : Wo % 2 == 0 ? 2 : 4;
+    return kBandWindows / Wo / step * step;
+  }
+  SEGNET_HD I rows_of(I r0) const { return window_rows - r0 < rows_per_band ? window_rows - r0 : rows_per_band; }
+  // The flat offset of window row r's first row in the full map; the end of its rows, with
+  // `uncovered` also of a row after it that no window covers.
+  SEGNET_HD I top(I r) const {
+    const I plane = ho.div(r);
+    return (plane * H + 2 * (r - plane * ho.divisor)) * W;
+  }
+  SEGNET_HD I bottom(I r, bool uncovered) const {
+    const I plane = ho.div(r), oh = r - plane * ho.divisor;
+    const I h = uncovered && oh + 1 == ho.divisor ? H : (2 * oh + 2 < H ? 2 * oh + 2 : H);
+    return (plane * H + h) * W;
+  }
+};
+
+// Shared memory of a band: its elements (a raw buffer: T may have constructors) and its
+// windows' packed codes (also staged: a warp instruction of one byte per 4 windows would
+// move a sector for 8 bytes).
+template <typename T>
+struct BandBuffer {
+  alignas(16) unsigned char raw[kBandElements * sizeof(T)];
+  uint8_t codes[kBandWindows / 4];
+  __device__ __forceinline__ T* get() { return reinterpret_cast<T*>(raw); }
+};
+
+// The block's threads walk items i = 0 .. n - 1 of a stretch that starts at global element
+// `first`, a warp instruction per 32 items from a sector boundary (the `lead` items before
+// `first` in its sector idle; with kGroup = 4, lead is rounded down to a multiple of 4, so that
+// lanes 4m .. 4m + 3 hold items 4m' .. 4m' + 3): body(i, active) for every lane while any of
+// its warp has an item.
+template <int kGroup = 1, typename T, typename I, typename F>
+__device__ __forceinline__ void sector_aligned(const T* first, I n, F&& body) {
+  const I lead = I(reinterpret_cast<uintptr_t>(first) % 32 / sizeof(T)) / kGroup * kGroup, lane = threadIdx.x % 32;
+  for (I t = threadIdx.x; t - lane < n + lead; t += blockDim.x) {
+    const bool active = t >= lead && t - lead < n;
+    body(active ? t - lead : I(0), active);
+  }
+}
+
+// Stages the packed codes of the `windows` windows from k0 (k0 % 4 == 0) in shared memory.
+template <typename I>
+__device__ __forceinline__ void load_band_codes(uint8_t* codes, const uint8_t* __restrict__ packed, I k0, I windows) {
+  sector_aligned(packed + (k0 >> 2), (windows + 3) / 4, [&](I i, bool active) {
+    const uint8_t byte = SEGNET_LOAD_IF(active, packed + (k0 >> 2) + i, uint8_t(0));
+    if (active) codes[i] = byte;
+  });
+}
+
+// Pooling, NCHW bands (narrow rows where W % 8 != 0): the band's input rows are loaded
+// flat into shared memory, then a thread per window (a warp: 32 consecutive windows from a
+// sector boundary of y) pools from there; the 4 lanes of a packed byte OR their codes
+// together by shuffles. Index math in I.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_pool2x2_nchw_band_kernel(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ packed,
+                                 PoolDims d, Bands<I> bands) {
+  __shared__ BandBuffer<T> buffer;
+  T* band = buffer.get();
+  const I H = bands.H, W = bands.W, Wo = bands.wo.divisor;
+  const unsigned lanes = warp_lanes();
+  for (I b = blockIdx.x; b < bands.count; b += gridDim.x) {
+    const I r0 = b * bands.rows_per_band, rows = bands.rows_of(r0);
+    const I begin = bands.top(r0), k0 = r0 * Wo, windows = rows * Wo;
+    sector_aligned(x + begin, bands.bottom(r0 + rows - 1, false) - begin, [&](I i, bool active) {
+      const T value = SEGNET_LOAD_IF(active, x + begin + i, T(0));
+      if (active) band[i] = value;
+    });
+    __syncthreads();
+    sector_aligned<4>(y + k0, windows, [&](I j, bool active) {
+      const I g = bands.wo.div(j), ow = j - g * Wo, r = r0 + g;
+      const I oh = r - bands.ho.div(r) * bands.ho.divisor;
+      const T* top = band + (bands.top(r) - begin) + 2 * ow;
+      const bool col1 = 2 * ow + 1 < W, row1 = 2 * oh + 1 < H;
+      const T v00 = top[0], v01 = col1 ? top[1] : v00, v10 = row1 ? top[W] : v00, v11 = row1 && col1 ? top[W + 1] : v00;
+      T m;
+      const unsigned code = window_argmax(v00, v01, v10, v11, col1, row1, &m);
+      unsigned bits = active ? code << (2 * (j & 3)) : 0u;  // lane % 4 == j % 4
+      bits |= __shfl_xor_sync(lanes, bits, 1);
+      bits |= __shfl_xor_sync(lanes, bits, 2);
+      SEGNET_STORE_IF(active, y + k0 + j, m);
+      if (active && (j & 3) == 0) buffer.codes[j >> 2] = uint8_t(bits);
+    });
+    __syncthreads();
+    sector_aligned(packed + (k0 >> 2), (windows + 3) / 4, [&](I i, bool active) {  // k0 % 4 == 0
+      SEGNET_STORE_IF(active, packed + (k0 >> 2) + i, buffer.codes[i]);
+    });
+    __syncthreads();  // the band is refilled for the next one
+  }
+}
+
+// Unpooling, NCHW bands: a thread per window (a warp: 32 consecutive windows from a sector
+// boundary of v) reads its code and value and writes its 2x2 block into the band's output
+// rows in shared memory, plus the zeros of a last row or column that no window covers (floor
+// mode, odd H or W); then the block stores the band flat. Index math in I.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_unpool2x2_nchw_band_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed, T* __restrict__ y,
+                                   PoolDims d, Bands<I> bands) {
+  __shared__ BandBuffer<T> buffer;
+  T* band = buffer.get();
+  const I H = bands.H, W = bands.W, Ho = bands.ho.divisor, Wo = bands.wo.divisor;
+  for (I b = blockIdx.x; b < bands.count; b += gridDim.x) {
+    const I r0 = b * bands.rows_per_band, rows = bands.rows_of(r0);
+    const I begin = bands.top(r0), k0 = r0 * Wo;
+    load_band_codes(buffer.codes, packed, k0, rows * Wo);
+    __syncthreads();
+    sector_aligned(v + k0, rows * Wo, [&](I j, bool active) {
+      const I g = bands.wo.div(j), ow = j - g * Wo, r = r0 + g, oh = r - bands.ho.div(r) * Ho;
+      const uint8_t code = code_in(buffer.codes[j >> 2], j);  // k0 % 4 == 0
+      const T value = SEGNET_LOAD_IF(active, v + k0 + j, T(0)), zero = T(0);
+      if (!active) return;
+      const I h = 2 * oh, w = 2 * ow;
+      const bool col1 = w + 1 < W, row1 = h + 1 < H;
+      const bool col2 = ow + 1 == Wo && w + 2 < W, row2 = oh + 1 == Ho && h + 2 < H;  // uncovered
+      T* top = band + (bands.top(r) - begin) + w;
+      top[0] = code == 0 ? value : zero;
+      if (col1) top[1] = code == 1 ? value : zero;
+      if (row1) top[W] = code == 2 ? value : zero;
+      if (row1 && col1) top[W + 1] = code == 3 ? value : zero;
+      if (col2) top[2] = zero;
+      if (col2 && row1) top[W + 2] = zero;
+      for (I i = 0; row2 && i < I(2 + col2) && w + i < W; ++i) top[2 * W + i] = zero;
+    });
+    __syncthreads();
+    sector_aligned(y + begin, bands.bottom(r0 + rows - 1, true) - begin, [&](I i, bool active) {
+      SEGNET_STORE_IF(active, y + begin + i, band[i]);
+    });
+    __syncthreads();  // the band is refilled for the next one
+  }
+}
+
+// Unpooling backward, NCHW bands: the band's output-gradient rows are loaded flat into
+// shared memory; a thread per window (a warp: 32 consecutive windows from a sector boundary
+// of gv) takes the gradient at its arg-max from there (zero where the code points outside).
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_unpool2x2_backward_nchw_band_kernel(const T* __restrict__ go, const uint8_t* __restrict__ packed,
+                                            T* __restrict__ gv, PoolDims d, Bands<I> bands) {
+  __shared__ BandBuffer<T> buffer;
+  T* band = buffer.get();
+  const I H = bands.H, W = bands.W, Ho = bands.ho.divisor, Wo = bands.wo.divisor;
+  for (I b = blockIdx.x; b < bands.count; b += gridDim.x) {
+    const I r0 = b * bands.rows_per_band, rows = bands.rows_of(r0);
+    const I begin = bands.top(r0), k0 = r0 * Wo;
+    sector_aligned(go + begin, bands.bottom(r0 + rows - 1, false) - begin, [&](I i, bool active) {
+      const T value = SEGNET_LOAD_IF(active, go + begin + i, T(0));
+      if (active) band[i] = value;
+    });
+    load_band_codes(buffer.codes, packed, k0, rows * Wo);
+    __syncthreads();
+    sector_aligned(gv + k0, rows * Wo, [&](I j, bool active) {
+      const I g = bands.wo.div(j), ow = j - g * Wo, r = r0 + g, oh = r - bands.ho.div(r) * Ho, k = k0 + j;
+      const uint8_t code = code_in(buffer.codes[j >> 2], j);  // k0 % 4 == 0
+      const I dh = code >> 1, w = 2 * ow + (code & 1);
+      const bool inside = active && 2 * oh + dh < H && w < W;
+      SEGNET_STORE_IF(active, gv + k, inside ? band[bands.top(r) - begin + dh * W + w] : T(0));
+    });
+    __syncthreads();  // the band is refilled for the next one
+  }
+}
+
 // Pooling, NCHW with W % 8 == 0 (so Wo % 4 == 0 and a byte's 4 windows share a row):
 // one thread owns a byte, loads its 2 x 8 input elements as aligned vectors and stores
-// its 4 values as one vector.
-template <typename T>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) max_pool2x2_nchw_vec_kernel(const T* __restrict__ x, T* __restrict__ y,
-                                            uint8_t* __restrict__ packed, PoolDims d) {
-  const int64_t bytes = d.windows() / 4;
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < bytes;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t k = 4 * t, row = k / d.Wo, ow = k % d.Wo;
-    const int64_t h = 2 * (row % d.Ho), plane = row / d.Ho;
-    const T* r0 = x + (plane * d.H + h) * d.W + 2 * ow;
-    const bool row1 = h + 1 < d.H;
+// its 4 values as one vector. Index math in I.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_pool2x2_nchw_vec_kernel(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ packed, PoolDims d,
+                                Divider<I> wo, Divider<I> ho) {
+  const I bytes = I(d.windows() / 4), H = I(d.H), W = I(d.W);
+  for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < bytes; t += I(gridDim.x) * blockDim.x) {
+    const I k = 4 * t, row = wo.div(k), ow = k - row * wo.divisor;
+    const I plane = ho.div(row), h = 2 * (row - plane * ho.divisor);
+    const T* r0 = x + (plane * H + h) * W + 2 * ow;
+    const bool row1 = h + 1 < H;
     using In = AlignedVec<T, 8>;
     using Out = AlignedVec<T, 4>;
     const In a = SEGNET_LOAD(reinterpret_cast<const In*>(r0));
-    const In b = SEGNET_LOAD_IF(row1, reinterpret_cast<const In*>(r0 + d.W), a);
+    const In b = SEGNET_LOAD_IF(row1, reinterpret_cast<const In*>(r0 + W), a);
     Out out;
     uint8_t bits = 0;
     for (int i = 0; i < 4; ++i) {
@@ -129,6 +360,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   using Pair = AlignedVec<T, 2>;
   const I windows = I(d.windows()), C = I(d.C), H = I(d.H), W = I(d.W);
   const I lane = threadIdx.x % 32;
+  const unsigned lanes = warp_lanes();
   for (I k = I(blockIdx.x) * blockDim.x + threadIdx.x; k - lane < windows; k += I(gridDim.x) * blockDim.x) {
     const bool active = k < windows;
     I n, c, oh, ow;
@@ -150,122 +382,185 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     T m;
     const unsigned code = window_argmax(v00, v01, v10, v11, col1, row1, &m);
     unsigned bits = active ? code << (2 * (k & 3)) : 0u;
-    bits |= __shfl_xor_sync(0xffffffffu, bits, 1);
-    bits |= __shfl_xor_sync(0xffffffffu, bits, 2);
+    bits |= __shfl_xor_sync(lanes, bits, 1);
+    bits |= __shfl_xor_sync(lanes, bits, 2);
     SEGNET_STORE_IF(active, y + k, m);
     SEGNET_STORE_IF(active && (k & 3) == 0, packed + (k >> 2), uint8_t(bits));
   }
 }
 
-// Unpooling, channels_last: one thread per output element, in memory order (coalesced
-// stores), every element written once: the value where the window's code points here, else
-// zero; reads a value only where it is placed.
-// Unpooling, NCHW: one thread per window (a warp: consecutive windows of a row), which reads
-// its code byte and value once and writes its 2x2 block as two rows of two (one 2-element
-// store each where W is even and y 2-element aligned: `pairs`), plus the zeros of a last row or column that no window covers
-// (floor mode, odd H or W): y's sectors once, v's once, the packed bytes 4 lanes to a byte.
-// `unravel` splits the loop index: output elements (channels_last) or windows (NCHW);
-// `pairs` only matters for NCHW.
-// Index math in I (32-bit below 2^31 elements: no 64-bit division).
-template <typename T, typename I, bool CHANNELS_LAST>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock)
-    max_unpool2x2_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed, T* __restrict__ y, PoolDims d,
-                         Unravel<I, CHANNELS_LAST> unravel, bool pairs) {
-  const I C = I(d.C), H = I(d.H), W = I(d.W), Ho = I(d.Ho), Wo = I(d.Wo);
-  if constexpr (CHANNELS_LAST) {
-    const I total = I(d.N * d.C * d.H * d.W);
-    const Strides4 vs = dense_strides(d.C, d.Ho, d.Wo, true);
-    for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += I(gridDim.x) * blockDim.x) {
-      I n, c, h, w;
-      unravel(t, n, c, h, w);
-      const I oh = h >> 1, ow = w >> 1;
-      const bool inside = oh < Ho && ow < Wo;
-      const I k = ((n * C + c) * Ho + oh) * Wo + ow;
-      const uint8_t byte = SEGNET_LOAD_IF(inside, packed + (k >> 2), uint8_t(0));
-      const bool here = inside && code_in(byte, k) == 2 * (h & 1) + (w & 1);
-      SEGNET_STORE(y + t, SEGNET_LOAD_IF(here, v + vs.at(n, c, oh, ow), T(0)));
+// The walk both channels_last unpooling directions share: per tile of kTileWindows windows x
+// 32 channels, the tile's codes staged in shared memory, then body(n, c, on, p, oh, ow, code)
+// per window p = (oh, ow) of image n and channel c of the tile (on: c < C), a warp's lanes
+// consecutive channels of one window.
+template <typename I, typename F>
+__device__ __forceinline__ void for_each_tile_window(const uint8_t* __restrict__ packed, const PoolDims& d,
+                                                     const WindowTiles<I>& tiles, const Divider<I>& wo, F&& body) {
+  __shared__ TileCodes codes;
+  const I C = I(d.C), Wo = I(d.Wo), P = I(d.Ho) * Wo;
+  for (I tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
+    I n, first_channel, first_window;
+    tiles(tile, n, first_channel, first_window);
+    const I count = P - first_window < I(kTileWindows) ? P - first_window : I(kTileWindows);
+    load_tile_codes(codes, packed, n, C, P, first_channel, first_window, count);
+    __syncthreads();
+    const I c = first_channel + threadIdx.x;
+    const bool on = c < C;
+    const I first = (n * C + (on ? c : first_channel)) * P + first_window;
+    for (I q = threadIdx.y; q < count; q += blockDim.y) {
+      const I p = first_window + q, oh = wo.div(p);
+      body(n, c, on, p, oh, p - oh * Wo, tile_code(codes, I(threadIdx.x), first, q));
     }
-  } else {
-    using Pair = AlignedVec<T, 2>;
-    const I windows = I(d.windows());
-    for (I k = I(blockIdx.x) * blockDim.x + threadIdx.x; k < windows; k += I(gridDim.x) * blockDim.x) {
-      I n, c, oh, ow;
-      unravel(k, n, c, oh, ow);
-      const uint8_t code = code_in(SEGNET_LOAD(packed + (k >> 2)), k);
-      const T value = SEGNET_LOAD(v + k), zero = T(0);
-      const I h = 2 * oh, w = 2 * ow;
-      const bool col1 = w + 1 < W, row1 = h + 1 < H;
-      const bool col2 = ow + 1 == Wo && w + 2 < W, row2 = oh + 1 == Ho && h + 2 < H;  // uncovered
-      T* top = y + ((n * C + c) * H + h) * W + w;
-      const T a0 = code == 0 ? value : zero, a1 = code == 1 ? value : zero;
-      const T b0 = code == 2 ? value : zero, b1 = code == 3 ? value : zero;
-      if (pairs) {
-        SEGNET_STORE(reinterpret_cast<Pair*>(top), (Pair{{a0, a1}}));
-        SEGNET_STORE_IF(row1, reinterpret_cast<Pair*>(top + W), (Pair{{b0, b1}}));
-      } else {
-        SEGNET_STORE(top, a0);
-        SEGNET_STORE_IF(col1, top + 1, a1);
-        SEGNET_STORE_IF(row1, top + W, b0);
-        SEGNET_STORE_IF(row1 && col1, top + W + 1, b1);
-      }
-      SEGNET_STORE_IF(col2, top + 2, zero);
-      SEGNET_STORE_IF(col2 && row1, top + W + 2, zero);
-      for (I j = 0; j < I(2 + col2); ++j) SEGNET_STORE_IF(row2 && w + j < W, top + 2 * W + j, zero);
-    }
+    __syncthreads();  // codes is refilled for the next tile
   }
 }
 
-// Unpooling backward: one thread per gradient of a value, in memory order; gathers the
-// output gradient at the window's arg-max (zero where the code points outside the output).
-template <typename T, typename I, bool CHANNELS_LAST>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) max_unpool2x2_backward_kernel(const T* __restrict__ go,
-                                              const uint8_t* __restrict__ packed,
-                                              T* __restrict__ gv, PoolDims d, Unravel<I, CHANNELS_LAST> unravel) {
-  const I total = I(d.windows()), C = I(d.C), H = I(d.H), W = I(d.W), Ho = I(d.Ho), Wo = I(d.Wo);
-  const Strides4 gs = dense_strides(d.C, d.H, d.W, CHANNELS_LAST);
-  for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += I(gridDim.x) * blockDim.x) {
+// Unpooling, channels_last, in tiles: a warp places one window's value of 32 channels and
+// writes its 2x2 block as four stores of 32 consecutive channels each (zeros where the code
+// does not point), plus the zeros of a last row or column that no window covers (floor mode,
+// odd H or W): y's sectors once, v's once, the codes once. Index math in I.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_unpool2x2_nhwc_tile_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed, T* __restrict__ y,
+                                   PoolDims d, WindowTiles<I> tiles, Divider<I> wo) {
+  const I C = I(d.C), H = I(d.H), W = I(d.W), Ho = I(d.Ho), Wo = I(d.Wo), P = Ho * Wo, row = W * C;
+  for_each_tile_window(packed, d, tiles, wo, [&](I n, I c, bool on, I p, I oh, I ow, uint8_t code) {
+    const I h = 2 * oh, w = 2 * ow;
+    const T value = SEGNET_LOAD_IF(on, v + (on ? (n * P + p) * C + c : 0), T(0)), zero = T(0);
+    const bool col1 = w + 1 < W, row1 = h + 1 < H;
+    const bool col2 = ow + 1 == Wo && w + 2 < W, row2 = oh + 1 == Ho && h + 2 < H;  // uncovered
+    T* top = y + (on ? ((n * H + h) * W + w) * C + c : 0);
+    SEGNET_STORE_IF(on, top, code == 0 ? value : zero);
+    SEGNET_STORE_IF(on && col1, top + C, code == 1 ? value : zero);
+    SEGNET_STORE_IF(on && row1, top + row, code == 2 ? value : zero);
+    SEGNET_STORE_IF(on && row1 && col1, top + row + C, code == 3 ? value : zero);
+    SEGNET_STORE_IF(on && col2, top + 2 * C, zero);
+    SEGNET_STORE_IF(on && col2 && row1, top + row + 2 * C, zero);
+    for (I j = 0; j < I(2 + col2); ++j) SEGNET_STORE_IF(on && row2 && w + j < W, top + 2 * row + j * C, zero);
+  });
+}
+
+// Unpooling backward, channels_last, in tiles: a warp gathers the output gradient of 32
+// channels at their windows' arg-max (zero where the code points outside the output) and
+// stores them as one instruction.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_unpool2x2_backward_nhwc_tile_kernel(const T* __restrict__ go, const uint8_t* __restrict__ packed,
+                                            T* __restrict__ gv, PoolDims d, WindowTiles<I> tiles, Divider<I> wo) {
+  const I C = I(d.C), H = I(d.H), W = I(d.W), P = I(d.Ho) * I(d.Wo);
+  for_each_tile_window(packed, d, tiles, wo, [&](I n, I c, bool on, I p, I oh, I ow, uint8_t code) {
+    const I h = 2 * oh + (code >> 1), w = 2 * ow + (code & 1);
+    const bool inside = on && h < H && w < W;
+    const T g = SEGNET_LOAD_IF(inside, go + (inside ? ((n * H + h) * W + w) * C + c : 0), T(0));
+    SEGNET_STORE_IF(on, gv + (on ? (n * P + p) * C + c : 0), g);
+  });
+}
+
+// Unpooling, NCHW: one thread per window (a warp: consecutive windows of a row), which reads
+// its code byte and value once and writes its 2x2 block as two rows of two (one 2-element
+// store each where W is even and y 2-element aligned: `pairs`), plus the zeros of a last row
+// or column that no window covers (floor mode, odd H or W): y's sectors once, v's once, the
+// packed bytes 4 lanes to a byte. Index math in I (32-bit below 2^31 elements: no 64-bit
+// division).
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_unpool2x2_nchw_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed, T* __restrict__ y,
+                              PoolDims d, Unravel<I, false> unravel, bool pairs) {
+  using Pair = AlignedVec<T, 2>;
+  const I C = I(d.C), H = I(d.H), W = I(d.W), Ho = I(d.Ho), Wo = I(d.Wo);
+  const I windows = I(d.windows());
+  for (I k = I(blockIdx.x) * blockDim.x + threadIdx.x; k < windows; k += I(gridDim.x) * blockDim.x) {
     I n, c, oh, ow;
-    unravel(t, n, c, oh, ow);
-    const I k = ((n * C + c) * Ho + oh) * Wo + ow;
+    unravel(k, n, c, oh, ow);
+    const uint8_t code = code_in(SEGNET_LOAD(packed + (k >> 2)), k);
+    const T value = SEGNET_LOAD(v + k), zero = T(0);
+    const I h = 2 * oh, w = 2 * ow;
+    const bool col1 = w + 1 < W, row1 = h + 1 < H;
+    const bool col2 = ow + 1 == Wo && w + 2 < W, row2 = oh + 1 == Ho && h + 2 < H;  // uncovered
+    T* top = y + ((n * C + c) * H + h) * W + w;
+    const T a0 = code == 0 ? value : zero, a1 = code == 1 ? value : zero;
+    const T b0 = code == 2 ? value : zero, b1 = code == 3 ? value : zero;
+    if (pairs) {
+      SEGNET_STORE(reinterpret_cast<Pair*>(top), (Pair{{a0, a1}}));
+      SEGNET_STORE_IF(row1, reinterpret_cast<Pair*>(top + W), (Pair{{b0, b1}}));
+    } else {
+      SEGNET_STORE(top, a0);
+      SEGNET_STORE_IF(col1, top + 1, a1);
+      SEGNET_STORE_IF(row1, top + W, b0);
+      SEGNET_STORE_IF(row1 && col1, top + W + 1, b1);
+    }
+    SEGNET_STORE_IF(col2, top + 2, zero);
+    SEGNET_STORE_IF(col2 && row1, top + W + 2, zero);
+    for (I j = 0; j < I(2 + col2); ++j) SEGNET_STORE_IF(row2 && w + j < W, top + 2 * W + j, zero);
+  }
+}
+
+// Unpooling backward, NCHW: one thread per gradient of a value, in memory order; gathers the
+// output gradient at the window's arg-max (zero where the code points outside the output).
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_unpool2x2_backward_nchw_kernel(const T* __restrict__ go, const uint8_t* __restrict__ packed,
+                                       T* __restrict__ gv, PoolDims d, Unravel<I, false> unravel) {
+  const I total = I(d.windows()), H = I(d.H), W = I(d.W);
+  for (I k = I(blockIdx.x) * blockDim.x + threadIdx.x; k < total; k += I(gridDim.x) * blockDim.x) {
+    I n, c, oh, ow;
+    unravel(k, n, c, oh, ow);
     const uint8_t code = code_in(SEGNET_LOAD(packed + (k >> 2)), k);
     const I h = 2 * oh + (code >> 1), w = 2 * ow + (code & 1);
-    SEGNET_STORE(gv + t, SEGNET_LOAD_IF(h < H && w < W, go + gs.at(n, c, h, w), T(0)));
+    const bool inside = h < H && w < W;
+    SEGNET_STORE(gv + k, SEGNET_LOAD_IF(inside, go + (inside ? ((n * I(d.C) + c) * H + h) * W + w : 0), T(0)));
+  }
+}
+
+// Zeros: the unpooled map where there is no window (H or W of 1 in floor mode).
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) zero_kernel(T* __restrict__ y, I total) {
+  for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += I(gridDim.x) * blockDim.x) {
+    SEGNET_STORE(y + t, T(0));
   }
 }
 
 // ---- launchers: x, y, v, go, gv are dense in the given memory format ----
+
+// Blocks of the channels_last tile kernels: 32 channels x (threads / 32) rows.
+inline dim3 tile_block(const LaunchConfig& cfg) { return dim3(32, std::max(1, cfg.threads / 32)); }
 
 template <typename T>
 void launch_max_pool2x2(const T* x, T* y, uint8_t* packed, PoolDims d, bool channels_last,
                         cudaStream_t stream, LaunchConfig cfg = {}) {
   const int64_t bytes = packed_bytes(d.windows());
   if (bytes == 0) return;
-  const Strides4 xs = dense_strides(d.C, d.H, d.W, channels_last);
-  const Strides4 ys = dense_strides(d.C, d.Ho, d.Wo, channels_last);
   if (!channels_last && d.W % 8 == 0 && is_aligned_for_vec<T, 8>(x) &&
       is_aligned_for_vec<T, 4>(y)) {
-    auto kernel = max_pool2x2_nchw_vec_kernel<T>;
-    SEGNET_LAUNCH(kernel, blocks_for(bytes, cfg), cfg.threads, stream, x, y, packed, d);
-  } else if (channels_last && (d.Ho * d.Wo) % 4 == 0) {
+    with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
+      using I = decltype(index);
+      auto kernel = max_pool2x2_nchw_vec_kernel<T, I>;
+      SEGNET_LAUNCH(kernel, blocks_for(bytes, cfg), cfg.threads, stream, x, y, packed, d, Divider<I>(d.Wo),
+                    Divider<I>(d.Ho));
+    });
+  } else if (channels_last) {
     with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
       using I = decltype(index);
       auto kernel = max_pool2x2_nhwc_tile_kernel<T, I>;
-      const int64_t byte_tiles = (d.Ho * d.Wo / 4 + 31) / 32, channel_tiles = (d.C + 31) / 32;
-      const int64_t tiles = d.N * byte_tiles * channel_tiles;
-      SEGNET_LAUNCH(kernel, unsigned(std::min(tiles, cfg.max_blocks)), dim3(32, std::max(1, cfg.threads / 32)),
-                    stream, x, y, packed, d, Divider<I>(d.Wo), Divider<I>(byte_tiles), Divider<I>(channel_tiles));
+      const WindowTiles<I> tiles(d.N, d.C, d.Ho * d.Wo);
+      SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(tiles.count, cfg.max_blocks)), tile_block(cfg), stream, x, y,
+                    packed, d, tiles, Divider<I>(d.Wo), Divider<I>(d.Ho * d.Wo), Divider<I>(d.C));
     });
-  } else if (!channels_last) {
+  } else {
     with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
       using I = decltype(index);
+      const int threads = std::max(4, cfg.threads / 4 * 4);  // a packed byte's 4 windows in one warp
+      if (d.Wo <= kBandWindows / 4) {
+        const Bands<I> bands(d);
+        auto kernel = max_pool2x2_nchw_band_kernel<T, I>;
+        SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(bands.count, cfg.max_blocks)), threads, stream, x, y, packed,
+                      d, bands);
+        return;
+      }
       auto kernel = max_pool2x2_nchw_kernel<T, I>;
-      const int threads = std::max(4, cfg.threads / 4 * 4);
       SEGNET_LAUNCH(kernel, blocks_for(d.windows(), LaunchConfig{threads, cfg.max_blocks}), threads, stream, x, y,
                     packed, d, Unravel<I, false>(d.C, d.Ho, d.Wo), d.W % 2 == 0 && is_aligned_for_vec<T, 2>(x));
     });
-  } else {
-    auto kernel = max_pool2x2_kernel<T>;
-    SEGNET_LAUNCH(kernel, blocks_for(bytes, cfg), cfg.threads, stream, x, xs, y, ys, packed, d);
   }
 }
 
@@ -276,12 +571,21 @@ void launch_max_unpool2x2(const T* v, const uint8_t* packed, T* y, PoolDims d, b
   if (total == 0) return;
   with_index_type(total, cfg, [&](auto index) {
     using I = decltype(index);
-    if (channels_last || d.windows() == 0) {  // no window (H or W is 1, floor mode): all zeros, in either layout
-      auto kernel = max_unpool2x2_kernel<T, I, true>;
-      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, v, packed, y, d,
-                    Unravel<I, true>(d.C, d.H, d.W), false);
+    if (d.windows() == 0) {  // no window (H or W is 1, floor mode): all zeros, in either layout
+      auto kernel = zero_kernel<T, I>;
+      SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, y, I(total));
+    } else if (channels_last) {
+      const WindowTiles<I> tiles(d.N, d.C, d.Ho * d.Wo);
+      auto kernel = max_unpool2x2_nhwc_tile_kernel<T, I>;
+      SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(tiles.count, cfg.max_blocks)), tile_block(cfg), stream, v,
+                    packed, y, d, tiles, Divider<I>(d.Wo));
+    } else if (d.Wo <= kBandWindows / 4) {
+      const Bands<I> bands(d);
+      auto kernel = max_unpool2x2_nchw_band_kernel<T, I>;
+      SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(bands.count, cfg.max_blocks)), cfg.threads, stream, v, packed,
+                    y, d, bands);
     } else {
-      auto kernel = max_unpool2x2_kernel<T, I, false>;
+      auto kernel = max_unpool2x2_nchw_kernel<T, I>;
       SEGNET_LAUNCH(kernel, blocks_for(d.windows(), cfg), cfg.threads, stream, v, packed, y, d,
                     Unravel<I, false>(d.C, d.Ho, d.Wo), d.W % 2 == 0 && is_aligned_for_vec<T, 2>(y));
     }
@@ -295,13 +599,22 @@ void launch_max_unpool2x2_backward(const T* go, const uint8_t* packed, T* gv, Po
   const int64_t total = d.windows();
   if (total == 0) return;
   with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {  // the gathers index the full map
-    with_layout(channels_last, [&](auto layout) {
-      using I = decltype(index);
-      constexpr bool CL = decltype(layout)::value;
-      auto kernel = max_unpool2x2_backward_kernel<T, I, CL>;
+    using I = decltype(index);
+    if (channels_last) {
+      const WindowTiles<I> tiles(d.N, d.C, d.Ho * d.Wo);
+      auto kernel = max_unpool2x2_backward_nhwc_tile_kernel<T, I>;
+      SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(tiles.count, cfg.max_blocks)), tile_block(cfg), stream, go,
+                    packed, gv, d, tiles, Divider<I>(d.Wo));
+    } else if (d.Wo <= kBandWindows / 4) {
+      const Bands<I> bands(d);
+      auto kernel = max_unpool2x2_backward_nchw_band_kernel<T, I>;
+      SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(bands.count, cfg.max_blocks)), cfg.threads, stream, go, packed,
+                    gv, d, bands);
+    } else {
+      auto kernel = max_unpool2x2_backward_nchw_kernel<T, I>;
       SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, go, packed, gv, d,
-                    Unravel<I, CL>(d.C, d.Ho, d.Wo));
-    });
+                    Unravel<I, false>(d.C, d.Ho, d.Wo));
+    }
   });
 }
 

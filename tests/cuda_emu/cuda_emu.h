@@ -29,7 +29,9 @@
 // each lane of a warp is one warp instruction (lanes that skip it are inactive for it).
 // __shared__ variables live in one section, poisoned (0xff bytes: NaN, -1) before every
 // block, so a kernel that reads shared memory it did not write in that block reads garbage.
-// Limits: all live lanes of a warp must take part in a shuffle (full mask); no dynamic
+// A shuffle's or __syncwarp's mask must name exactly the warp's present lanes (those that
+// exist and have not returned), or the launch fails.
+// Limits: all present lanes of a warp must take part in a shuffle; no dynamic
 // shared memory; one emulated launch at a time per process.
 #pragma once
 
@@ -153,9 +155,9 @@ class Launch {
 
   // Exchange through per-warp slots: write, barrier, read the source lane, barrier.
   // A source lane beyond the last thread of a partial warp does not exist: on a GPU the
-  // result is undefined, here it is an error.
+  // result is undefined, here it is an error. So is a mask other than the lanes present.
   template <typename T>
-  T shuffle(T value, int src_lane_in_warp, bool valid) {
+  T shuffle(unsigned mask, T value, int src_lane_in_warp, bool valid) {
     static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a type wider than 8 bytes");
     const unsigned warp = tls.linear / kWarpSize;
     if (valid && warp * kWarpSize + src_lane_in_warp >= threads_) {
@@ -165,6 +167,7 @@ class Launch {
     }
     std::memcpy(&slots_[tls.linear], &value, sizeof(T));
     warp_sync_[warp]->arrive_and_wait();
+    check_mask("shuffle", mask, warp);
     T out = value;
     const unsigned src = warp * kWarpSize + src_lane_in_warp;
     if (valid && src < threads_) std::memcpy(&out, &slots_[src], sizeof(T));
@@ -172,7 +175,12 @@ class Launch {
     return out;
   }
 
-  void syncwarp() { warp_sync_[tls.linear / kWarpSize]->arrive_and_wait(); }
+  void syncwarp(unsigned mask) {
+    const unsigned warp = tls.linear / kWarpSize;
+    warp_sync_[warp]->arrive_and_wait();
+    check_mask("__syncwarp", mask, warp);
+    warp_sync_[warp]->arrive_and_wait();  // no lane returns before every lane has checked
+  }
 
   // A global access of `bytes` at p by this lane from access site `site` (see counting()).
   void note_access(const void* p, size_t bytes, uint32_t site, bool store, bool active) {
@@ -192,6 +200,26 @@ class Launch {
 
   unsigned live_lanes(unsigned warp) const {
     return std::min<unsigned>(kWarpSize, threads_ - warp * kWarpSize);
+  }
+
+  // The lanes of a warp that exist and have not returned. Read between two warp barriers,
+  // where every lane still running waits, so no lane can return meanwhile.
+  unsigned present_lanes(unsigned warp) const {
+    const unsigned live = live_lanes(warp);
+    return (live == kWarpSize ? ~0u : (1u << live) - 1) & ~exited_[warp].load();
+  }
+
+  // A warp-synchronous intrinsic's mask must name exactly the lanes that execute it: on a
+  // GPU a lane named but absent (past a partial warp's end, or returned) hangs it or makes it
+  // undefined, and one that takes part unnamed is undefined. Here all present lanes take part.
+  void check_mask(const char* what, unsigned mask, unsigned warp) const {
+    const unsigned present = present_lanes(warp);
+    if (mask != present) {
+      char text[160];
+      std::snprintf(text, sizeof text, "cuda_emu: %s with mask 0x%08x in warp %u, whose present lanes are 0x%08x",
+                    what, mask, warp, present);
+      throw std::runtime_error(text);
+    }
   }
 
   void run(const std::function<void()>& body) {
@@ -222,6 +250,7 @@ class Launch {
       }
       release_next_warp();
       sync_->arrive_and_drop();
+      exited_[t / kWarpSize].fetch_or(1u << (t % kWarpSize));
       warp_sync_[t / kWarpSize]->arrive_and_drop();
       block_end_.arrive_and_wait();
     }
@@ -283,6 +312,7 @@ class Launch {
     poison_shared();
     sync_ = std::make_unique<std::barrier<>>(threads_);
     warp_sync_.clear();
+    for (unsigned w = 0; w < warps_; ++w) exited_[w].store(0);
     gates_.clear();
     gates_.resize(warps_);
     for (unsigned w = 0; w < warps_; ++w) {
@@ -301,6 +331,7 @@ class Launch {
   std::vector<std::vector<std::pair<uint32_t, uint32_t>>> occurrences_;  // per thread: site -> executions
   std::unique_ptr<std::barrier<>> sync_;
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync_;
+  std::unique_ptr<std::atomic<unsigned>[]> exited_{new std::atomic<unsigned>[warps_]};  // per warp: lanes returned
   std::vector<std::unique_ptr<std::latch>> gates_;
   std::barrier<ResetBlock> block_end_;
   std::mutex error_mutex_;
@@ -437,28 +468,28 @@ void global_store(bool active, T* p, V&& value, uint32_t site) {
 #define warpSize (::cuda_emu::kWarpSize)
 
 inline void __syncthreads() { ::cuda_emu::tls.launch->syncthreads(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { ::cuda_emu::tls.launch->syncwarp(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::cuda_emu::tls.launch->syncwarp(mask); }
 
 // Lanes are grouped in segments of `width` (a power of two <= 32), as in CUDA.
 template <typename T>
-T __shfl_sync(unsigned, T v, int src, int width = 32) {
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
   const int base = int(::cuda_emu::lane()) & ~(width - 1);
-  return ::cuda_emu::tls.launch->shuffle(v, base + (src & (width - 1)), true);
+  return ::cuda_emu::tls.launch->shuffle(mask, v, base + (src & (width - 1)), true);
 }
 template <typename T>
-T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   const int lane = ::cuda_emu::lane(), src = lane + int(delta);
-  return ::cuda_emu::tls.launch->shuffle(v, src, (src & ~(width - 1)) == (lane & ~(width - 1)));
+  return ::cuda_emu::tls.launch->shuffle(mask, v, src, (src & ~(width - 1)) == (lane & ~(width - 1)));
 }
 template <typename T>
-T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   const int lane = ::cuda_emu::lane(), src = lane - int(delta);
-  return ::cuda_emu::tls.launch->shuffle(v, src, src >= 0 && (src & ~(width - 1)) == (lane & ~(width - 1)));
+  return ::cuda_emu::tls.launch->shuffle(mask, v, src, src >= 0 && (src & ~(width - 1)) == (lane & ~(width - 1)));
 }
 template <typename T>
-T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
-  const int lane = ::cuda_emu::lane(), src = lane ^ mask;
-  return ::cuda_emu::tls.launch->shuffle(v, src, (src & ~(width - 1)) == (lane & ~(width - 1)));
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  const int lane = ::cuda_emu::lane(), src = lane ^ lane_mask;
+  return ::cuda_emu::tls.launch->shuffle(mask, v, src, (src & ~(width - 1)) == (lane & ~(width - 1)));
 }
 
 template <typename T>

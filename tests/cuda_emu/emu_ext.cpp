@@ -291,6 +291,13 @@ void shuffle_past_partial_warp(int threads) {
   SEGNET_LAUNCH(kernel, 1, threads, nullptr, out.mutable_data_ptr<float>());
 }
 
+Tensor warp_sync_with_mask(int threads, uint32_t mask, int returning) {
+  Tensor out = at::full({threads}, -1.f, at::kFloat);
+  auto kernel = selftest::warp_sync_with_mask;
+  SEGNET_LAUNCH(kernel, 1, threads, nullptr, out.mutable_data_ptr<float>(), mask, returning);
+  return out;
+}
+
 Tensor copy_off_by_one(const Tensor& x, int threads, int blocks) {
   Tensor y = at::empty_like(x);
   auto kernel = selftest::copy_off_by_one;
@@ -332,6 +339,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shuffles", &shuffles);
   m.def("atomics", &atomics);
   m.def("shuffle_past_partial_warp", &shuffle_past_partial_warp);
+  m.def("warp_sync_with_mask", &warp_sync_with_mask);
   m.def("copy_off_by_one", &copy_off_by_one);
   m.def("count_traffic", &count_traffic);
   m.def("traffic", &traffic);

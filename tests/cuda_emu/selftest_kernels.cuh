@@ -53,6 +53,14 @@ __global__ void shuffle_past_partial_warp(float* out) {
   out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.f, 16);
 }
 
+// Lanes below `returning` return; the rest shuffle (each reads its own lane) and
+// __syncwarp with `mask`: the emulator accepts only the mask of the lanes present.
+__global__ void warp_sync_with_mask(float* out, unsigned mask, int returning) {
+  if (int(threadIdx.x) < returning) return;
+  out[threadIdx.x] = __shfl_xor_sync(mask, float(threadIdx.x), 0);
+  __syncwarp(mask);
+}
+
 // A grid-stride copy with the classic off-by-one bound (i <= n): the last thread reads and
 // writes one element past both buffers. Only the sanitizer job calls it, to show that such
 // a kernel is caught; it is never part of the shipped library.

@@ -10,12 +10,21 @@ from segnet_ext import reference
 
 ops = torch.ops.segnet_ext
 LAUNCHES = [(48, 3), (64, 1), (256, 1024)]
-SHAPES = [(2, 3, 1, 1), (1, 5, 3, 7), (3, 33, 4, 5), (2, 70, 9, 13), (1, 2, 37, 61)]
+# the element-wise kernels take 16-byte vectors in NCHW wherever the tensors are 16-byte
+# aligned (misaligned() below: the scalar path), planes of any size (a head and a tail of
+# single elements around the whole vectors)
+SHAPES = [(2, 3, 1, 1), (1, 5, 3, 7), (3, 33, 4, 5), (2, 70, 9, 13), (1, 2, 37, 61), (2, 16, 5, 3)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 def tol(dtype):
     return {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+def misaligned(t):
+    """t's values at a storage offset of one element (not 16-byte aligned), same strides."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].as_strided(t.shape, t.stride())
+    return out.copy_(t)
 
 
 def per_channel(C, dtype):
@@ -39,9 +48,10 @@ def test_bn_relu_kernels_match_cpu_and_reference(emu, index_bits, threads, max_b
         # the residual in the other layout: the kernel reads it in x's
         residual = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(
             memory_format=torch.contiguous_format if channels_last else torch.channels_last)
-        for relu, r in itertools.product((True, False), (None, residual)):
-            y = emu.scale_shift_relu(x, scale, shift, relu, r, threads, max_blocks)
-            torch.testing.assert_close(y, ops.scale_shift_relu(x, scale, shift, relu, r), rtol=tol(dtype), atol=tol(dtype), msg=what)
+        for relu, r, xs in itertools.product((True, False), (None, residual), (x, misaligned(x))):
+            # the same fused multiply-adds as the CPU kernel: equal bit for bit (vector or scalar path)
+            y = emu.scale_shift_relu(xs, scale, shift, relu, r, threads, max_blocks)
+            torch.testing.assert_close(y, ops.scale_shift_relu(x, scale, shift, relu, r), rtol=0, atol=0, msg=what)
             torch.testing.assert_close(y, reference.scale_shift_relu(x, scale, shift, relu, r), rtol=tol(dtype),
                                        atol=tol(dtype), msg=what)
             assert y.stride() == x.stride(), what
@@ -49,9 +59,12 @@ def test_bn_relu_kernels_match_cpu_and_reference(emu, index_bits, threads, max_b
             sums = emu.bn_relu_backward_reduce(dy, x, scale, shift, mean, relu, threads, max_blocks)
             for got, want in zip(sums, reference.bn_relu_backward_reduce(dy, x, scale, shift, mean, relu)):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * x.numel() ** 0.5, msg=what)
-            dx = emu.bn_relu_backward_apply(dy, x, scale, shift, mean, k1, k2, k3, relu, threads, max_blocks)
             want = reference.bn_relu_backward_apply(dy, x, scale, shift, mean, k1, k2, k3, relu)
-            torch.testing.assert_close(dx, want, rtol=tol(dtype), atol=tol(dtype), msg=what)
+            cpu = ops.bn_relu_backward_apply(dy, x, scale, shift, mean, k1, k2, k3, relu)
+            for dys in (dy, misaligned(dy)):
+                dx = emu.bn_relu_backward_apply(dys, x, scale, shift, mean, k1, k2, k3, relu, threads, max_blocks)
+                torch.testing.assert_close(dx, want, rtol=tol(dtype), atol=tol(dtype), msg=what)
+                torch.testing.assert_close(dx, cpu, rtol=0, atol=0, msg=what)
 
 
 def test_reductions_are_deterministic_and_use_many_slices(emu):
@@ -62,6 +75,17 @@ def test_reductions_are_deterministic_and_use_many_slices(emu):
     x64 = x.double() * 1e-3 + 1e3
     for got, want in zip(emu.bn_stats(x64, 48, 4096), reference.bn_stats(x64)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # both reductions in both layouts through several slices and the second stage (8000 values
+    # per channel: 8 slices NCHW, 8 channels_last at 64 threads)
+    scale, shift, mean = (torch.randn(3) for _ in range(3))
+    dy = torch.randn_like(x)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf, dyf = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+        for got, want in zip(emu.bn_stats(xf, 64, 4096), reference.bn_stats(xf)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        sums = emu.bn_relu_backward_reduce(dyf, xf, scale, shift, mean, True, 64, 4096)
+        for got, want in zip(sums, reference.bn_relu_backward_reduce(dyf, xf, scale, shift, mean, True)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
 CONV_SHAPES = [  # (N, Cin, H, W, Cout): partial pixel and channel tiles, K not a multiple of 16

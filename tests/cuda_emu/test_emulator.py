@@ -67,6 +67,25 @@ def test_shuffle_from_a_lane_a_partial_warp_lacks_is_an_error(emu):
     emu.shuffle_past_partial_warp(32)  # a full warp has the lane
 
 
+@pytest.mark.parametrize("threads,returning,mask", [(32, 0, 0xFFFFFFFF), (20, 0, 0xFFFFF), (32, 8, 0xFFFFFF00),
+                                                    (64, 0, 0xFFFFFFFF)])
+def test_warp_intrinsics_accept_the_mask_of_the_lanes_present(emu, threads, returning, mask):
+    out = emu.warp_sync_with_mask(threads, mask, returning)
+    expected = torch.arange(threads, dtype=torch.float)
+    expected[:returning] = -1
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("threads,returning,mask,present", [
+    (20, 0, 0xFFFFFFFF, "0x000fffff"),   # names lanes past a partial warp's end
+    (32, 8, 0xFFFFFFFF, "0xffffff00"),   # names lanes that returned
+    (32, 0, 0x0000FFFF, "0xffffffff"),   # leaves out lanes that take part
+])
+def test_warp_intrinsics_reject_a_mask_other_than_the_lanes_present(emu, threads, returning, mask, present):
+    with pytest.raises(RuntimeError, match=f"mask 0x{mask:08x} in warp 0, whose present lanes are {present}"):
+        emu.warp_sync_with_mask(threads, mask, returning)
+
+
 def test_32_bit_divider_matches_integer_division(emu):
     """kernels/launch.cuh's Divider<uint32_t> (multiply-high and shift) against // and %, for
     every numerator below 2^31 the kernels can pass, at the edges and at random."""

@@ -13,7 +13,8 @@ from tests.pool_cases import FLOAT_DTYPES, KINDS, assert_bitwise_equal, make_inp
 # small enough that every thread loops over several items.
 LAUNCHES = [(48, 3), (64, 1), (256, 1024)]
 SHAPES = [(2, 3, H, W) for H, W in itertools.product([1, 2, 3, 4, 7, 8], [1, 2, 5, 8, 9, 16])] + [
-    (1, 5, 37, 250), (2, 64, 9, 8), (3, 4, 16, 24)]  # W % 8 == 0: the vectorised NCHW path
+    (1, 5, 37, 250), (2, 64, 9, 8), (3, 4, 16, 24),  # W % 8 == 0: the vectorised NCHW path
+    (2, 40, 5, 7)]  # channels_last tiles of 32 channels, where a packed byte straddles two of them
 
 
 def cases():
