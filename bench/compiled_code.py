@@ -170,7 +170,7 @@ def _inner_loops(lines):
              if m and int(m.group(1), 16) <= at]
     innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     found = []
-    for span in [[ins for at, ins in code if a <= at <= b] for a, b in sorted(innermost)] or [[ins for _, ins in code]]:
+    for span in [[ins for at, ins in code if a <= at <= b] for a, b in sorted(innermost)]:
         moved = sum(_access_bytes(ins) for ins in span if re.search(r"\b(LDG|STG)\.", ins))
         if moved:
             found.append((len(span), moved))
