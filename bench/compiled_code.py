@@ -105,7 +105,7 @@ def short_name(mangled: str) -> str:
 
 def read(lib: str):
     """{kernel: dict(registers, stack, local, shared, max_threads, occupancy, instructions, calls,
-    integer_division_calls, global_accesses, wide_accesses, wide_loads, wide_stores (64 or 128 bits),
+    integer_division_calls, global_accesses, wide_accesses (128 bits), wide_loads, wide_stores (64 or 128 bits),
     hmma, inner_loops)}"""
     if not tools_available():
         raise FileNotFoundError("cuobjdump and nvdisasm not found: pip install nvidia-cuda-cuobjdump "
@@ -127,7 +127,7 @@ def read(lib: str):
         kernels[name].update(instructions=len(lines), calls=len(calls),
                              integer_division_calls=sum(not _divides_doubles(lines, target) for target in calls),
                              global_accesses=len(accesses), wide_accesses=sum(".128" in line for line in accesses),
-                             wide_loads=sum(bool(re.search(r"\bLDG\.\S*\.128", line)) for line in accesses),
+                             wide_loads=sum(bool(re.search(r"\bLDG\.\S*\.(128|64)\b", line)) for line in accesses),
                              wide_stores=sum(bool(re.search(r"\bSTG\.\S*\.(128|64)\b", line)) for line in accesses),
                              hmma=sum("HMMA" in line for line in lines),
                              inner_loops=_inner_loops(lines))

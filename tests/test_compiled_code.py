@@ -16,17 +16,20 @@ DEFAULT_BUDGET = 64
 # and the reduction's second stage divide integers by multiply-high and shift, never by a
 # 64-bit division subroutine (the BN statistics do call double-precision division, per channel)
 MEMORY_BOUND = ("max_pool2x2_nchw_vec_kernel", "max_pool2x2_nchw_band_kernel", "max_pool2x2_nchw_kernel",
-                "max_pool2x2_nhwc_tile_kernel", "max_unpool2x2_nchw_band_kernel", "max_unpool2x2_nchw_kernel",
-                "max_unpool2x2_nhwc_tile_kernel", "max_unpool2x2_backward_nchw_band_kernel",
+                "max_pool2x2_nhwc_tile_kernel", "max_unpool2x2_nchw_vec_kernel", "max_unpool2x2_nchw_band_kernel",
+                "max_unpool2x2_nchw_kernel", "max_unpool2x2_nhwc_tile_kernel",
+                "max_unpool2x2_backward_nchw_vec_kernel", "max_unpool2x2_backward_nchw_band_kernel",
                 "max_unpool2x2_backward_nchw_kernel", "max_unpool2x2_backward_nhwc_tile_kernel", "zero_kernel",
                 "scale_shift_relu_kernel", "bn_relu_backward_apply_kernel", "channel_partials_nchw",
                 "channel_partials_nhwc", "stats_finish", "sums_finish")
 
 # the kernels that move 16-byte vectors where the layout allows (a scalar peel and tail
-# otherwise): each 32-bit index instance (every tensor under 2^31 elements) loads 128 bits at
-# a time and stores at least 64 (2x2 pooling halves a row: 16 bytes of a bf16 row give 8 of
-# output). nvcc splits the element-wise kernels' vector stores in their 64-bit instances.
-VECTORISED = ("max_pool2x2_nchw_vec_kernel", "scale_shift_relu_kernel", "bn_relu_backward_apply_kernel")
+# otherwise): each 32-bit index instance (every tensor under 2^31 elements) moves 128 bits at
+# a time on one side and at least 64 on the other (2x2 pooling halves a row: 16 bytes of a
+# bf16 row give 8 of output, 8 bytes of values unpool to 16 per row). nvcc splits the
+# element-wise kernels' vector stores in their 64-bit instances.
+VECTORISED = ("max_pool2x2_nchw_vec_kernel", "max_unpool2x2_nchw_vec_kernel", "max_unpool2x2_backward_nchw_vec_kernel",
+              "scale_shift_relu_kernel", "bn_relu_backward_apply_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_memory_bound_kernels_call_no_integer_division_subroutine(kernels):
 
 
 def test_vectorised_kernels_move_wide_vectors(kernels):
-    checked = {name: (k["wide_loads"], k["wide_stores"]) for name, k in kernels.items()
+    checked = {name: (k["wide_loads"], k["wide_stores"], k["wide_accesses"]) for name, k in kernels.items()
                if name.split("<")[0] in VECTORISED and "32-bit" in name}
     assert len(checked) == 4 * len(VECTORISED), checked  # 4 dtypes each
-    assert all(loads and stores for loads, stores in checked.values()), checked
+    assert all(loads and stores and widest for loads, stores, widest in checked.values()), checked

@@ -40,27 +40,44 @@ struct ChannelDims {
 //     warp instruction covers whole sectors whatever the plane's size;
 //   channels_last (inner == 1): the first S = C * floor(grid threads / C) threads each keep
 //     channel t % C and step by S (the launcher gives the grid at least C threads).
-// NCHW with `vectors` (every pointer 16-byte aligned), a thread takes V = 16 / sizeof(T)
-// consecutive elements at a time, as one 16-byte vector: chunk(e, params) for elements
-// e .. e + V - 1 from the plane's first 32-byte boundary of `anchor`, and element() for the
-// elements before it and after the plane's last whole vector (a lane each). channels_last
-// stays scalar: a vector
-// spans V channels, whose parameters a thread would load as V strided scalars per array
-// (5x the sectors of the op on SegNet's smallest map) and hold in V times the registers.
+// With `vectors` (every pointer, parameters included, aligned to its vector):
+//   NCHW: a thread takes V = 16 / sizeof(T) consecutive elements of its plane at a time, as
+//     one 16-byte vector: chunk(e, params, V) for elements e .. e + V - 1 from the plane's
+//     first 32-byte boundary of `anchor` (params of width 1: the plane's channel), and
+//     element() for the elements before it and after the plane's last whole vector (a lane
+//     each);
+//   channels_last (C % K == 0): the first S = (C / K) * floor(grid threads / (C / K)) threads
+//     each keep K consecutive channels K * (t % (C / K)) .. + K - 1, load their parameters as
+//     one vector per array (width K), and step by K * S, K elements at a time:
+//     chunk(e, params, K). A warp's parameter loads cover 32 K consecutive channels, where K
+//     strided scalar loads per array would move each sector K times. K = 16 / sizeof(T)
+//     (16-byte vectors) unless the kernel caps it (walk_k: a thread holds K parameters per
+//     array in registers).
+// load(Width<n>{}, c) loads the parameters of channels c .. c + n - 1.
+template <int N>
+using Width = std::integral_constant<int, N>;
+
+// K consecutive per-channel parameters from p + c, one vector load (K = 1: a scalar).
+template <int K, typename A, typename I>
+__device__ __forceinline__ AlignedVec<A, K> load_params(const A* __restrict__ p, I c) {
+  using Vec = AlignedVec<A, K>;
+  return SEGNET_LOAD(reinterpret_cast<const Vec*>(p + c));
+}
+
 template <typename I>
 struct ChannelWalk {
   I numel, inner;
-  Divider<I> C;
+  Divider<I> C, groups;  // groups: C / K channel groups of a channels_last vector walk
   bool vectors;
-  ChannelWalk(ChannelDims d, bool vectors) : numel(I(d.numel())), inner(I(d.inner)), C(d.C), vectors(vectors) {}
+  ChannelWalk(ChannelDims d, bool vectors, int K)
+      : numel(I(d.numel())), inner(I(d.inner)), C(d.C), groups(d.C / K), vectors(vectors) {}
 
-  template <typename T, typename Load, typename Element, typename Chunk>
-  __device__ __forceinline__ void operator()(const T* anchor, Load load, Element element, Chunk chunk) const {
+  template <int K, typename T, typename Load, typename Element, typename Chunk>
+  __device__ __forceinline__ void walk(const T* anchor, Load load, Element element, Chunk chunk) const {
     constexpr I V = 16 / sizeof(T);
-    using Params = decltype(load(I(0)));
     if (inner > 1) {
       for (I p = blockIdx.x; p * inner < numel; p += gridDim.x) {
-        const Params params = load(C.mod(p));
+        const auto params = load(Width<1>{}, C.mod(p));
         const I first = p * inner, lead = I(reinterpret_cast<uintptr_t>(anchor + first) % 32 / sizeof(T));
         if (!vectors) {
           for (I i = threadIdx.x; i < inner + lead; i += blockDim.x) {
@@ -75,37 +92,56 @@ struct ChannelWalk {
         const I vectors_in_plane = (inner - head) / V, tail_start = head + vectors_in_plane * V;
         if (threadIdx.x < head) element(first + threadIdx.x, params, true);
         for (I i = threadIdx.x; i < vectors_in_plane; i += blockDim.x)
-          chunk(first + head + i * V, params);
+          chunk(first + head + i * V, params, Width<int(V)>{});
         if (threadIdx.x < inner - tail_start) element(first + tail_start + threadIdx.x, params, true);
       }
+    } else if (vectors) {
+      const I t = I(blockIdx.x) * blockDim.x + threadIdx.x;
+      const I stride = groups.div(I(gridDim.x) * blockDim.x) * groups.divisor;
+      if (t >= stride) return;
+      const auto params = load(Width<K>{}, K * groups.mod(t));
+      for (I e = K * t; e < numel; e += K * stride) chunk(e, params, Width<K>{});
     } else {
       const I t = I(blockIdx.x) * blockDim.x + threadIdx.x;
       const I stride = C.div(I(gridDim.x) * blockDim.x) * C.divisor;
       if (t >= stride) return;
-      const Params params = load(C.mod(t));
+      const auto params = load(Width<1>{}, C.mod(t));
       for (I e = t; e < numel; e += stride) element(e, params, true);
     }
   }
 };
 
-// Whether a ChannelWalk over d may move 16-byte vectors of T, given every pointer it accesses.
-template <typename T>
-bool walk_vectors(const ChannelDims& d, std::initializer_list<const void*> pointers) {
-  for (const void* p : pointers)
-    if (p && !is_aligned_for_vec<T, 16 / sizeof(T)>(p)) return false;
-  return d.inner > 1;
+// Channels per thread of a channels_last vector walk: 16-byte vectors, at most kMaxK.
+template <typename T, int kMaxK>
+constexpr int walk_k() {
+  return 16 / int(sizeof(T)) < kMaxK ? 16 / int(sizeof(T)) : kMaxK;
 }
 
-// Blocks and threads for a ChannelWalk, about `per_thread` elements per thread, so that each
-// thread's parameters (loaded once per plane or once) weigh little against its elements:
-// NCHW, a block per plane (up to the cap) of just enough warps; channels_last, at least C
-// threads.
-inline std::pair<unsigned, int> walk_geometry(const ChannelDims& d, const LaunchConfig& cfg, int64_t per_thread) {
+// Whether a ChannelWalk over d may move vectors of T (K channels at a time in channels_last),
+// given every tensor it accesses and every per-channel parameter array (of A).
+template <typename T, typename A>
+bool walk_vectors(const ChannelDims& d, int K, std::initializer_list<const void*> tensors,
+                  std::initializer_list<const A*> params) {
+  if (d.inner == 1 && d.C % K != 0) return false;
+  const size_t alignment = d.inner > 1 ? 16 : K * sizeof(T);
+  for (const void* p : tensors)
+    if (p && reinterpret_cast<uintptr_t>(p) % alignment != 0) return false;
+  for (const A* p : params)
+    if (d.inner == 1 && reinterpret_cast<uintptr_t>(p) % (K * sizeof(A)) != 0) return false;
+  return true;
+}
+
+// Blocks and threads for a ChannelWalk, about `per_thread` elements per thread per channel it
+// keeps (K in a channels_last vector walk, else 1), so that each thread's parameters (loaded
+// once per plane or once) weigh little against its elements: NCHW, a block per plane (up to
+// the cap) of just enough warps; channels_last, at least C threads.
+inline std::pair<unsigned, int> walk_geometry(const ChannelDims& d, const LaunchConfig& cfg, int64_t per_thread,
+                                              int K = 1) {
   if (d.inner > 1) {
     const int64_t threads = std::min<int64_t>(cfg.threads, std::max<int64_t>(32, (d.inner / per_thread + 31) / 32 * 32));
     return {static_cast<unsigned>(std::min<int64_t>(d.outer * d.C, cfg.max_blocks)), static_cast<int>(threads)};
   }
-  const int64_t want = std::max<int64_t>(d.C, d.numel() / per_thread);
+  const int64_t want = std::max<int64_t>(d.C, d.numel() / (per_thread * K));
   return {static_cast<unsigned>(std::max<int64_t>((d.C + cfg.threads - 1) / cfg.threads,
                                                   std::min<int64_t>((want + cfg.threads - 1) / cfg.threads,
                                                                     cfg.max_blocks))),
@@ -295,37 +331,57 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) sums_finish(ChannelDims d
   }
 }
 
-// Element-wise passes (a ChannelWalk), in 16-byte vectors where the walk allows.
+// Element-wise passes (a ChannelWalk), in vectors where the walk allows.
 // scale_shift_relu reads x (and the residual), writes y; backward_apply reads dy and x, writes
 // dx. With a residual (null: none), y = relu(x * scale + shift + residual), ResNet's add.
+// Their parameters for K channels (K = 1: one, for every element of a chunk).
+template <typename A, int K>
+struct AffineParams {
+  AlignedVec<A, K> scale, shift;
+};
+template <typename A, int K>
+struct GradParams {
+  AlignedVec<A, K> scale, shift, mean, k1, k2, k3;
+};
+
+// 16-byte vectors in channels_last too: 2 parameters per channel
+constexpr int kScaleShiftMaxK = 16;
+
 template <typename T, typename A, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     scale_shift_relu_kernel(const T* __restrict__ x, ChannelWalk<I> walk, const A* __restrict__ scale,
                             const A* __restrict__ shift, bool relu, const T* __restrict__ residual, T* __restrict__ y) {
-  using Vec = AlignedVec<T, 16 / sizeof(T)>;
-  struct Params {
-    A scale, shift;
+  const auto out = [&](A xv, A r, A sc, A sh) {
+    return static_cast<T>(residual ? affine_add_relu(xv, sc, sh, r, relu) : affine_relu(xv, sc, sh, relu));
   };
-  const auto out = [&](A xv, A r, const Params& p) {
-    return static_cast<T>(residual ? affine_add_relu(xv, p.scale, p.shift, r, relu)
-                                   : affine_relu(xv, p.scale, p.shift, relu));
-  };
-  walk(y, [&](I c) { return Params{SEGNET_LOAD(scale + c), SEGNET_LOAD(shift + c)}; },
-       [&](I e, const Params& p, bool active) {
-         const A xv = static_cast<A>(SEGNET_LOAD_IF(active, x + e, T(0)));
-         const A r = residual ? static_cast<A>(SEGNET_LOAD_IF(active, residual + e, T(0))) : A(0);
-         SEGNET_STORE_IF(active, y + e, out(xv, r, p));
-       },
-       [&](I e, const Params& p) {
-         const Vec xs = SEGNET_LOAD(reinterpret_cast<const Vec*>(x + e));
-         const Vec rs = residual ? SEGNET_LOAD(reinterpret_cast<const Vec*>(residual + e)) : Vec{};
-         Vec ys;
+  walk.template walk<walk_k<T, kScaleShiftMaxK>()>(
+      y,
+      [&](auto width, I c) {
+        constexpr int K = decltype(width)::value;
+        return AffineParams<A, K>{load_params<K>(scale, c), load_params<K>(shift, c)};
+      },
+      [&](I e, const AffineParams<A, 1>& p, bool active) {
+        const A xv = static_cast<A>(SEGNET_LOAD_IF(active, x + e, T(0)));
+        const A r = residual ? static_cast<A>(SEGNET_LOAD_IF(active, residual + e, T(0))) : A(0);
+        SEGNET_STORE_IF(active, y + e, out(xv, r, p.scale.v[0], p.shift.v[0]));
+      },
+      [&](I e, const auto& p, auto width) {
+        constexpr int N = decltype(width)::value, K = sizeof(p.scale) / sizeof(A);
+        using Vec = AlignedVec<T, N>;
+        const Vec xs = SEGNET_LOAD(reinterpret_cast<const Vec*>(x + e));
+        const Vec rs = residual ? SEGNET_LOAD(reinterpret_cast<const Vec*>(residual + e)) : Vec{};
+        Vec ys;
 #pragma unroll
-         for (int k = 0; k < int(sizeof(Vec) / sizeof(T)); ++k)
-           ys.v[k] = out(static_cast<A>(xs.v[k]), residual ? static_cast<A>(rs.v[k]) : A(0), p);
-         SEGNET_STORE(reinterpret_cast<Vec*>(y + e), ys);
-       });
+        for (int k = 0; k < N; ++k)
+          ys.v[k] = out(static_cast<A>(xs.v[k]), residual ? static_cast<A>(rs.v[k]) : A(0), p.scale.v[k % K],
+                        p.shift.v[k % K]);
+        SEGNET_STORE(reinterpret_cast<Vec*>(y + e), ys);
+      });
 }
+
+// 4 channels at a time in channels_last (16 bytes in float32, 8 in 16-bit types): 6
+// parameters per channel, 24 registers; 8 channels would hold 48.
+constexpr int kBackwardApplyMaxK = 4;
 
 template <typename T, typename A, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
@@ -333,31 +389,32 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
                                   const A* __restrict__ scale, const A* __restrict__ shift, const A* __restrict__ mean,
                                   const A* __restrict__ k1, const A* __restrict__ k2, const A* __restrict__ k3,
                                   bool relu, T* __restrict__ dx) {
-  using Vec = AlignedVec<T, 16 / sizeof(T)>;
-  struct Params {
-    A scale, shift, mean, k1, k2, k3;
+  const auto out = [&](A xv, A g, const auto& p, int k) {
+    return static_cast<T>(bn_relu_input_grad(xv, g, p.scale.v[k], p.shift.v[k], p.mean.v[k], p.k1.v[k], p.k2.v[k],
+                                             p.k3.v[k], relu));
   };
-  const auto out = [&](A xv, A g, const Params& p) {
-    return static_cast<T>(bn_relu_input_grad(xv, g, p.scale, p.shift, p.mean, p.k1, p.k2, p.k3, relu));
-  };
-  walk(dx, [&](I c) {
-         return Params{SEGNET_LOAD(scale + c), SEGNET_LOAD(shift + c), SEGNET_LOAD(mean + c),
-                       SEGNET_LOAD(k1 + c),    SEGNET_LOAD(k2 + c),    SEGNET_LOAD(k3 + c)};
-       },
-       [&](I e, const Params& p, bool active) {
-         const A xv = static_cast<A>(SEGNET_LOAD_IF(active, x + e, T(0)));
-         const A g = static_cast<A>(SEGNET_LOAD_IF(active, dy + e, T(0)));
-         SEGNET_STORE_IF(active, dx + e, out(xv, g, p));
-       },
-       [&](I e, const Params& p) {
-         const Vec xs = SEGNET_LOAD(reinterpret_cast<const Vec*>(x + e));
-         const Vec gs = SEGNET_LOAD(reinterpret_cast<const Vec*>(dy + e));
-         Vec dxs;
+  walk.template walk<walk_k<T, kBackwardApplyMaxK>()>(
+      dx,
+      [&](auto width, I c) {
+        constexpr int K = decltype(width)::value;
+        return GradParams<A, K>{load_params<K>(scale, c), load_params<K>(shift, c), load_params<K>(mean, c),
+                                load_params<K>(k1, c),    load_params<K>(k2, c),    load_params<K>(k3, c)};
+      },
+      [&](I e, const GradParams<A, 1>& p, bool active) {
+        const A xv = static_cast<A>(SEGNET_LOAD_IF(active, x + e, T(0)));
+        const A g = static_cast<A>(SEGNET_LOAD_IF(active, dy + e, T(0)));
+        SEGNET_STORE_IF(active, dx + e, out(xv, g, p, 0));
+      },
+      [&](I e, const auto& p, auto width) {
+        constexpr int N = decltype(width)::value, K = sizeof(p.scale) / sizeof(A);
+        using Vec = AlignedVec<T, N>;
+        const Vec xs = SEGNET_LOAD(reinterpret_cast<const Vec*>(x + e));
+        const Vec gs = SEGNET_LOAD(reinterpret_cast<const Vec*>(dy + e));
+        Vec dxs;
 #pragma unroll
-         for (int k = 0; k < int(sizeof(Vec) / sizeof(T)); ++k)
-           dxs.v[k] = out(static_cast<A>(xs.v[k]), static_cast<A>(gs.v[k]), p);
-         SEGNET_STORE(reinterpret_cast<Vec*>(dx + e), dxs);
-       });
+        for (int k = 0; k < N; ++k) dxs.v[k] = out(static_cast<A>(xs.v[k]), static_cast<A>(gs.v[k]), p, k % K);
+        SEGNET_STORE(reinterpret_cast<Vec*>(dx + e), dxs);
+      });
 }
 
 // ---- launchers --------------------------------------------------------------------------
@@ -448,9 +505,11 @@ void launch_scale_shift_relu(const T* x, ChannelDims d, const A* scale, const A*
   with_index_type(d.numel(), cfg, [&](auto index) {
     using I = decltype(index);
     auto kernel = scale_shift_relu_kernel<T, A, I>;
-    const auto geometry = walk_geometry(d, cfg, 32);  // 2 parameters per thread
-    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, x, ChannelWalk<I>(d, walk_vectors<T>(d, {x, residual, y})),
-                  scale, shift, relu, residual, y);
+    constexpr int K = walk_k<T, kScaleShiftMaxK>();
+    const bool vectors = walk_vectors<T, A>(d, K, {x, residual, y}, {scale, shift});
+    const auto geometry = walk_geometry(d, cfg, 32, vectors ? K : 1);  // 2 parameters per channel
+    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, x, ChannelWalk<I>(d, vectors, K), scale, shift,
+                  relu, residual, y);
   });
 }
 
@@ -462,9 +521,11 @@ void launch_bn_relu_backward_apply(const T* dy, const T* x, ChannelDims d, const
   with_index_type(d.numel(), cfg, [&](auto index) {
     using I = decltype(index);
     auto kernel = bn_relu_backward_apply_kernel<T, A, I>;
-    const auto geometry = walk_geometry(d, cfg, 64);  // 6 parameters per thread
-    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, dy, x, ChannelWalk<I>(d, walk_vectors<T>(d, {dy, x, dx})),
-                  scale, shift, mean, k1, k2, k3, relu, dx);
+    constexpr int K = walk_k<T, kBackwardApplyMaxK>();
+    const bool vectors = walk_vectors<T, A>(d, K, {dy, x, dx}, {scale, shift, mean, k1, k2, k3});
+    const auto geometry = walk_geometry(d, cfg, 64, vectors ? K : 1);  // 6 parameters per channel
+    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, dy, x, ChannelWalk<I>(d, vectors, K), scale, shift,
+                  mean, k1, k2, k3, relu, dx);
   });
 }
 

@@ -131,8 +131,76 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   }
 }
 
+// The walk both channels_last unpooling directions share: per tile of kTileWindows windows x
+// 32 channels, the tile's codes staged in shared memory, then body(n, c, on, p, oh, ow, code)
+// per window p = (oh, ow) of image n and channel c of the tile (on: c < C), a warp's lanes
+// consecutive channels of one window.
+template <typename I, typename F>
+__device__ __forceinline__ void for_each_tile_window(const uint8_t* __restrict__ packed, const PoolDims& d,
+                                                     const WindowTiles<I>& tiles, const Divider<I>& wo, F&& body) {
+  __shared__ TileCodes codes;
+  const I C = I(d.C), Wo = I(d.Wo), P = I(d.Ho) * Wo;
+  for (I tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
+    I n, first_channel, first_window;
+    tiles(tile, n, first_channel, first_window);
+    const I count = P - first_window < I(kTileWindows) ? P - first_window : I(kTileWindows);
+    load_tile_codes(codes, packed, n, C, P, first_channel, first_window, count);
+    __syncthreads();
+    const I c = first_channel + threadIdx.x;
+    const bool on = c < C;
+    const I first = (n * C + (on ? c : first_channel)) * P + first_window;
+    for (I q = threadIdx.y; q < count; q += blockDim.y) {
+      const I p = first_window + q, oh = wo.div(p);
+      body(n, c, on, p, oh, p - oh * Wo, tile_code(codes, I(threadIdx.x), first, q));
+    }
+    __syncthreads();  // codes is refilled for the next tile
+  }
+}
+
+// Unpooling, channels_last, in tiles: a warp places one window's value of 32 channels and
+// writes its 2x2 block as four stores of 32 consecutive channels each (zeros where the code
+// does not point), plus the zeros of a last row or column that no window covers (floor mode,
+// odd H or W): y's sectors once, v's once, the codes once. Index math in I.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_unpool2x2_nhwc_tile_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed, T* __restrict__ y,
+                                   PoolDims d, WindowTiles<I> tiles, Divider<I> wo) {
+  const I C = I(d.C), H = I(d.H), W = I(d.W), Ho = I(d.Ho), Wo = I(d.Wo), P = Ho * Wo, row = W * C;
+  for_each_tile_window(packed, d, tiles, wo, [&](I n, I c, bool on, I p, I oh, I ow, uint8_t code) {
+    const I h = 2 * oh, w = 2 * ow;
+    const T value = SEGNET_LOAD_IF(on, v + (on ? (n * P + p) * C + c : 0), T(0)), zero = T(0);
+    const bool col1 = w + 1 < W, row1 = h + 1 < H;
+    const bool col2 = ow + 1 == Wo && w + 2 < W, row2 = oh + 1 == Ho && h + 2 < H;  // uncovered
+    T* top = y + (on ? ((n * H + h) * W + w) * C + c : 0);
+    SEGNET_STORE_IF(on, top, code == 0 ? value : zero);
+    SEGNET_STORE_IF(on && col1, top + C, code == 1 ? value : zero);
+    SEGNET_STORE_IF(on && row1, top + row, code == 2 ? value : zero);
+    SEGNET_STORE_IF(on && row1 && col1, top + row + C, code == 3 ? value : zero);
+    SEGNET_STORE_IF(on && col2, top + 2 * C, zero);
+    SEGNET_STORE_IF(on && col2 && row1, top + row + 2 * C, zero);
+    for (I j = 0; j < I(2 + col2); ++j) SEGNET_STORE_IF(on && row2 && w + j < W, top + 2 * row + j * C, zero);
+  });
+}
+
+// Unpooling backward, channels_last, in tiles: a warp gathers the output gradient of 32
+// channels at their windows' arg-max (zero where the code points outside the output) and
+// stores them as one instruction.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_unpool2x2_backward_nhwc_tile_kernel(const T* __restrict__ go, const uint8_t* __restrict__ packed,
+                                            T* __restrict__ gv, PoolDims d, WindowTiles<I> tiles, Divider<I> wo) {
+  const I C = I(d.C), H = I(d.H), W = I(d.W), P = I(d.Ho) * I(d.Wo);
+  for_each_tile_window(packed, d, tiles, wo, [&](I n, I c, bool on, I p, I oh, I ow, uint8_t code) {
+    const I h = 2 * oh + (code >> 1), w = 2 * ow + (code & 1);
+    const bool inside = on && h < H && w < W;
+    const T g = SEGNET_LOAD_IF(inside, go + (inside ? ((n * H + h) * W + w) * C + c : 0), T(0));
+    SEGNET_STORE_IF(on, gv + (on ? (n * P + p) * C + c : 0), g);
+  });
+}
+
 // ---- NCHW bands: whole window rows of narrow maps ----
-// Where a row is narrow (Wo <= kBandWindows / 4: SegNet's 60- and 30-wide maps), a warp's
+// Where a row is narrow (Wo <= kBandWindows / 4) and vectors do not apply (W % 8 != 0 or a
+// misaligned view: SegNet's 30-wide maps, 60 elements wide before pooling), a warp's
 // consecutive windows span several rows and each access instruction would start and end
 // inside sectors that the row's other instructions touch as well. There a block takes
 // whole window rows r = plane * Ho + oh (across planes: their input or output rows are one
@@ -204,7 +272,7 @@ __device__ __forceinline__ void load_band_codes(uint8_t* codes, const uint8_t* _
   });
 }
 
-// Pooling, NCHW bands (narrow rows where W % 8 != 0): the band's input rows are loaded
+// Pooling, NCHW bands: the band's input rows are loaded
 // flat into shared memory, then a thread per window (a warp: 32 consecutive windows from a
 // sector boundary of y) pools from there; the 4 lanes of a packed byte OR their codes
 // together by shuffles. Index math in I.
@@ -317,37 +385,101 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   }
 }
 
-// Pooling, NCHW with W % 8 == 0 (so Wo % 4 == 0 and a byte's 4 windows share a row):
-// one thread owns a byte, loads its 2 x 8 input elements as aligned vectors and stores
-// its 4 values as one vector. Index math in I.
+// ---- NCHW vectors: W % 8 == 0 ----
+// The walk of the vectorised NCHW kernels (W % 8 == 0, so Wo % 4 == 0 and a packed byte's 4
+// windows share a row): one thread per byte t, body(t, k, r0, row1, row2) with k = 4 * t its
+// first window, r0 the offset in the full map of the byte's 2 x 8 block, row1 whether the
+// block's second row exists (not so in ceil mode with odd H), row2 whether a row that no
+// window covers follows it (floor mode, odd H).
+template <typename I, typename F>
+__device__ __forceinline__ void for_each_window_byte(const PoolDims& d, const Divider<I>& wo, const Divider<I>& ho,
+                                                     F&& body) {
+  const I bytes = I(d.windows() / 4), H = I(d.H), W = I(d.W);
+  for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < bytes; t += I(gridDim.x) * blockDim.x) {
+    const I k = 4 * t, row = wo.div(k), ow = k - row * wo.divisor;
+    const I plane = ho.div(row), oh = row - plane * ho.divisor, h = 2 * oh;
+    body(t, k, (plane * H + h) * W + 2 * ow, h + 1 < H, oh + 1 == ho.divisor && h + 2 < H);
+  }
+}
+
+// Pooling, NCHW with W % 8 == 0: a thread per packed byte loads its 2 x 8 input elements as
+// two vectors and stores its 4 values as one vector. Index math in I.
 template <typename T, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     max_pool2x2_nchw_vec_kernel(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ packed, PoolDims d,
                                 Divider<I> wo, Divider<I> ho) {
-  const I bytes = I(d.windows() / 4), H = I(d.H), W = I(d.W);
-  for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < bytes; t += I(gridDim.x) * blockDim.x) {
-    const I k = 4 * t, row = wo.div(k), ow = k - row * wo.divisor;
-    const I plane = ho.div(row), h = 2 * (row - plane * ho.divisor);
-    const T* r0 = x + (plane * H + h) * W + 2 * ow;
-    const bool row1 = h + 1 < H;
-    using In = AlignedVec<T, 8>;
-    using Out = AlignedVec<T, 4>;
-    const In a = SEGNET_LOAD(reinterpret_cast<const In*>(r0));
-    const In b = SEGNET_LOAD_IF(row1, reinterpret_cast<const In*>(r0 + W), a);
-    Out out;
+  using Row = AlignedVec<T, 8>;
+  using Values = AlignedVec<T, 4>;
+  const I W = I(d.W);
+  for_each_window_byte(d, wo, ho, [&](I t, I k, I r0, bool row1, bool) {
+    const Row a = SEGNET_LOAD(reinterpret_cast<const Row*>(x + r0));
+    const Row b = SEGNET_LOAD_IF(row1, reinterpret_cast<const Row*>(x + r0 + W), a);
+    Values out;
     uint8_t bits = 0;
     for (int i = 0; i < 4; ++i) {
-      bits |= window_argmax(a.v[2 * i], a.v[2 * i + 1], b.v[2 * i], b.v[2 * i + 1], true, row1,
-                            &out.v[i])
-              << (2 * i);
+      bits |= window_argmax(a.v[2 * i], a.v[2 * i + 1], b.v[2 * i], b.v[2 * i + 1], true, row1, &out.v[i]) << (2 * i);
     }
-    SEGNET_STORE(reinterpret_cast<Out*>(y + k), out);
+    SEGNET_STORE(reinterpret_cast<Values*>(y + k), out);
     SEGNET_STORE(packed + t, bits);
-  }
+  });
 }
 
-// Pooling, NCHW where the vectorised kernel does not apply (W % 8 != 0: SegNet's 60- and
-// 30-wide maps, odd sizes): one thread per window, a warp 32 consecutive windows (their
+// Unpooling, NCHW with W % 8 == 0: a thread per packed byte loads the byte and its 4 values
+// (one vector) and stores its 2 x 8 output block as two vectors, plus 8 zeros of a row that
+// no window covers. Index math in I.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_unpool2x2_nchw_vec_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed, T* __restrict__ y,
+                                  PoolDims d, Divider<I> wo, Divider<I> ho) {
+  using Row = AlignedVec<T, 8>;
+  using Values = AlignedVec<T, 4>;
+  const I W = I(d.W);
+  for_each_window_byte(d, wo, ho, [&](I t, I k, I r0, bool row1, bool row2) {
+    const unsigned bits = SEGNET_LOAD(packed + t);
+    const Values values = SEGNET_LOAD(reinterpret_cast<const Values*>(v + k));
+    Row top, bottom, zeros;
+    for (int i = 0; i < 4; ++i) {
+      const unsigned code = (bits >> (2 * i)) & 3;
+      const T value = values.v[i], zero = T(0);
+      top.v[2 * i] = code == 0 ? value : zero, top.v[2 * i + 1] = code == 1 ? value : zero;
+      bottom.v[2 * i] = code == 2 ? value : zero, bottom.v[2 * i + 1] = code == 3 ? value : zero;
+      zeros.v[2 * i] = zeros.v[2 * i + 1] = zero;
+    }
+    SEGNET_STORE(reinterpret_cast<Row*>(y + r0), top);
+    SEGNET_STORE_IF(row1, reinterpret_cast<Row*>(y + r0 + W), bottom);
+    SEGNET_STORE_IF(row2, reinterpret_cast<Row*>(y + r0 + 2 * W), zeros);
+  });
+}
+
+// Unpooling backward, NCHW with W % 8 == 0: a thread per packed byte loads the byte and the
+// 2 x 8 output-gradient block of its 4 windows (two vectors) and stores the 4 gradients at
+// the arg-maxes as one vector (zero where a code points below the last row).
+template <typename T, typename I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    max_unpool2x2_backward_nchw_vec_kernel(const T* __restrict__ go, const uint8_t* __restrict__ packed,
+                                           T* __restrict__ gv, PoolDims d, Divider<I> wo, Divider<I> ho) {
+  using Row = AlignedVec<T, 8>;
+  using Values = AlignedVec<T, 4>;
+  const I W = I(d.W);
+  for_each_window_byte(d, wo, ho, [&](I t, I k, I r0, bool row1, bool) {
+    const unsigned bits = SEGNET_LOAD(packed + t);
+    const Row top = SEGNET_LOAD(reinterpret_cast<const Row*>(go + r0));
+    const Row bottom = SEGNET_LOAD_IF(row1, reinterpret_cast<const Row*>(go + r0 + W), top);
+    Values out;
+    for (int i = 0; i < 4; ++i) {
+      // selects, not an index by the code: a register array indexed at run time goes to local memory
+      const unsigned code = (bits >> (2 * i)) & 3;
+      const T a = code & 1 ? top.v[2 * i + 1] : top.v[2 * i], b = code & 1 ? bottom.v[2 * i + 1] : bottom.v[2 * i];
+      out.v[i] = code < 2 ? a : row1 ? b : T(0);
+    }
+    SEGNET_STORE(reinterpret_cast<Values*>(gv + k), out);
+  });
+}
+
+// ---- NCHW, one thread per window ----
+
+// Pooling, NCHW where neither vectors nor bands apply (W % 8 != 0 or a misaligned view, and
+// Wo > kBandWindows / 4): one thread per window, a warp 32 consecutive windows (their
 // values consecutive: coalesced stores), reading each of its two input rows as one 2-element
 // load where W is even and x 2-element aligned (`pairs`); the 4 lanes of a packed byte OR
 // their codes together by shuffles and the first stores the byte. The loop runs while any lane of the warp has a window (the
@@ -389,78 +521,11 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   }
 }
 
-// The walk both channels_last unpooling directions share: per tile of kTileWindows windows x
-// 32 channels, the tile's codes staged in shared memory, then body(n, c, on, p, oh, ow, code)
-// per window p = (oh, ow) of image n and channel c of the tile (on: c < C), a warp's lanes
-// consecutive channels of one window.
-template <typename I, typename F>
-__device__ __forceinline__ void for_each_tile_window(const uint8_t* __restrict__ packed, const PoolDims& d,
-                                                     const WindowTiles<I>& tiles, const Divider<I>& wo, F&& body) {
-  __shared__ TileCodes codes;
-  const I C = I(d.C), Wo = I(d.Wo), P = I(d.Ho) * Wo;
-  for (I tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
-    I n, first_channel, first_window;
-    tiles(tile, n, first_channel, first_window);
-    const I count = P - first_window < I(kTileWindows) ? P - first_window : I(kTileWindows);
-    load_tile_codes(codes, packed, n, C, P, first_channel, first_window, count);
-    __syncthreads();
-    const I c = first_channel + threadIdx.x;
-    const bool on = c < C;
-    const I first = (n * C + (on ? c : first_channel)) * P + first_window;
-    for (I q = threadIdx.y; q < count; q += blockDim.y) {
-      const I p = first_window + q, oh = wo.div(p);
-      body(n, c, on, p, oh, p - oh * Wo, tile_code(codes, I(threadIdx.x), first, q));
-    }
-    __syncthreads();  // codes is refilled for the next tile
-  }
-}
-
-// Unpooling, channels_last, in tiles: a warp places one window's value of 32 channels and
-// writes its 2x2 block as four stores of 32 consecutive channels each (zeros where the code
-// does not point), plus the zeros of a last row or column that no window covers (floor mode,
-// odd H or W): y's sectors once, v's once, the codes once. Index math in I.
-template <typename T, typename I>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock)
-    max_unpool2x2_nhwc_tile_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed, T* __restrict__ y,
-                                   PoolDims d, WindowTiles<I> tiles, Divider<I> wo) {
-  const I C = I(d.C), H = I(d.H), W = I(d.W), Ho = I(d.Ho), Wo = I(d.Wo), P = Ho * Wo, row = W * C;
-  for_each_tile_window(packed, d, tiles, wo, [&](I n, I c, bool on, I p, I oh, I ow, uint8_t code) {
-    const I h = 2 * oh, w = 2 * ow;
-    const T value = SEGNET_LOAD_IF(on, v + (on ? (n * P + p) * C + c : 0), T(0)), zero = T(0);
-    const bool col1 = w + 1 < W, row1 = h + 1 < H;
-    const bool col2 = ow + 1 == Wo && w + 2 < W, row2 = oh + 1 == Ho && h + 2 < H;  // uncovered
-    T* top = y + (on ? ((n * H + h) * W + w) * C + c : 0);
-    SEGNET_STORE_IF(on, top, code == 0 ? value : zero);
-    SEGNET_STORE_IF(on && col1, top + C, code == 1 ? value : zero);
-    SEGNET_STORE_IF(on && row1, top + row, code == 2 ? value : zero);
-    SEGNET_STORE_IF(on && row1 && col1, top + row + C, code == 3 ? value : zero);
-    SEGNET_STORE_IF(on && col2, top + 2 * C, zero);
-    SEGNET_STORE_IF(on && col2 && row1, top + row + 2 * C, zero);
-    for (I j = 0; j < I(2 + col2); ++j) SEGNET_STORE_IF(on && row2 && w + j < W, top + 2 * row + j * C, zero);
-  });
-}
-
-// Unpooling backward, channels_last, in tiles: a warp gathers the output gradient of 32
-// channels at their windows' arg-max (zero where the code points outside the output) and
-// stores them as one instruction.
-template <typename T, typename I>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock)
-    max_unpool2x2_backward_nhwc_tile_kernel(const T* __restrict__ go, const uint8_t* __restrict__ packed,
-                                            T* __restrict__ gv, PoolDims d, WindowTiles<I> tiles, Divider<I> wo) {
-  const I C = I(d.C), H = I(d.H), W = I(d.W), P = I(d.Ho) * I(d.Wo);
-  for_each_tile_window(packed, d, tiles, wo, [&](I n, I c, bool on, I p, I oh, I ow, uint8_t code) {
-    const I h = 2 * oh + (code >> 1), w = 2 * ow + (code & 1);
-    const bool inside = on && h < H && w < W;
-    const T g = SEGNET_LOAD_IF(inside, go + (inside ? ((n * H + h) * W + w) * C + c : 0), T(0));
-    SEGNET_STORE_IF(on, gv + (on ? (n * P + p) * C + c : 0), g);
-  });
-}
-
-// Unpooling, NCHW: one thread per window (a warp: consecutive windows of a row), which reads
-// its code byte and value once and writes its 2x2 block as two rows of two (one 2-element
-// store each where W is even and y 2-element aligned: `pairs`), plus the zeros of a last row
-// or column that no window covers (floor mode, odd H or W): y's sectors once, v's once, the
-// packed bytes 4 lanes to a byte. Index math in I (32-bit below 2^31 elements: no 64-bit
+// Unpooling, NCHW where neither vectors nor bands apply: one thread per window (a warp:
+// consecutive windows of a row), which reads its code byte and value once and writes its 2x2
+// block as two rows of two (one 2-element store each where W is even and y 2-element
+// aligned: `pairs`), plus the zeros of a last row or column that no window covers (floor
+// mode, odd H or W): y's sectors once, v's once, the packed bytes 4 lanes to a byte. Index math in I (32-bit below 2^31 elements: no 64-bit
 // division).
 template <typename T, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
@@ -495,8 +560,9 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   }
 }
 
-// Unpooling backward, NCHW: one thread per gradient of a value, in memory order; gathers the
-// output gradient at the window's arg-max (zero where the code points outside the output).
+// Unpooling backward, NCHW where neither vectors nor bands apply: one thread per gradient of
+// a value, in memory order; gathers the output gradient at the window's arg-max (zero where
+// the code points outside the output).
 template <typename T, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     max_unpool2x2_backward_nchw_kernel(const T* __restrict__ go, const uint8_t* __restrict__ packed,
@@ -579,6 +645,10 @@ void launch_max_unpool2x2(const T* v, const uint8_t* packed, T* y, PoolDims d, b
       auto kernel = max_unpool2x2_nhwc_tile_kernel<T, I>;
       SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(tiles.count, cfg.max_blocks)), tile_block(cfg), stream, v,
                     packed, y, d, tiles, Divider<I>(d.Wo));
+    } else if (d.W % 8 == 0 && is_aligned_for_vec<T, 4>(v) && is_aligned_for_vec<T, 8>(y)) {
+      auto kernel = max_unpool2x2_nchw_vec_kernel<T, I>;
+      SEGNET_LAUNCH(kernel, blocks_for(d.windows() / 4, cfg), cfg.threads, stream, v, packed, y, d, Divider<I>(d.Wo),
+                    Divider<I>(d.Ho));
     } else if (d.Wo <= kBandWindows / 4) {
       const Bands<I> bands(d);
       auto kernel = max_unpool2x2_nchw_band_kernel<T, I>;
@@ -605,6 +675,10 @@ void launch_max_unpool2x2_backward(const T* go, const uint8_t* packed, T* gv, Po
       auto kernel = max_unpool2x2_backward_nhwc_tile_kernel<T, I>;
       SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(tiles.count, cfg.max_blocks)), tile_block(cfg), stream, go,
                     packed, gv, d, tiles, Divider<I>(d.Wo));
+    } else if (d.W % 8 == 0 && is_aligned_for_vec<T, 8>(go) && is_aligned_for_vec<T, 4>(gv)) {
+      auto kernel = max_unpool2x2_backward_nchw_vec_kernel<T, I>;
+      SEGNET_LAUNCH(kernel, blocks_for(total / 4, cfg), cfg.threads, stream, go, packed, gv, d, Divider<I>(d.Wo),
+                    Divider<I>(d.Ho));
     } else if (d.Wo <= kBandWindows / 4) {
       const Bands<I> bands(d);
       auto kernel = max_unpool2x2_backward_nchw_band_kernel<T, I>;

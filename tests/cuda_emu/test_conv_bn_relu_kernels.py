@@ -10,10 +10,12 @@ from segnet_ext import reference
 
 ops = torch.ops.segnet_ext
 LAUNCHES = [(48, 3), (64, 1), (256, 1024)]
-# the element-wise kernels take 16-byte vectors in NCHW wherever the tensors are 16-byte
-# aligned (misaligned() below: the scalar path), planes of any size (a head and a tail of
-# single elements around the whole vectors)
-SHAPES = [(2, 3, 1, 1), (1, 5, 3, 7), (3, 33, 4, 5), (2, 70, 9, 13), (1, 2, 37, 61), (2, 16, 5, 3)]
+# the element-wise kernels take vectors wherever the tensors and, in channels_last, the
+# parameters are aligned and C a multiple of the channels per vector (misaligned() below: the
+# scalar path); NCHW planes of any size (a head and a tail of single elements around the
+# whole vectors); channels_last C a multiple of the channels per vector (16, 24; 2 and 70 in
+# float64) and not
+SHAPES = [(2, 3, 1, 1), (1, 5, 3, 7), (3, 33, 4, 5), (2, 70, 9, 13), (1, 2, 37, 61), (2, 16, 5, 3), (1, 24, 7, 9)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -48,9 +50,10 @@ def test_bn_relu_kernels_match_cpu_and_reference(emu, index_bits, threads, max_b
         # the residual in the other layout: the kernel reads it in x's
         residual = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(
             memory_format=torch.contiguous_format if channels_last else torch.channels_last)
-        for relu, r, xs in itertools.product((True, False), (None, residual), (x, misaligned(x))):
+        inputs = [(x, scale), (misaligned(x), scale), (x, misaligned(scale))]
+        for relu, r, (xs, sc) in itertools.product((True, False), (None, residual), inputs):
             # the same fused multiply-adds as the CPU kernel: equal bit for bit (vector or scalar path)
-            y = emu.scale_shift_relu(xs, scale, shift, relu, r, threads, max_blocks)
+            y = emu.scale_shift_relu(xs, sc, shift, relu, r, threads, max_blocks)
             torch.testing.assert_close(y, ops.scale_shift_relu(x, scale, shift, relu, r), rtol=0, atol=0, msg=what)
             torch.testing.assert_close(y, reference.scale_shift_relu(x, scale, shift, relu, r), rtol=tol(dtype),
                                        atol=tol(dtype), msg=what)
@@ -61,8 +64,8 @@ def test_bn_relu_kernels_match_cpu_and_reference(emu, index_bits, threads, max_b
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * x.numel() ** 0.5, msg=what)
             want = reference.bn_relu_backward_apply(dy, x, scale, shift, mean, k1, k2, k3, relu)
             cpu = ops.bn_relu_backward_apply(dy, x, scale, shift, mean, k1, k2, k3, relu)
-            for dys in (dy, misaligned(dy)):
-                dx = emu.bn_relu_backward_apply(dys, x, scale, shift, mean, k1, k2, k3, relu, threads, max_blocks)
+            for dys, m in [(dy, mean), (misaligned(dy), mean), (dy, misaligned(mean))]:
+                dx = emu.bn_relu_backward_apply(dys, x, scale, shift, m, k1, k2, k3, relu, threads, max_blocks)
                 torch.testing.assert_close(dx, want, rtol=tol(dtype), atol=tol(dtype), msg=what)
                 torch.testing.assert_close(dx, cpu, rtol=0, atol=0, msg=what)
 

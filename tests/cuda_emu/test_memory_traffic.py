@@ -1,11 +1,13 @@
 """How the CUDA kernels use memory, counted by the emulator: 32-byte sectors per warp
 instruction (tests/cuda_emu/cuda_emu.h), first of the counter itself, then of every
 memory-bound kernel on SegNet's maps (bench/memory_traffic.py) against the bytes the op must
-move. Also: __shared__ memory starts every block poisoned."""
+move; and that the NCHW vector paths move vectors. Also: __shared__ memory starts every block
+poisoned."""
 import pytest
 import torch
 
 from bench import memory_traffic
+from tests.pool_cases import assert_bitwise_equal, make_input
 
 TARGET = 1.10  # sectors moved / ideal (issue 14)
 
@@ -75,6 +77,42 @@ def test_counting_is_off_unless_asked(emu):
 def test_shared_memory_is_poisoned_at_the_start_of_every_block(emu, blocks):
     out = emu.read_shared_first(64, blocks)
     assert out.isnan().all(), out  # never the 1.0 that the block before left there
+
+
+# ---- the vector paths ----
+
+def _misaligned(t):
+    """t's values in a view one element into its storage: not 16-byte aligned."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = base[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_nchw_maps_with_w_a_multiple_of_8_move_vectors(emu, dtype, ceil_mode):
+    # W % 8 == 0 and 16-byte aligned: a thread per packed byte, whose accesses are vectors; a
+    # misaligned view of the same values takes a per-element path. Both give the same bits;
+    # the vectors need at most half the warp instructions. Odd H: in ceil mode the last window
+    # row has one input row, in floor mode a row follows that no window covers.
+    x = make_input((2, 3, 9, 48), dtype)
+    values, packed = emu.max_pool2x2(x, ceil_mode, 256, 8)
+    go = make_input(x.shape, dtype)
+    ops = {
+        "max_pool2x2": lambda x, v, go: emu.max_pool2x2(x, ceil_mode, 256, 8),
+        "max_unpool2x2": lambda x, v, go: emu.max_unpool2x2(v, packed, [9, 48], 256, 8),
+        "max_unpool2x2_backward": lambda x, v, go: emu.max_unpool2x2_backward(go, packed, list(values.shape[2:]),
+                                                                              256, 8),
+    }
+    for op, run in ops.items():
+        out = []
+        t = [_traffic(emu, lambda a=args: out.append(run(*a)))
+             for args in [(x, values, go), tuple(_misaligned(a) for a in (x, values, go))]]
+        for vector, element in zip(*[o if isinstance(o, tuple) else (o,) for o in out]):
+            assert_bitwise_equal(vector, element, op)
+        requests = [u["load_requests"] + u["store_requests"] for u in t]
+        assert 2 * requests[0] <= requests[1], (op, t)
 
 
 # ---- the kernels on SegNet's maps ----
