@@ -89,6 +89,10 @@ def short_name(mangled: str) -> str:
         return name
     tags = [{"N3c108BFloat16E": "bf16", "N3c104HalfE": "fp16", "f": "fp32", "d": "fp64"}[m.group(1)]]
     rest = args[m.end():]
+    m = re.match(r"Li(\d+)E", rest)  # an int argument: the channels a lane takes
+    if m:
+        tags.append(f"x{m.group(1)}")
+        rest = rest[m.end():]
     for term, tag in (("GradTerm", "backward sums"), ("StatsTerm", "statistics")):
         if term in rest:
             tags.append(tag)

@@ -37,7 +37,9 @@ def kernels():
     found = compiled_code.read(compiled_code.library())
     if not found:
         pytest.skip("a CPU-only build: no CUDA code")
-    return {compiled_code.short_name(name): k for name, k in found.items()}
+    named = {compiled_code.short_name(name): k for name, k in found.items()}
+    assert len(named) == len(found), "two kernel instances share a short name: extend compiled_code.short_name"
+    return named
 
 
 def test_every_kernel_is_compiled_for_every_dtype(kernels):
