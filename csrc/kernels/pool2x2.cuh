@@ -16,20 +16,26 @@ struct PoolDims {
   SEGNET_HD int64_t windows() const { return N * C * Ho * Wo; }
 };
 
-// Pools window (n, c, oh, ow) of x: writes its maximum to y (where `store`), returns its
-// code. An inactive lane (predicated off) loads and stores nothing and returns 0.
-template <typename T, typename I>
-__device__ __forceinline__ uint8_t pool_window(const T* __restrict__ x, Strides4 xs, T* __restrict__ y, Strides4 ys,
-                                               I H, I W, I n, I c, I oh, I ow, bool active, bool store) {
+// Pools window (n, c, oh, ow) of x and channels c .. c + V - 1 (channels_last: one vector
+// per pixel): writes the maxima to y (where `store`), returns their codes (bits 2j, 2j + 1:
+// channel c + j). An inactive lane (predicated off) loads and stores nothing and returns 0.
+template <int V, typename T, typename I>
+__device__ __forceinline__ unsigned pool_window(const T* __restrict__ x, Strides4 xs, T* __restrict__ y, Strides4 ys,
+                                                I H, I W, I n, I c, I oh, I ow, bool active, bool store) {
+  using Vec = AlignedVec<T, V>;
   const bool col1 = 2 * ow + 1 < W, row1 = 2 * oh + 1 < H;
   const T* p = x + (active ? xs.at(n, c, 2 * oh, 2 * ow) : 0);
-  const T v00 = SEGNET_LOAD_IF(active, p, T(0));
-  T m;
-  const uint8_t code =
-      window_argmax(v00, SEGNET_LOAD_IF(active && col1, p + xs.w, v00), SEGNET_LOAD_IF(active && row1, p + xs.h, v00),
-                    SEGNET_LOAD_IF(active && col1 && row1, p + xs.h + xs.w, v00), col1, row1, &m);
-  SEGNET_STORE_IF(active && store, y + (active && store ? ys.at(n, c, oh, ow) : 0), m);
-  return active ? code : 0;
+  const Vec v00 = SEGNET_LOAD_IF(active, reinterpret_cast<const Vec*>(p), Vec{});
+  const Vec v01 = SEGNET_LOAD_IF(active && col1, reinterpret_cast<const Vec*>(p + xs.w), v00);
+  const Vec v10 = SEGNET_LOAD_IF(active && row1, reinterpret_cast<const Vec*>(p + xs.h), v00);
+  const Vec v11 = SEGNET_LOAD_IF(active && col1 && row1, reinterpret_cast<const Vec*>(p + xs.h + xs.w), v00);
+  Vec m;
+  unsigned bits = 0;
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    bits |= unsigned(window_argmax(v00.v[j], v01.v[j], v10.v[j], v11.v[j], col1, row1, &m.v[j])) << (2 * j);
+  SEGNET_STORE_IF(active && store, reinterpret_cast<Vec*>(y + (active && store ? ys.at(n, c, oh, ow) : 0)), m);
+  return active ? bits : 0u;
 }
 
 // ---- channels_last tiles: 32 V channels x 128 windows of one image ----
@@ -87,28 +93,29 @@ __device__ __forceinline__ uint8_t tile_code(const TileCodes<V>& codes, I cc, I 
   return code_in(codes[cc][(k >> 2) - (first >> 2)], k);
 }
 
-// Pooling, channels_last, in tiles: a warp pools one window of 32 channels (every load and
-// value store covers 32 consecutive channels of one pixel); the codes go through shared
-// memory, and each channel's bytes are stored by one warp instruction. Where Ho*Wo % 4 != 0
-// a byte may hold windows of two tiles (of one channel, or the last of a channel and the
-// first of the next): the tile holding a byte's first window stores it, pooling the up to 3
-// windows after its own once more for their codes (loads only). Index math in I.
-template <typename T, typename I>
+// Pooling, channels_last, in tiles: a warp pools one window of 32 V channels (every load and
+// value store covers 32 V consecutive channels of one pixel, V a lane); the codes go through
+// shared memory, and each channel's bytes are stored by one warp instruction. Where Ho*Wo % 4
+// != 0 (V = 1 only) a byte may hold windows of two tiles (of one channel, or the last of a
+// channel and the first of the next): the tile holding a byte's first window stores it,
+// pooling the up to 3 windows after its own once more for their codes (loads only). Index
+// math in I.
+template <typename T, int V, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     max_pool2x2_nhwc_tile_kernel(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ packed, PoolDims d,
                                  WindowTiles<I> tiles, Divider<I> wo, Divider<I> plane_windows, Divider<I> channels) {
-  __shared__ uint8_t codes[32][kTileWindows + 4];
+  __shared__ uint8_t codes[32 * V][kTileWindows + 4];
   const I C = I(d.C), H = I(d.H), W = I(d.W), P = plane_windows.divisor, windows = I(d.windows());
   const Strides4 xs = dense_strides(d.C, d.H, d.W, true), ys = dense_strides(d.C, d.Ho, d.Wo, true);
   for (I tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
     I n, first_channel, first_window;
     tiles(tile, n, first_channel, first_window);
     const I count = P - first_window < I(kTileWindows) ? P - first_window : I(kTileWindows);
-    const I c = first_channel + threadIdx.x;
+    const I c = first_channel + V * threadIdx.x;
     const bool on = c < C;
-    const I first = (n * C + (on ? c : first_channel)) * P + first_window;  // this channel's first window
+    const I first = (n * C + (on ? c : first_channel)) * P + first_window;  // channel c's first window
     const I byte_end = ((first + count + 3) >> 2) << 2, end = byte_end < windows ? byte_end : windows;
-    const I span = (P & 3) ? count + 3 : count;  // bytes straddle tiles only where Ho*Wo % 4 != 0
+    const I span = V == 1 && (P & 3) ? count + 3 : count;  // bytes straddle tiles only where Ho*Wo % 4 != 0
     for (I q = threadIdx.y; q < span; q += blockDim.y) {
       const bool mine = q < count;
       I wn = n, wc = c, wp = first_window + q;
@@ -118,10 +125,12 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
       }
       const I oh = wo.div(wp), ow = wp - oh * wo.divisor;
       const bool active = on && first + q < end;
-      codes[threadIdx.x][q] = pool_window(x, xs, y, ys, H, W, wn, wc, oh, ow, active, mine);
+      const unsigned bits = pool_window<V>(x, xs, y, ys, H, W, wn, wc, oh, ow, active, mine);
+#pragma unroll
+      for (int j = 0; j < V; ++j) codes[V * threadIdx.x + j][q] = (bits >> (2 * j)) & 3;
     }
     __syncthreads();
-    for (I cc = threadIdx.y; cc < 32; cc += blockDim.y) {
+    for (I cc = threadIdx.y; cc < 32 * V; cc += blockDim.y) {
       const I channel = first_channel + cc;
       const I f = (n * C + (channel < C ? channel : first_channel)) * P + first_window;
       const I byte = ((f + 3) >> 2) + threadIdx.x;  // the bytes whose first window is in the tile
@@ -633,15 +642,15 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) zero_kernel(T* __restrict
 inline dim3 tile_block(const LaunchConfig& cfg) { return dim3(32, std::max(1, cfg.threads / 32)); }
 
 // Calls body(std::integral_constant<int, V>{}) with the channels a lane of a channels_last
-// unpooling tile takes: 16 bytes of them where kVectors, the index type I is 32-bit, C is a
-// multiple and every tensor 16-byte aligned; else 1. (The 64-bit instances, for tensors of 2^31
-// elements or more, stay scalar: ptxas spills vector registers around their division
+// tile takes: 16 bytes of them where kVectors and `applies`, the index type I is 32-bit, C is
+// a multiple and every tensor 16-byte aligned; else 1. (The 64-bit instances, for tensors of
+// 2^31 elements or more, stay scalar: ptxas spills vector registers around their division
 // subroutine calls.)
 template <typename T, typename I, bool kVectors, typename F>
-void with_tile_vectors(const PoolDims& d, std::initializer_list<const void*> tensors, F&& body) {
+void with_tile_vectors(const PoolDims& d, bool applies, std::initializer_list<const void*> tensors, F&& body) {
   if constexpr (kVectors && std::is_same<I, uint32_t>::value) {
     constexpr int V = 16 / sizeof(T);
-    bool vectors = d.C % V == 0;
+    bool vectors = applies && d.C % V == 0;
     for (const void* p : tensors) vectors = vectors && reinterpret_cast<uintptr_t>(p) % 16 == 0;
     if (vectors) return body(std::integral_constant<int, V>{});
   }
@@ -664,10 +673,14 @@ void launch_max_pool2x2(const T* x, T* y, uint8_t* packed, PoolDims d, bool chan
   } else if (channels_last) {
     with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
       using I = decltype(index);
-      auto kernel = max_pool2x2_nhwc_tile_kernel<T, I>;
-      const WindowTiles<I> tiles(d.N, d.C, d.Ho * d.Wo);
-      SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(tiles.count, cfg.max_blocks)), tile_block(cfg), stream, x, y,
-                    packed, d, tiles, Divider<I>(d.Wo), Divider<I>(d.Ho * d.Wo), Divider<I>(d.C));
+      // vectors where no packed byte straddles two tiles (Ho * Wo % 4 == 0)
+      with_tile_vectors<T, I, true>(d, d.Ho * d.Wo % 4 == 0, {x, y}, [&](auto width) {
+        constexpr int V = decltype(width)::value;
+        auto kernel = max_pool2x2_nhwc_tile_kernel<T, V, I>;
+        const WindowTiles<I> tiles(d.N, d.C, d.Ho * d.Wo, 32 * V);
+        SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(tiles.count, cfg.max_blocks)), tile_block(cfg), stream, x,
+                      y, packed, d, tiles, Divider<I>(d.Wo), Divider<I>(d.Ho * d.Wo), Divider<I>(d.C));
+      });
     });
   } else {
     with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
@@ -698,7 +711,7 @@ void launch_max_unpool2x2(const T* v, const uint8_t* packed, T* y, PoolDims d, b
       auto kernel = zero_kernel<T, I>;
       SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, y, I(total));
     } else if (channels_last) {
-      with_tile_vectors<T, I, true>(d, {v, y}, [&](auto width) {
+      with_tile_vectors<T, I, true>(d, true, {v, y}, [&](auto width) {
         constexpr int V = decltype(width)::value;
         const WindowTiles<I> tiles(d.N, d.C, d.Ho * d.Wo, 32 * V);
         auto kernel = max_unpool2x2_nhwc_tile_kernel<T, V, I>;
@@ -734,7 +747,7 @@ void launch_max_unpool2x2_backward(const T* go, const uint8_t* packed, T* gv, Po
       // vectors load a window's four pixels where a lane's gather loads the one its code
       // names: a sector that no channel of it names (probability (3/4)^(32 / sizeof(T)) per
       // sector: 10% in float32, 1% in 16-bit types) is not moved. Vectors in 16-bit types only.
-      with_tile_vectors<T, I, sizeof(T) == 2>(d, {go, gv}, [&](auto width) {
+      with_tile_vectors<T, I, sizeof(T) == 2>(d, true, {go, gv}, [&](auto width) {
         constexpr int V = decltype(width)::value;
         const WindowTiles<I> tiles(d.N, d.C, d.Ho * d.Wo, 32 * V);
         auto kernel = max_unpool2x2_backward_nhwc_tile_kernel<T, V, I>;

@@ -88,14 +88,15 @@ def _misaligned(t):
 
 # the ops with a vector path, a map that takes it and the dtypes: NCHW with W % 8 == 0 (odd
 # H: in ceil mode the last window row has one input row, in floor mode a row follows that no
-# window covers); channels_last unpooling with C a multiple of 16 bytes of elements (odd W, C
-# of several 32-lane tiles), its backward in 16-bit types only (csrc/kernels/pool2x2.cuh says
-# why)
-NCHW_MAP, NHWC_MAP = (False, (2, 3, 9, 48)), (True, (1, 128, 33, 35))
+# window covers); channels_last with C a multiple of 16 bytes of elements (C of several 32-lane
+# tiles; odd H and W, Ho * Wo % 4 == 0 in floor and ceil mode, as pooling's vectors need), the
+# unpooling backward in 16-bit types only (csrc/kernels/pool2x2.cuh says why)
+NCHW_MAP, NHWC_MAP = (False, (2, 3, 9, 48)), (True, (1, 128, 33, 31))
 VECTOR_PATHS = [(*m, op, dtype) for m, op, dtypes in [
     (NCHW_MAP, "max_pool2x2", (torch.float32, torch.bfloat16)),
     (NCHW_MAP, "max_unpool2x2", (torch.float32, torch.bfloat16)),
     (NCHW_MAP, "max_unpool2x2_backward", (torch.float32, torch.bfloat16)),
+    (NHWC_MAP, "max_pool2x2", (torch.float32, torch.bfloat16)),
     (NHWC_MAP, "max_unpool2x2", (torch.float32, torch.bfloat16)),
     (NHWC_MAP, "max_unpool2x2_backward", (torch.bfloat16,))] for dtype in dtypes]
 
