@@ -71,3 +71,13 @@ def test_vectorised_kernels_move_wide_vectors(kernels):
                if name.split("<")[0] in VECTORISED and "32-bit" in name}
     assert len(checked) == 4 * len(VECTORISED), checked  # 4 dtypes each
     assert all(loads and stores and widest for loads, stores, widest in checked.values()), checked
+
+
+def test_channels_last_tile_kernels_have_vector_instances_that_move_128_bits(kernels):
+    # 16 bytes of channels per lane (x2 in fp64 .. x8 in 16-bit types): pooling and unpooling in
+    # every dtype, the unpooling backward in 16-bit types (csrc/kernels/pool2x2.cuh says why)
+    vectors = {name: k["wide_accesses"] for name, k in kernels.items()
+               if "_nhwc_tile_kernel<" in name and ", x1," not in name}
+    assert len(vectors) == 4 + 4 + 2, sorted(vectors)
+    assert all(name.endswith("32-bit>") for name in vectors), sorted(vectors)
+    assert all(vectors.values()), vectors

@@ -41,7 +41,7 @@ __device__ __forceinline__ unsigned pool_window(const T* __restrict__ x, Strides
 // ---- channels_last tiles: 32 V channels x 128 windows of one image ----
 // The kernels of channels_last maps walk tiles of 32 V consecutive channels (threadIdx.x
 // takes V of them: every value access of a warp covers 32 V consecutive channels of one
-// pixel, V at a time; V = 1, or unpooling's 16-byte vectors where C % V == 0) by
+// pixel, V at a time; V = 1, or 16 bytes of channels where with_tile_vectors allows) by
 // kTileWindows consecutive windows (NCHW window order, p = oh * Wo + ow) of one image.
 // The tile's code bytes go through shared memory, each channel's loaded or stored as one
 // warp instruction over consecutive bytes (a channel's codes are consecutive in the packed
