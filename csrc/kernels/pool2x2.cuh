@@ -657,6 +657,20 @@ void with_tile_vectors(const PoolDims& d, bool applies, std::initializer_list<co
   body(std::integral_constant<int, 1>{});
 }
 
+// Launches a channels_last unpooling tile kernel (either direction) from src to dst:
+// kernel_for(std::integral_constant<int, V>{}) for the channels per lane V that
+// with_tile_vectors picks.
+template <typename T, typename I, bool kVectors, typename KernelFor>
+void launch_unpool_tiles(const T* src, const uint8_t* packed, T* dst, const PoolDims& d, cudaStream_t stream,
+                         const LaunchConfig& cfg, KernelFor kernel_for) {
+  with_tile_vectors<T, I, kVectors>(d, true, {src, dst}, [&](auto width) {
+    const WindowTiles<I> tiles(d.N, d.C, d.Ho * d.Wo, 32 * decltype(width)::value);
+    auto kernel = kernel_for(width);
+    SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(tiles.count, cfg.max_blocks)), tile_block(cfg), stream, src,
+                  packed, dst, d, tiles, Divider<I>(d.Wo));
+  });
+}
+
 template <typename T>
 void launch_max_pool2x2(const T* x, T* y, uint8_t* packed, PoolDims d, bool channels_last,
                         cudaStream_t stream, LaunchConfig cfg = {}) {
@@ -711,12 +725,8 @@ void launch_max_unpool2x2(const T* v, const uint8_t* packed, T* y, PoolDims d, b
       auto kernel = zero_kernel<T, I>;
       SEGNET_LAUNCH(kernel, blocks_for(total, cfg), cfg.threads, stream, y, I(total));
     } else if (channels_last) {
-      with_tile_vectors<T, I, true>(d, true, {v, y}, [&](auto width) {
-        constexpr int V = decltype(width)::value;
-        const WindowTiles<I> tiles(d.N, d.C, d.Ho * d.Wo, 32 * V);
-        auto kernel = max_unpool2x2_nhwc_tile_kernel<T, V, I>;
-        SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(tiles.count, cfg.max_blocks)), tile_block(cfg), stream, v,
-                      packed, y, d, tiles, Divider<I>(d.Wo));
+      launch_unpool_tiles<T, I, true>(v, packed, y, d, stream, cfg, [](auto width) {
+        return max_unpool2x2_nhwc_tile_kernel<T, decltype(width)::value, I>;
       });
     } else if (d.W % 8 == 0 && is_aligned_for_vec<T, 4>(v) && is_aligned_for_vec<T, 8>(y)) {
       auto kernel = max_unpool2x2_nchw_vec_kernel<T, I>;
@@ -747,12 +757,8 @@ void launch_max_unpool2x2_backward(const T* go, const uint8_t* packed, T* gv, Po
       // vectors load a window's four pixels where a lane's gather loads the one its code
       // names: a sector that no channel of it names (probability (3/4)^(32 / sizeof(T)) per
       // sector: 10% in float32, 1% in 16-bit types) is not moved. Vectors in 16-bit types only.
-      with_tile_vectors<T, I, sizeof(T) == 2>(d, true, {go, gv}, [&](auto width) {
-        constexpr int V = decltype(width)::value;
-        const WindowTiles<I> tiles(d.N, d.C, d.Ho * d.Wo, 32 * V);
-        auto kernel = max_unpool2x2_backward_nhwc_tile_kernel<T, V, I>;
-        SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(tiles.count, cfg.max_blocks)), tile_block(cfg), stream, go,
-                      packed, gv, d, tiles, Divider<I>(d.Wo));
+      launch_unpool_tiles<T, I, sizeof(T) == 2>(go, packed, gv, d, stream, cfg, [](auto width) {
+        return max_unpool2x2_backward_nhwc_tile_kernel<T, decltype(width)::value, I>;
       });
     } else if (d.W % 8 == 0 && is_aligned_for_vec<T, 8>(go) && is_aligned_for_vec<T, 4>(gv)) {
       auto kernel = max_unpool2x2_backward_nchw_vec_kernel<T, I>;
