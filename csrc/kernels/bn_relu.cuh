@@ -64,16 +64,16 @@ __device__ __forceinline__ AlignedVec<A, K> load_params(const A* __restrict__ p,
   return SEGNET_LOAD(reinterpret_cast<const Vec*>(p + c));
 }
 
-template <typename I>
+template <typename I, int K>
 struct ChannelWalk {
   I numel, inner;
   Divider<I> C, groups;  // groups: C / K channel groups of a channels_last vector walk
   bool vectors;
-  ChannelWalk(ChannelDims d, bool vectors, int K)
+  ChannelWalk(ChannelDims d, bool vectors)
       : numel(I(d.numel())), inner(I(d.inner)), C(d.C), groups(d.C / K), vectors(vectors) {}
 
-  template <int K, typename T, typename Load, typename Element, typename Chunk>
-  __device__ __forceinline__ void walk(const T* anchor, Load load, Element element, Chunk chunk) const {
+  template <typename T, typename Load, typename Element, typename Chunk>
+  __device__ __forceinline__ void operator()(const T* anchor, Load load, Element element, Chunk chunk) const {
     constexpr I V = 16 / sizeof(T);
     if (inner > 1) {
       for (I p = blockIdx.x; p * inner < numel; p += gridDim.x) {
@@ -344,18 +344,18 @@ struct GradParams {
   AlignedVec<A, K> scale, shift, mean, k1, k2, k3;
 };
 
-// 16-byte vectors in channels_last too: 2 parameters per channel
-constexpr int kScaleShiftMaxK = 16;
+// 16-byte vectors in channels_last too (8 channels of a 16-bit type): 2 parameters per channel
+constexpr int kScaleShiftMaxK = 8;
 
 template <typename T, typename A, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
-    scale_shift_relu_kernel(const T* __restrict__ x, ChannelWalk<I> walk, const A* __restrict__ scale,
-                            const A* __restrict__ shift, bool relu, const T* __restrict__ residual, T* __restrict__ y) {
+    scale_shift_relu_kernel(const T* __restrict__ x, ChannelWalk<I, walk_k<T, kScaleShiftMaxK>()> walk,
+                            const A* __restrict__ scale, const A* __restrict__ shift, bool relu,
+                            const T* __restrict__ residual, T* __restrict__ y) {
   const auto out = [&](A xv, A r, A sc, A sh) {
     return static_cast<T>(residual ? affine_add_relu(xv, sc, sh, r, relu) : affine_relu(xv, sc, sh, relu));
   };
-  walk.template walk<walk_k<T, kScaleShiftMaxK>()>(
-      y,
+  walk(y,
       [&](auto width, I c) {
         constexpr int K = decltype(width)::value;
         return AffineParams<A, K>{load_params<K>(scale, c), load_params<K>(shift, c)};
@@ -385,7 +385,8 @@ constexpr int kBackwardApplyMaxK = 4;
 
 template <typename T, typename A, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
-    bn_relu_backward_apply_kernel(const T* __restrict__ dy, const T* __restrict__ x, ChannelWalk<I> walk,
+    bn_relu_backward_apply_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                  ChannelWalk<I, walk_k<T, kBackwardApplyMaxK>()> walk,
                                   const A* __restrict__ scale, const A* __restrict__ shift, const A* __restrict__ mean,
                                   const A* __restrict__ k1, const A* __restrict__ k2, const A* __restrict__ k3,
                                   bool relu, T* __restrict__ dx) {
@@ -393,8 +394,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     return static_cast<T>(bn_relu_input_grad(xv, g, p.scale.v[k], p.shift.v[k], p.mean.v[k], p.k1.v[k], p.k2.v[k],
                                              p.k3.v[k], relu));
   };
-  walk.template walk<walk_k<T, kBackwardApplyMaxK>()>(
-      dx,
+  walk(dx,
       [&](auto width, I c) {
         constexpr int K = decltype(width)::value;
         return GradParams<A, K>{load_params<K>(scale, c), load_params<K>(shift, c), load_params<K>(mean, c),
@@ -508,7 +508,7 @@ void launch_scale_shift_relu(const T* x, ChannelDims d, const A* scale, const A*
     constexpr int K = walk_k<T, kScaleShiftMaxK>();
     const bool vectors = walk_vectors<T, A>(d, K, {x, residual, y}, {scale, shift});
     const auto geometry = walk_geometry(d, cfg, 32, vectors ? K : 1);  // 2 parameters per channel
-    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, x, ChannelWalk<I>(d, vectors, K), scale, shift,
+    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, x, ChannelWalk<I, K>(d, vectors), scale, shift,
                   relu, residual, y);
   });
 }
@@ -524,7 +524,7 @@ void launch_bn_relu_backward_apply(const T* dy, const T* x, ChannelDims d, const
     constexpr int K = walk_k<T, kBackwardApplyMaxK>();
     const bool vectors = walk_vectors<T, A>(d, K, {dy, x, dx}, {scale, shift, mean, k1, k2, k3});
     const auto geometry = walk_geometry(d, cfg, 64, vectors ? K : 1);  // 6 parameters per channel
-    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, dy, x, ChannelWalk<I>(d, vectors, K), scale, shift,
+    SEGNET_LAUNCH(kernel, geometry.first, geometry.second, stream, dy, x, ChannelWalk<I, K>(d, vectors), scale, shift,
                   mean, k1, k2, k3, relu, dx);
   });
 }
