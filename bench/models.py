@@ -19,10 +19,14 @@ defaults, dropout off):
   ``saved_tensors_hooks``, less the parameters', which are kept anyway), fused / unfused;
 - time of a training step (forward, mean of the output, backward) and of an eval forward
   (no_grad), fused / unfused: the median over rounds of the per-round ratio, the two timed in
-  alternation (bench.common.interleaved_ms).
+  alternation (bench.common.interleaved_ms); under the large-block malloc thresholds that
+  ``segnet`` sets (segnet.malloc), and the training step again in a child process under
+  glibc's defaults (``--allocator``), where a backward that allocates more than it frees
+  page-faults the difference back in every step.
 """
 import argparse
 import copy
+import json
 import os
 import sys
 
@@ -30,7 +34,9 @@ import torch
 from torch import nn
 
 import segnet_ext
-from bench.common import interleaved_ms, machine_description, median_ratio, replace_section, saved_storages
+from bench.common import (add_allocator_arguments, interleaved_ms, machine_description, median_ratio, replace_section,
+                          saved_storages, start_under_allocator, under_default_allocator)
+from segnet import malloc
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 # model: (input size (H, W), batch) of the timed rows; resnet50's is the issue's target case
@@ -133,7 +139,7 @@ def measure(name: str, compile_too: bool, repeat: int, size=None) -> dict:
         p.train(), f.train()
         saved = [saved_activation_bytes(m, x) for m in (f, p)]
         row[f"{mode} saved MiB"] = [b / 2**20 for b in saved]
-        ours, theirs = interleaved_ms([step(f, x), step(p, x)], repeat=repeat, warmup=1)
+        ours, theirs = interleaved_ms([step(f, x), step(p, x)], repeat=repeat, warmup=2)
         row[f"{mode} step ms"] = [min(ours), min(theirs)]
         row[f"{mode} step ratio"] = median_ratio(ours, theirs)
         p.eval(), f.eval()
@@ -143,13 +149,16 @@ def measure(name: str, compile_too: bool, repeat: int, size=None) -> dict:
     return row
 
 
-def table(rows, modes) -> str:
+def table(rows, modes, default_malloc: bool) -> str:
     head = "| model | input (timed) | Conv-BN pairs | fused | max rel. diff, float64 step |"
     rule = "|---|---|---:|---:|---:|"
     for mode in modes:
         head += (f" {mode}: saved activations MiB, fused / plain (ratio) | {mode}: train step ratio |"
                  f" {mode}: eval ratio |")
         rule += "---:|---:|---:|"
+    if default_malloc:
+        head += " eager: train step ratio, glibc's default malloc |"
+        rule += "---:|"
     lines = [head, rule]
     for r in rows:
         line = f"| {r['model']} | {r['input']} | {r['pairs']} | {r['fused']} | {r['exact']:.1e} |"
@@ -157,6 +166,8 @@ def table(rows, modes) -> str:
             f, p = r[f"{mode} saved MiB"]
             line += (f" {f:.0f} / {p:.0f} ({f / p:.2f}x) | {r[f'{mode} step ratio']:.3f}x"
                      f" ({r[f'{mode} step ms'][1]:.0f} ms plain) | {r[f'{mode} eval ratio']:.3f}x |")
+        if default_malloc:
+            line += f" {r['default malloc step ratio']:.3f}x ({r['default malloc step ms'][1]:.0f} ms plain) |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -167,16 +178,29 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="also torch.compile both models (minutes per model)")
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds per measurement")
     parser.add_argument("--write", action="store_true", help=f"write the table into {RESULTS}")
+    add_allocator_arguments(parser)
     args = parser.parse_args(argv)
+    start_under_allocator(args)
     torch.manual_seed(0)
     rows = []
     for name in args.models:
         rows.append(measure(name, args.compile, args.repeat))
         print(f"{name}: done", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    default_malloc = args.allocator == "both"
+    if default_malloc:  # the eager rows again, in a child process under glibc's defaults
+        for row, other in zip(rows, under_default_allocator("bench.models", ["--models", *args.models,
+                                                                             "--repeat", args.repeat])):
+            row["default malloc step ratio"], row["default malloc step ms"] = other["eager step ratio"], \
+                other["eager step ms"]
     modes = ["eager"] + (["compiled"] if args.compile else [])
     command = "python -m bench.models " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
     text = (f"## fuse on torchvision's models and SegNet\n\n`{command.strip()}` on {machine_description()}, "
-            f"torch {torch.__version__}.\n\n" + table(rows, modes))
+            f"torch {torch.__version__}. Allocator: {malloc.describe()} (set by the script; what `segnet` uses)"
+            + ("; the last column in a child process under glibc's defaults" if default_malloc else "")
+            + ".\n\n" + table(rows, modes, default_malloc))
     left = [f"- {r['model']}: {line}" for r in rows for line in r["left"]]
     if left:
         text += "\n\nLeft unfused (fuse's report):\n" + "\n".join(left)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import cuda_kernels_available, masked_by_rebuilt_relu
+from .ops import cuda_kernels_available
 from .recompute import RECIPE, SavedInput, ScaleShiftReLU, attach  # noqa: F401  (RECIPE: for tests)
 from .recompute import autocast_operands, dtypes, grads_as
 
@@ -101,7 +101,11 @@ class ConvBNReLUFunction(torch.autograd.Function):
         SavedInput.save(ctx, [x_c, residual], w_c, z, scale, shift, mean, invstd)
         ctx.conv_args, ctx.relu, ctx.group, ctx.count = conv_args, relu, group, count
         ctx.has_bias, ctx.dtypes = bias is not None, dtypes(x, weight, bias, bn_weight, bn_bias, residual)
-        attach(y, ScaleShiftReLU(z, scale, shift, relu, residual))
+        recipe = ScaleShiftReLU(z, scale, shift, relu, residual)
+        attach(y, recipe)
+        ctx.output = recipe if residual is not None and relu else None  # for the ReLU's mask
+        if ctx.output is not None:
+            recipe.expect()
         unbiased = var * (count / (count - 1))
         ctx.mark_non_differentiable(mean, unbiased)
         return y, mean, unbiased
@@ -111,8 +115,8 @@ class ConvBNReLUFunction(torch.autograd.Function):
         (x, residual), (w_c, z, scale, shift, mean, invstd) = SavedInput.load(ctx)
         grad_y, relu = grad_y.to(z.dtype), ctx.relu
         if residual is not None:
-            if relu:
-                grad_y = masked_by_rebuilt_relu(grad_y, z, scale, shift, residual)
+            if relu:  # the mask from the rebuilt output, as torch.relu's backward (rebuilt once: see Recipe)
+                grad_y = torch.ops.aten.threshold_backward(grad_y, ctx.output.use(ctx.output.tensors()), 0)
             relu = False
         grad_z, grad_bn_weight, grad_bn_bias = bn_relu_backward(
             grad_y, z, scale, shift, mean, invstd, ctx.count, relu, ctx.group)

@@ -48,20 +48,62 @@ MAX_DEPTH = 3
 
 class Recipe:
     """How to rebuild a tensor: ``tensors()`` to save, ``rebuild(saved)`` to recompute;
-    ``depth``: the element-wise passes a rebuild takes."""
+    ``depth``: the element-wise passes a rebuild takes.
+
+    Several layers may rebuild one tensor in the same backward pass (a residual block's
+    input is its first convolution's input, its identity, and the identity inside its own
+    output's recipe; a residual block rebuilds its own output for the ReLU's mask). Each
+    such consumer announces itself at save time (``expect``) and takes the tensor with
+    ``use``: the first rebuild is kept for the consumers still expected, and dropped when
+    the last has taken it or the backward pass ends, so the tensor is rebuilt once per
+    backward, not once per consumer (each rebuild is also an allocation: under glibc's
+    default malloc, page faults for every block above 32 MB)."""
 
     version: int
     depth: int = 1
+    expected: int = 0  # consumers that have not yet taken the tensor
+    kept: Optional[Tensor] = None  # the tensor rebuilt for them, within one backward pass
 
     def tensors(self) -> List[Tensor]:
         raise NotImplementedError
 
-    def rebuild(self, saved: Sequence[Tensor]) -> Tuple[Tensor, Sequence[Tensor]]:
+    def build(self, saved: Sequence[Tensor]) -> Tuple[Tensor, Sequence[Tensor]]:
         """The tensor, and what is left of ``saved`` after this recipe's share."""
         raise NotImplementedError
 
+    def rebuild(self, saved: Sequence[Tensor]) -> Tuple[Tensor, Sequence[Tensor]]:
+        """``build``, or the tensor kept from an earlier rebuild of this backward pass."""
+        if self.kept is not None:
+            return self.kept, saved[len(self.tensors()):]
+        t, rest = self.build(saved)
+        if self.expected > 0:
+            self._keep(t)
+        return t, rest
+
+    def expect(self) -> None:
+        """One more consumer will ``use`` the tensor in a backward pass."""
+        self.expected += 1
+
+    def use(self, saved: Sequence[Tensor]) -> Tensor:
+        """The tensor, for one of the consumers ``expect`` counted."""
+        self.expected -= 1
+        t = self.rebuild(saved)[0]
+        if self.expected <= 0:
+            self.kept = None
+        return t
+
     def recompute(self) -> Tensor:
         return self.rebuild(self.tensors())[0]
+
+    def _keep(self, t: Tensor) -> None:
+        try:  # dropped at the end of this backward pass whatever happens
+            torch.autograd.Variable._execution_engine.queue_callback(self._drop)
+        except RuntimeError:  # not in a backward pass: nobody to keep it for
+            return
+        self.kept = t
+
+    def _drop(self) -> None:
+        self.kept = None
 
 
 class _Operand:
@@ -90,7 +132,7 @@ class ScaleShiftReLU(Recipe):
     def tensors(self):
         return [self.z, self.scale, self.shift] + (self.residual.tensors() if self.residual is not None else [])
 
-    def rebuild(self, saved):
+    def build(self, saved):
         (z, scale, shift), saved = saved[:3], saved[3:]
         residual = None
         if self.residual is not None:
@@ -107,7 +149,7 @@ class Unpool(Recipe):
     def tensors(self):
         return self.values.tensors() + [self.packed]
 
-    def rebuild(self, saved):
+    def build(self, saved):
         values, saved = self.values.rebuild(saved)
         return _ops.max_unpool2x2(values, saved[0], self.output_size), saved[1:]
 
@@ -150,6 +192,8 @@ class SavedInput:
         recipes, counts, saved = [], [], []
         for x in inputs:
             recipe = recipe_of(x) if x is not None else None
+            if recipe is not None:
+                recipe.expect()
             part = recipe.tensors() if recipe is not None else ([x] if x is not None else [])
             recipes.append(recipe)
             counts.append(len(part))
@@ -163,7 +207,7 @@ class SavedInput:
         saved, inputs, at = ctx.saved_tensors, [], 0
         for recipe, n in zip(ctx.input_recipes, ctx.input_counts):
             part, at = saved[at:at + n], at + n
-            inputs.append(recipe.rebuild(part)[0] if recipe is not None else (part[0] if n else None))
+            inputs.append(recipe.use(part) if recipe is not None else (part[0] if n else None))
         return inputs, saved[at:]
 
 

@@ -379,6 +379,39 @@ def test_a_chain_of_residual_outputs_rebuilds_bit_identically_within_the_depth_b
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_a_residual_chain_rebuilds_each_output_once_per_backward_and_keeps_nothing_after():
+    """A block output is the next block's convolution input, its identity, the identity in
+    the next output's recipe and (for the ReLU's mask) its own block's: one rebuild serves
+    them all within a backward pass, and none outlives it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from segnet_ext import recompute
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func is torch.ops.segnet_ext.scale_shift_relu.default
+            return func(*args, **(kwargs or {}))
+
+    blocks = fuse(randomise_bn(nn.Sequential(*(BasicBlock(4) for _ in range(6))))).double()
+    reference = copy.deepcopy(blocks)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    outputs, y = [], x
+    for block in blocks:
+        y = block(y)
+        outputs.append(y)
+    recipes = [recompute.recipe_of(o) for o in outputs]
+    with Count():
+        grad, = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    assert Count.calls == 12  # 6 blocks x (the first convolution's output, the block output): once each
+    assert all(r.kept is None for r in recipes)
+    again, = torch.autograd.grad(y.sum(), x)  # the retained graph rebuilds anew: same gradient
+    assert torch.equal(again, grad)
+    want, = torch.autograd.grad(reference(x).sum(), x)  # a fresh forward: the same bits
+    assert torch.equal(grad, want)
+
+
 def test_a_residual_the_fused_op_cannot_take_is_added_as_before():
     class Broadcast(nn.Module):
         def __init__(self):
