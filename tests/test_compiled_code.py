@@ -29,7 +29,8 @@ MEMORY_BOUND = ("max_pool2x2_nchw_vec_kernel", "max_pool2x2_nchw_band_kernel", "
 # bf16 row give 8 of output, 8 bytes of values unpool to 16 per row). nvcc splits the
 # element-wise kernels' vector stores in their 64-bit instances.
 VECTORISED = ("max_pool2x2_nchw_vec_kernel", "max_unpool2x2_nchw_vec_kernel", "max_unpool2x2_backward_nchw_vec_kernel",
-              "scale_shift_relu_kernel", "bn_relu_backward_apply_kernel")
+              "max_pool2x2_nchw_band_kernel", "max_unpool2x2_nchw_band_kernel",
+              "max_unpool2x2_backward_nchw_band_kernel", "scale_shift_relu_kernel", "bn_relu_backward_apply_kernel")
 
 
 @pytest.fixture(scope="module")

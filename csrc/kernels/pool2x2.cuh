@@ -96,16 +96,18 @@ __device__ __forceinline__ uint8_t tile_code(const TileCodes<V>& codes, I cc, I 
 // Pooling, channels_last, in tiles: a warp pools one window of 32 V channels (every load and
 // value store covers 32 V consecutive channels of one pixel, V a lane); the codes go through
 // shared memory, and each channel's bytes are stored by one warp instruction. Where Ho*Wo % 4
-// != 0 (V = 1 only) a byte may hold windows of two tiles (of one channel, or the last of a
-// channel and the first of the next): the tile holding a byte's first window stores it,
-// pooling the up to 3 windows after its own once more for their codes (loads only). Index
+// != 0 a byte may hold windows of two tiles (of one channel, or the last of a channel and the
+// first of the next): the tile holding a byte's first window stores it, pooling the up to 3
+// windows after its own once more for their codes (loads only; with V > 1, Ho*Wo >= 4, those
+// of the next channels as the vectors of the lane's own channels and of the next V). Index
 // math in I.
 template <typename T, int V, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     max_pool2x2_nhwc_tile_kernel(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ packed, PoolDims d,
                                  WindowTiles<I> tiles, Divider<I> wo, Divider<I> plane_windows, Divider<I> channels) {
   __shared__ uint8_t codes[32 * V][kTileWindows + 4];
-  const I C = I(d.C), H = I(d.H), W = I(d.W), P = plane_windows.divisor, windows = I(d.windows());
+  const I N = I(d.N), C = I(d.C), H = I(d.H), W = I(d.W), Wo = wo.divisor, P = plane_windows.divisor;
+  const I windows = I(d.windows());
   const Strides4 xs = dense_strides(d.C, d.H, d.W, true), ys = dense_strides(d.C, d.Ho, d.Wo, true);
   for (I tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
     I n, first_channel, first_window;
@@ -115,19 +117,46 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     const bool on = c < C;
     const I first = (n * C + (on ? c : first_channel)) * P + first_window;  // channel c's first window
     const I byte_end = ((first + count + 3) >> 2) << 2, end = byte_end < windows ? byte_end : windows;
-    const I span = V == 1 && (P & 3) ? count + 3 : count;  // bytes straddle tiles only where Ho*Wo % 4 != 0
-    for (I q = threadIdx.y; q < span; q += blockDim.y) {
-      const bool mine = q < count;
-      I wn = n, wc = c, wp = first_window + q;
-      if (!mine) {  // a window of the next tile (or channel) that shares this tile's last byte
-        const I plane = plane_windows.div(first + q);
-        wp = first + q - plane * P, wn = channels.div(plane), wc = plane - wn * C;
-      }
-      const I oh = wo.div(wp), ow = wp - oh * wo.divisor;
-      const bool active = on && first + q < end;
-      const unsigned bits = pool_window<V>(x, xs, y, ys, H, W, wn, wc, oh, ow, active, mine);
+    const auto keep = [&](I q, unsigned bits) {
 #pragma unroll
       for (int j = 0; j < V; ++j) codes[V * threadIdx.x + j][q] = (bits >> (2 * j)) & 3;
+    };
+    for (I q = threadIdx.y; q < count; q += blockDim.y) {  // the tile's windows
+      const I p = first_window + q, oh = wo.div(p);
+      keep(q, pool_window<V>(x, xs, y, ys, H, W, n, c, oh, p - oh * Wo, on, true));
+    }
+    // Where Ho*Wo % 4 != 0, the up to 3 windows after the tile's last that share a byte with it
+    const I span = P & 3 ? count + 3 : count;
+    for (I q = count + threadIdx.y; q < span; q += blockDim.y) {
+      const I wp = first_window + q;
+      // whether the last byte of channels c + j0 .. c + j1 - 1 in the tile holds window q
+      const auto spill = [&](int j0, int j1) {
+        bool any = false;
+        for (int j = j0; j < j1; ++j) {
+          const I r = (first + count + I(j) * P) & 3;  // windows of channel c + j's last byte in the tile
+          any = any || (r != 0 && r + (q - count) < 4);
+        }
+        return any;
+      };
+      if (wp < P) {  // a window of the next tile of the same channels
+        const I oh = wo.div(wp);
+        keep(q, pool_window<V>(x, xs, y, ys, H, W, n, c, oh, wp - oh * Wo,
+                               on && (V == 1 ? first + q < end : spill(0, V)), false));
+      } else if constexpr (V > 1) {
+        // window p of the next channels (Ho*Wo >= 4: a byte reaches at most 3 windows into
+        // one): channel c + j's byte takes channel c + j + 1's code, which is the lane's own
+        // channel j + 1 or, for j = V - 1, the first channel of the next lane (or image)
+        const I p = wp - P, oh = wo.div(p), ow = p - oh * Wo;
+        const bool wrap = c + V == C;
+        const unsigned own = pool_window<V>(x, xs, y, ys, H, W, n, c, oh, ow, on && spill(0, V - 1), false);
+        const unsigned next = pool_window<V>(x, xs, y, ys, H, W, wrap ? n + 1 : n, wrap ? I(0) : c + V, oh, ow,
+                                             on && spill(V - 1, V) && (!wrap || n + 1 < N), false);
+        keep(q, own >> 2 | next << (2 * (V - 1)));
+      } else {  // a window of the next channel(s) that shares this tile's last byte
+        const I plane = plane_windows.div(first + q), wn = channels.div(plane), p = first + q - plane * P;
+        const I oh = wo.div(p);
+        keep(q, pool_window<V>(x, xs, y, ys, H, W, wn, plane - wn * C, oh, p - oh * Wo, on && first + q < end, false));
+      }
     }
     __syncthreads();
     for (I cc = threadIdx.y; cc < 32 * V; cc += blockDim.y) {
@@ -249,14 +278,15 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
 }
 
 // ---- NCHW bands: whole window rows of narrow maps ----
-// Where a row is narrow (Wo <= kBandWindows / 4) and vectors do not apply (W % 8 != 0 or a
-// misaligned view: SegNet's 30-wide maps, 60 elements wide before pooling), a warp's
-// consecutive windows span several rows and each access instruction would start and end
-// inside sectors that the row's other instructions touch as well. There a block takes
-// whole window rows r = plane * Ho + oh (across planes: their input or output rows are one
-// contiguous stretch of memory), stages that stretch in shared memory with flat accesses
-// that start at a sector boundary, and works on the windows from there. A band's windows
-// are a multiple of 4, so no packed byte belongs to two blocks.
+// Where a row is narrow (Wo <= kBandWindows / 4) and the per-byte vectors do not apply (W % 8
+// != 0 or a misaligned view: SegNet's 30-wide maps, 60 elements wide before pooling), a
+// warp's consecutive windows span several rows, and their accesses would start and end
+// inside sectors that the row's other instructions touch as well. There a block takes whole
+// window rows r = plane * Ho + oh (across planes: their input or output rows are one
+// contiguous stretch of memory, and so are their windows' values and packed codes), moves
+// each stretch between global and shared memory flat, 16 bytes a lane (stage_in,
+// stage_out), and works on the windows in shared memory. A band's windows are a multiple of
+// 4, so no packed byte belongs to two blocks.
 constexpr int kBandWindows = 256;
 // Shared elements a band may need: its windows' 2x2 blocks, a column no window covers in
 // each row, and in floor mode a row no window covers in each plane.
@@ -289,102 +319,132 @@ struct Bands {
   }
 };
 
-// Shared memory of a band: its elements (a raw buffer: T may have constructors) and its
-// windows' packed codes (also staged: a warp instruction of one byte per 4 windows would
-// move a sector for 8 bytes).
-template <typename T>
-struct BandBuffer {
-  alignas(16) unsigned char raw[kBandElements * sizeof(T)];
-  uint8_t codes[kBandWindows / 4];
-  __device__ __forceinline__ T* get() { return reinterpret_cast<T*>(raw); }
+// Shared memory for a flat stretch of up to kElements elements of T, placed at the same
+// offset modulo 32 bytes as the stretch's global address (so that 16-byte vectors of one are
+// 16-byte vectors of the other). A raw buffer: T may have constructors.
+template <typename T, int kElements>
+struct Staging {
+  alignas(32) unsigned char raw[kElements * sizeof(T) + 48];  // + the sector and vector around its ends
+  __device__ __forceinline__ T* like(const T* global) {
+    return reinterpret_cast<T*>(raw + reinterpret_cast<uintptr_t>(global) % 32);
+  }
 };
 
-// The block's threads walk items i = 0 .. n - 1 of a stretch that starts at global element
-// `first`, a warp instruction per 32 items from a sector boundary (the `lead` items before
-// `first` in its sector idle; with kGroup = 4, lead is rounded down to a multiple of 4, so that
-// lanes 4m .. 4m + 3 hold items 4m' .. 4m' + 3): body(i, active) for every lane while any of
-// its warp has an item.
-template <int kGroup = 1, typename T, typename I, typename F>
-__device__ __forceinline__ void sector_aligned(const T* first, I n, F&& body) {
-  const I lead = I(reinterpret_cast<uintptr_t>(first) % 32 / sizeof(T)) / kGroup * kGroup, lane = threadIdx.x % 32;
-  for (I t = threadIdx.x; t - lane < n + lead; t += blockDim.x) {
-    const bool active = t >= lead && t - lead < n;
-    body(active ? t - lead : I(0), active);
-  }
+// A band's shared memory: its rows of the full map, its windows' values, their packed codes.
+template <typename T>
+struct BandBuffer {
+  Staging<T, kBandElements> rows;
+  Staging<T, kBandWindows> values;
+  Staging<uint8_t, kBandWindows / 4> codes;
+};
+
+// Spreads a flat stretch of n elements at global address g over the block's threads: the
+// whole 16-byte vectors from its first 32-byte sector boundary on, vector(i) for the one at
+// element i (a warp's 32 vectors: 16 whole sectors), then the elements before them and after
+// the last, single(i), a thread each (fewer than 3 vectors' worth).
+template <typename T, typename I, typename Vector, typename Single>
+__device__ __forceinline__ void for_each_flat_vector(const T* g, I n, Vector&& vector, Single&& single) {
+  constexpr I V = 16 / sizeof(T), kSector = 32 / sizeof(T);
+  const I misalign = I(reinterpret_cast<uintptr_t>(g) % 32 / sizeof(T));
+  const I head = misalign == 0 ? 0 : (kSector - misalign < n ? kSector - misalign : n);
+  const I vectors = (n - head) / V, tail = head + vectors * V;
+  for (I t = threadIdx.x; t < vectors; t += blockDim.x) vector(head + t * V);
+  for (I t = threadIdx.x; t < head + n - tail; t += blockDim.x) single(t < head ? t : tail + t - head);
 }
 
-// Stages the packed codes of the `windows` windows from k0 (k0 % 4 == 0) in shared memory.
-template <typename I>
-__device__ __forceinline__ void load_band_codes(uint8_t* codes, const uint8_t* __restrict__ packed, I k0, I windows) {
-  sector_aligned(packed + (k0 >> 2), (windows + 3) / 4, [&](I i, bool active) {
-    const uint8_t byte = SEGNET_LOAD_IF(active, packed + (k0 >> 2) + i, uint8_t(0));
-    if (active) codes[i] = byte;
-  });
+// Loads the stretch g[0 .. n) of the tensor [lo, hi) into shared memory s (s =
+// Staging::like(g)): from the sector that holds its first element and to the end of the
+// 16-byte vector that holds its last, where those lie in the tensor (their sectors are moved
+// anyway), so that single elements are loaded only at the tensor's ends.
+template <typename T, typename I>
+__device__ __forceinline__ void stage_in(T* s, const T* __restrict__ g, I n, const T* lo, const T* hi) {
+  using Vec = AlignedVec<T, 16 / sizeof(T)>;
+  constexpr I V = 16 / sizeof(T);
+  const I before = I(reinterpret_cast<uintptr_t>(g) % 32 / sizeof(T));  // pointer arithmetic, not casts:
+  const I after = (V - I(reinterpret_cast<uintptr_t>(g + n) % 16 / sizeof(T))) % V;  // nvcc keeps LDG
+  const T* first = g - before >= lo ? g - before : g;
+  const T* last = g + n + after <= hi ? g + n + after : g + n;
+  s -= g - first;
+  for_each_flat_vector(
+      first, I(last - first),
+      [&](I i) { *reinterpret_cast<Vec*>(s + i) = SEGNET_LOAD(reinterpret_cast<const Vec*>(first + i)); },
+      [&](I i) { s[i] = SEGNET_LOAD(first + i); });
 }
 
-// Pooling, NCHW bands: the band's input rows are loaded
-// flat into shared memory, then a thread per window (a warp: 32 consecutive windows from a
-// sector boundary of y) pools from there; the 4 lanes of a packed byte OR their codes
-// together by shuffles. Index math in I.
+// Stores shared memory s (s = Staging::like(g)) into the stretch g[0 .. n).
+template <typename T, typename I>
+__device__ __forceinline__ void stage_out(T* __restrict__ g, const T* s, I n) {
+  using Vec = AlignedVec<T, 16 / sizeof(T)>;
+  for_each_flat_vector(
+      g, n, [&](I i) { SEGNET_STORE(reinterpret_cast<Vec*>(g + i), *reinterpret_cast<const Vec*>(s + i)); },
+      [&](I i) { SEGNET_STORE(g + i, s[i]); });
+}
+
+// Pooling, NCHW bands: the band's input rows are staged in shared memory, a thread per
+// window pools from there (the 4 lanes of a packed byte OR their codes together by
+// shuffles), and the values and codes are stored flat. Index math in I.
 template <typename T, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     max_pool2x2_nchw_band_kernel(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ packed,
                                  PoolDims d, Bands<I> bands) {
   __shared__ BandBuffer<T> buffer;
-  T* band = buffer.get();
-  const I H = bands.H, W = bands.W, Wo = bands.wo.divisor;
+  const I H = bands.H, W = bands.W, Wo = bands.wo.divisor, lane = threadIdx.x % 32;
   const unsigned lanes = warp_lanes();
   for (I b = blockIdx.x; b < bands.count; b += gridDim.x) {
     const I r0 = b * bands.rows_per_band, rows = bands.rows_of(r0);
-    const I begin = bands.top(r0), k0 = r0 * Wo, windows = rows * Wo;
-    sector_aligned(x + begin, bands.bottom(r0 + rows - 1, false) - begin, [&](I i, bool active) {
-      const T value = SEGNET_LOAD_IF(active, x + begin + i, T(0));
-      if (active) band[i] = value;
-    });
+    const I begin = bands.top(r0), k0 = r0 * Wo, windows = rows * Wo, bytes = (windows + 3) / 4;  // k0 % 4 == 0
+    T* band = buffer.rows.like(x + begin);
+    T* values = buffer.values.like(y + k0);
+    uint8_t* codes = buffer.codes.like(packed + k0 / 4);
+    stage_in(band, x + begin, bands.bottom(r0 + rows - 1, false) - begin, x, x + d.N * d.C * d.H * d.W);
     __syncthreads();
-    sector_aligned<4>(y + k0, windows, [&](I j, bool active) {
-      const I g = bands.wo.div(j), ow = j - g * Wo, r = r0 + g;
+    // while any lane of the warp has a window (the shuffles need every lane); blocks of a
+    // multiple of 4 threads, so lanes 4m .. 4m + 3 hold a packed byte's windows
+    for (I j = threadIdx.x; j - lane < windows; j += blockDim.x) {
+      const bool active = j < windows;
+      const I g = bands.wo.div(active ? j : I(0)), ow = (active ? j : I(0)) - g * Wo, r = r0 + g;
       const I oh = r - bands.ho.div(r) * bands.ho.divisor;
       const T* top = band + (bands.top(r) - begin) + 2 * ow;
       const bool col1 = 2 * ow + 1 < W, row1 = 2 * oh + 1 < H;
       const T v00 = top[0], v01 = col1 ? top[1] : v00, v10 = row1 ? top[W] : v00, v11 = row1 && col1 ? top[W + 1] : v00;
       T m;
       const unsigned code = window_argmax(v00, v01, v10, v11, col1, row1, &m);
-      unsigned bits = active ? code << (2 * (j & 3)) : 0u;  // lane % 4 == j % 4
+      unsigned bits = active ? code << (2 * (j & 3)) : 0u;
       bits |= __shfl_xor_sync(lanes, bits, 1);
       bits |= __shfl_xor_sync(lanes, bits, 2);
-      SEGNET_STORE_IF(active, y + k0 + j, m);
-      if (active && (j & 3) == 0) buffer.codes[j >> 2] = uint8_t(bits);
-    });
+      if (active) values[j] = m;
+      if (active && (j & 3) == 0) codes[j >> 2] = uint8_t(bits);
+    }
     __syncthreads();
-    sector_aligned(packed + (k0 >> 2), (windows + 3) / 4, [&](I i, bool active) {  // k0 % 4 == 0
-      SEGNET_STORE_IF(active, packed + (k0 >> 2) + i, buffer.codes[i]);
-    });
-    __syncthreads();  // the band is refilled for the next one
+    stage_out(y + k0, values, windows);
+    stage_out(packed + k0 / 4, codes, bytes);
+    __syncthreads();  // the buffer is refilled for the next band
   }
 }
 
-// Unpooling, NCHW bands: a thread per window (a warp: 32 consecutive windows from a sector
-// boundary of v) reads its code and value and writes its 2x2 block into the band's output
-// rows in shared memory, plus the zeros of a last row or column that no window covers (floor
-// mode, odd H or W); then the block stores the band flat. Index math in I.
+// Unpooling, NCHW bands: the band's values and codes are staged in shared memory, a thread
+// per window writes its 2x2 block into the band's output rows there, plus the zeros of a
+// last row or column that no window covers (floor mode, odd H or W); then the rows are stored
+// flat. Index math in I.
 template <typename T, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     max_unpool2x2_nchw_band_kernel(const T* __restrict__ v, const uint8_t* __restrict__ packed, T* __restrict__ y,
                                    PoolDims d, Bands<I> bands) {
   __shared__ BandBuffer<T> buffer;
-  T* band = buffer.get();
   const I H = bands.H, W = bands.W, Ho = bands.ho.divisor, Wo = bands.wo.divisor;
   for (I b = blockIdx.x; b < bands.count; b += gridDim.x) {
     const I r0 = b * bands.rows_per_band, rows = bands.rows_of(r0);
-    const I begin = bands.top(r0), k0 = r0 * Wo;
-    load_band_codes(buffer.codes, packed, k0, rows * Wo);
+    const I begin = bands.top(r0), k0 = r0 * Wo, windows = rows * Wo;  // k0 % 4 == 0
+    T* band = buffer.rows.like(y + begin);
+    T* values = buffer.values.like(v + k0);
+    uint8_t* codes = buffer.codes.like(packed + k0 / 4);
+    stage_in(values, v + k0, windows, v, v + d.windows());
+    stage_in(codes, packed + k0 / 4, (windows + 3) / 4, packed, packed + packed_bytes(d.windows()));
     __syncthreads();
-    sector_aligned(v + k0, rows * Wo, [&](I j, bool active) {
+    for (I j = threadIdx.x; j < windows; j += blockDim.x) {
       const I g = bands.wo.div(j), ow = j - g * Wo, r = r0 + g, oh = r - bands.ho.div(r) * Ho;
-      const uint8_t code = code_in(buffer.codes[j >> 2], j);  // k0 % 4 == 0
-      const T value = SEGNET_LOAD_IF(active, v + k0 + j, T(0)), zero = T(0);
-      if (!active) return;
+      const uint8_t code = code_in(codes[j >> 2], j);
+      const T value = values[j], zero = T(0);
       const I h = 2 * oh, w = 2 * ow;
       const bool col1 = w + 1 < W, row1 = h + 1 < H;
       const bool col2 = ow + 1 == Wo && w + 2 < W, row2 = oh + 1 == Ho && h + 2 < H;  // uncovered
@@ -396,42 +456,40 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
       if (col2) top[2] = zero;
       if (col2 && row1) top[W + 2] = zero;
       for (I i = 0; row2 && i < I(2 + col2) && w + i < W; ++i) top[2 * W + i] = zero;
-    });
+    }
     __syncthreads();
-    sector_aligned(y + begin, bands.bottom(r0 + rows - 1, true) - begin, [&](I i, bool active) {
-      SEGNET_STORE_IF(active, y + begin + i, band[i]);
-    });
-    __syncthreads();  // the band is refilled for the next one
+    stage_out(y + begin, band, bands.bottom(r0 + rows - 1, true) - begin);
+    __syncthreads();  // the buffer is refilled for the next band
   }
 }
 
-// Unpooling backward, NCHW bands: the band's output-gradient rows are loaded flat into
-// shared memory; a thread per window (a warp: 32 consecutive windows from a sector boundary
-// of gv) takes the gradient at its arg-max from there (zero where the code points outside).
+// Unpooling backward, NCHW bands: the band's output-gradient rows and codes are staged in
+// shared memory, a thread per window takes the gradient at its arg-max from there (zero where
+// the code points outside), and the gradients are stored flat.
 template <typename T, typename I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     max_unpool2x2_backward_nchw_band_kernel(const T* __restrict__ go, const uint8_t* __restrict__ packed,
                                             T* __restrict__ gv, PoolDims d, Bands<I> bands) {
   __shared__ BandBuffer<T> buffer;
-  T* band = buffer.get();
   const I H = bands.H, W = bands.W, Ho = bands.ho.divisor, Wo = bands.wo.divisor;
   for (I b = blockIdx.x; b < bands.count; b += gridDim.x) {
     const I r0 = b * bands.rows_per_band, rows = bands.rows_of(r0);
-    const I begin = bands.top(r0), k0 = r0 * Wo;
-    sector_aligned(go + begin, bands.bottom(r0 + rows - 1, false) - begin, [&](I i, bool active) {
-      const T value = SEGNET_LOAD_IF(active, go + begin + i, T(0));
-      if (active) band[i] = value;
-    });
-    load_band_codes(buffer.codes, packed, k0, rows * Wo);
+    const I begin = bands.top(r0), k0 = r0 * Wo, windows = rows * Wo;  // k0 % 4 == 0
+    T* band = buffer.rows.like(go + begin);
+    T* values = buffer.values.like(gv + k0);
+    uint8_t* codes = buffer.codes.like(packed + k0 / 4);
+    stage_in(band, go + begin, bands.bottom(r0 + rows - 1, false) - begin, go, go + d.N * d.C * d.H * d.W);
+    stage_in(codes, packed + k0 / 4, (windows + 3) / 4, packed, packed + packed_bytes(d.windows()));
     __syncthreads();
-    sector_aligned(gv + k0, rows * Wo, [&](I j, bool active) {
-      const I g = bands.wo.div(j), ow = j - g * Wo, r = r0 + g, oh = r - bands.ho.div(r) * Ho, k = k0 + j;
-      const uint8_t code = code_in(buffer.codes[j >> 2], j);  // k0 % 4 == 0
+    for (I j = threadIdx.x; j < windows; j += blockDim.x) {
+      const I g = bands.wo.div(j), ow = j - g * Wo, r = r0 + g, oh = r - bands.ho.div(r) * Ho;
+      const uint8_t code = code_in(codes[j >> 2], j);
       const I dh = code >> 1, w = 2 * ow + (code & 1);
-      const bool inside = active && 2 * oh + dh < H && w < W;
-      SEGNET_STORE_IF(active, gv + k, inside ? band[bands.top(r) - begin + dh * W + w] : T(0));
-    });
-    __syncthreads();  // the band is refilled for the next one
+      values[j] = 2 * oh + dh < H && w < W ? band[bands.top(r) - begin + dh * W + w] : T(0);
+    }
+    __syncthreads();
+    stage_out(gv + k0, values, windows);
+    __syncthreads();  // the buffer is refilled for the next band
   }
 }
 
@@ -687,8 +745,8 @@ void launch_max_pool2x2(const T* x, T* y, uint8_t* packed, PoolDims d, bool chan
   } else if (channels_last) {
     with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
       using I = decltype(index);
-      // vectors where no packed byte straddles two tiles (Ho * Wo % 4 == 0)
-      with_tile_vectors<T, I, true>(d, d.Ho * d.Wo % 4 == 0, {x, y}, [&](auto width) {
+      // vectors where a packed byte reaches into one next channel at most (Ho * Wo >= 4)
+      with_tile_vectors<T, I, true>(d, d.Ho * d.Wo >= 4, {x, y}, [&](auto width) {
         constexpr int V = decltype(width)::value;
         auto kernel = max_pool2x2_nhwc_tile_kernel<T, V, I>;
         const WindowTiles<I> tiles(d.N, d.C, d.Ho * d.Wo, 32 * V);

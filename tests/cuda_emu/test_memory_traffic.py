@@ -88,15 +88,19 @@ def _misaligned(t):
 
 # the ops with a vector path, a map that takes it and the dtypes: NCHW with W % 8 == 0 (odd
 # H: in ceil mode the last window row has one input row, in floor mode a row follows that no
-# window covers); channels_last with C a multiple of 16 bytes of elements (C of several 32-lane
-# tiles; odd H and W, Ho * Wo % 4 == 0 in floor and ceil mode, as pooling's vectors need), the
-# unpooling backward in 16-bit types only (csrc/kernels/pool2x2.cuh says why)
-NCHW_MAP, NHWC_MAP = (False, (2, 3, 9, 48)), (True, (1, 128, 33, 31))
+# window covers; rows of more than 64 windows, so that the misaligned view takes a thread per
+# window, not the bands of narrow maps, which stage their stretches in vectors too);
+# channels_last with C a multiple of 16 bytes of elements (C of several 32-lane tiles, odd H
+# and W; and pooling where Ho * Wo % 4 != 0, 11 x 10 in either mode: packed bytes reach into
+# the next channel and image); the unpooling backward in 16-bit types only
+# (csrc/kernels/pool2x2.cuh says why)
+NCHW_MAP, NHWC_MAP, NHWC_STRADDLING = (False, (2, 3, 9, 144)), (True, (1, 128, 33, 31)), (True, (2, 128, 22, 20))
 VECTOR_PATHS = [(*m, op, dtype) for m, op, dtypes in [
     (NCHW_MAP, "max_pool2x2", (torch.float32, torch.bfloat16)),
     (NCHW_MAP, "max_unpool2x2", (torch.float32, torch.bfloat16)),
     (NCHW_MAP, "max_unpool2x2_backward", (torch.float32, torch.bfloat16)),
     (NHWC_MAP, "max_pool2x2", (torch.float32, torch.bfloat16)),
+    (NHWC_STRADDLING, "max_pool2x2", (torch.float32, torch.bfloat16)),
     (NHWC_MAP, "max_unpool2x2", (torch.float32, torch.bfloat16)),
     (NHWC_MAP, "max_unpool2x2_backward", (torch.bfloat16,))] for dtype in dtypes]
 

@@ -51,7 +51,8 @@ def test_pool_unpool_gather_match_cpu_and_reference(emu, index_bits, threads, ma
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_every_dtype(emu, dtype):
     for shape, ceil_mode, channels_last in [((2, 3, 9, 16), True, False), ((2, 3, 7, 5), True, True),
-                                            ((1, 8, 8, 8), False, True), ((1, 3, 6, 7), False, False)]:
+                                            ((1, 8, 8, 8), False, True), ((1, 3, 6, 7), False, False),
+                                            ((3, 16, 7, 5), False, True)]:  # vector tiles, Ho*Wo = 6
         x = make_input(shape, dtype, "special", channels_last)
         values, packed = emu.max_pool2x2(x, ceil_mode, 48, 3)
         rv, rp = reference.max_pool2x2(x, ceil_mode)
@@ -69,3 +70,29 @@ def test_misaligned_input_takes_the_scalar_path(emu):
     rv, rp = reference.max_pool2x2(x)
     assert_bitwise_equal(values, rv, "misaligned")
     assert_bitwise_equal(packed, rp, "misaligned")
+
+
+def _view_at(t, offset):
+    """t's values in a view `offset` elements into its storage."""
+    return torch.empty(t.numel() + offset, dtype=t.dtype)[offset:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_narrow_maps_from_any_address_match_the_reference(emu, offset, dtype):
+    # NCHW maps of at most 64 windows a row run in bands that stage each flat stretch 16 bytes
+    # a lane from its first 16-byte boundary, the elements before and after it one a lane:
+    # stretches (and views) starting anywhere
+    for shape, ceil_mode in [((2, 3, 7, 10), True), ((1, 4, 9, 30), False), ((3, 2, 5, 9), True)]:
+        what = f"{shape} {dtype} offset {offset}"
+        x = _view_at(make_input(shape, dtype), offset)
+        values, packed = emu.max_pool2x2(x, ceil_mode, 64, 2)
+        rv, rp = reference.max_pool2x2(x, ceil_mode)
+        assert_bitwise_equal(values, rv, f"values {what}")
+        assert_bitwise_equal(packed, rp, f"packed {what}")
+        v, p = _view_at(make_input(values.shape, dtype), offset), _view_at(packed, offset)
+        y = emu.max_unpool2x2(v, p, list(shape[2:]), 64, 2)
+        assert_bitwise_equal(y, reference.max_unpool2x2(v, p, shape[2:]), f"unpool {what}")
+        g = _view_at(make_input(shape, dtype), offset)
+        gv = emu.max_unpool2x2_backward(g, p, list(values.shape[2:]), 64, 2)
+        assert_bitwise_equal(gv, reference.max_unpool2x2_backward(g, p, list(values.shape[2:])), f"gather {what}")
