@@ -13,6 +13,7 @@ namespace kernels {
 
 struct PoolDims {
   int64_t N, C, H, W, Ho, Wo;
+  SEGNET_HD int64_t elements() const { return N * C * H * W; }
   SEGNET_HD int64_t windows() const { return N * C * Ho * Wo; }
 };
 
@@ -396,7 +397,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     T* band = buffer.rows.like(x + begin);
     T* values = buffer.values.like(y + k0);
     uint8_t* codes = buffer.codes.like(packed + k0 / 4);
-    stage_in(band, x + begin, bands.bottom(r0 + rows - 1, false) - begin, x, x + d.N * d.C * d.H * d.W);
+    stage_in(band, x + begin, bands.bottom(r0 + rows - 1, false) - begin, x, x + d.elements());
     __syncthreads();
     // while any lane of the warp has a window (the shuffles need every lane); blocks of a
     // multiple of 4 threads, so lanes 4m .. 4m + 3 hold a packed byte's windows
@@ -478,7 +479,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     T* band = buffer.rows.like(go + begin);
     T* values = buffer.values.like(gv + k0);
     uint8_t* codes = buffer.codes.like(packed + k0 / 4);
-    stage_in(band, go + begin, bands.bottom(r0 + rows - 1, false) - begin, go, go + d.N * d.C * d.H * d.W);
+    stage_in(band, go + begin, bands.bottom(r0 + rows - 1, false) - begin, go, go + d.elements());
     stage_in(codes, packed + k0 / 4, (windows + 3) / 4, packed, packed + packed_bytes(d.windows()));
     __syncthreads();
     for (I j = threadIdx.x; j < windows; j += blockDim.x) {
@@ -734,17 +735,9 @@ void launch_max_pool2x2(const T* x, T* y, uint8_t* packed, PoolDims d, bool chan
                         cudaStream_t stream, LaunchConfig cfg = {}) {
   const int64_t bytes = packed_bytes(d.windows());
   if (bytes == 0) return;
-  if (!channels_last && d.W % 8 == 0 && is_aligned_for_vec<T, 8>(x) &&
-      is_aligned_for_vec<T, 4>(y)) {
-    with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
-      using I = decltype(index);
-      auto kernel = max_pool2x2_nchw_vec_kernel<T, I>;
-      SEGNET_LAUNCH(kernel, blocks_for(bytes, cfg), cfg.threads, stream, x, y, packed, d, Divider<I>(d.Wo),
-                    Divider<I>(d.Ho));
-    });
-  } else if (channels_last) {
-    with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
-      using I = decltype(index);
+  with_index_type(d.elements(), cfg, [&](auto index) {
+    using I = decltype(index);
+    if (channels_last) {
       // vectors where a packed byte reaches into one next channel at most (Ho * Wo >= 4)
       with_tile_vectors<T, I, true>(d, d.Ho * d.Wo >= 4, {x, y}, [&](auto width) {
         constexpr int V = decltype(width)::value;
@@ -753,29 +746,30 @@ void launch_max_pool2x2(const T* x, T* y, uint8_t* packed, PoolDims d, bool chan
         SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(tiles.count, cfg.max_blocks)), tile_block(cfg), stream, x,
                       y, packed, d, tiles, Divider<I>(d.Wo), Divider<I>(d.Ho * d.Wo), Divider<I>(d.C));
       });
-    });
-  } else {
-    with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {
-      using I = decltype(index);
-      const int threads = std::max(4, cfg.threads / 4 * 4);  // a packed byte's 4 windows in one warp
-      if (d.Wo <= kBandWindows / 4) {
-        const Bands<I> bands(d);
-        auto kernel = max_pool2x2_nchw_band_kernel<T, I>;
-        SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(bands.count, cfg.max_blocks)), threads, stream, x, y, packed,
-                      d, bands);
-        return;
-      }
+      return;
+    }
+    const int threads = std::max(4, cfg.threads / 4 * 4);  // a packed byte's 4 windows in one warp
+    if (d.W % 8 == 0 && is_aligned_for_vec<T, 8>(x) && is_aligned_for_vec<T, 4>(y)) {
+      auto kernel = max_pool2x2_nchw_vec_kernel<T, I>;
+      SEGNET_LAUNCH(kernel, blocks_for(bytes, cfg), cfg.threads, stream, x, y, packed, d, Divider<I>(d.Wo),
+                    Divider<I>(d.Ho));
+    } else if (d.Wo <= kBandWindows / 4) {
+      const Bands<I> bands(d);
+      auto kernel = max_pool2x2_nchw_band_kernel<T, I>;
+      SEGNET_LAUNCH(kernel, unsigned(std::min<int64_t>(bands.count, cfg.max_blocks)), threads, stream, x, y, packed, d,
+                    bands);
+    } else {
       auto kernel = max_pool2x2_nchw_kernel<T, I>;
       SEGNET_LAUNCH(kernel, blocks_for(d.windows(), LaunchConfig{threads, cfg.max_blocks}), threads, stream, x, y,
                     packed, d, Unravel<I, false>(d.C, d.Ho, d.Wo), d.W % 2 == 0 && is_aligned_for_vec<T, 2>(x));
-    });
-  }
+    }
+  });
 }
 
 template <typename T>
 void launch_max_unpool2x2(const T* v, const uint8_t* packed, T* y, PoolDims d, bool channels_last,
                           cudaStream_t stream, LaunchConfig cfg = {}) {
-  const int64_t total = d.N * d.C * d.H * d.W;
+  const int64_t total = d.elements();
   if (total == 0) return;
   with_index_type(total, cfg, [&](auto index) {
     using I = decltype(index);
@@ -809,7 +803,7 @@ void launch_max_unpool2x2_backward(const T* go, const uint8_t* packed, T* gv, Po
                                    LaunchConfig cfg = {}) {
   const int64_t total = d.windows();
   if (total == 0) return;
-  with_index_type(d.N * d.C * d.H * d.W, cfg, [&](auto index) {  // the gathers index the full map
+  with_index_type(d.elements(), cfg, [&](auto index) {  // the gathers index the full map
     using I = decltype(index);
     if (channels_last) {
       // vectors load a window's four pixels where a lane's gather loads the one its code

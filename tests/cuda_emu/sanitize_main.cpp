@@ -32,7 +32,7 @@ void check(bool ok, const char* what, const PoolDims& d, bool cl) {
 void run_shape(PoolDims d, bool channels_last, std::mt19937& rng) {
   const auto in = segnet::kernels::dense_strides(d.C, d.H, d.W, channels_last);
   const auto out = segnet::kernels::dense_strides(d.C, d.Ho, d.Wo, channels_last);
-  const int64_t full = d.N * d.C * d.H * d.W, windows = d.windows();
+  const int64_t full = d.elements(), windows = d.windows();
   // exactly sized heap buffers: one element too far is a sanitizer report
   std::vector<float> x(full), values(windows), y(full), grad(windows);
   std::vector<uint8_t> packed(segnet::packed_bytes(windows));
