@@ -197,7 +197,7 @@ def main(argv=None):
                 other["eager step ms"]
     modes = ["eager"] + (["compiled"] if args.compile else [])
     command = "python -m bench.models " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
-    text = (f"## fuse on torchvision's models and SegNet\n\n`{command.strip()}` on {machine_description()}, "
+    text = (f"## fuse on torchvision's models and SegNet{', compiled' if args.compile else ''}\n\n`{command.strip()}` on {machine_description()}, "
             f"torch {torch.__version__}. Allocator: {malloc.describe()} (set by the script; what `segnet` uses)"
             + ("; the last column in a child process under glibc's defaults" if default_malloc else "")
             + ".\n\n" + table(rows, modes, default_malloc))

@@ -80,7 +80,7 @@ class MaxUnpool2x2(nn.Module):
                    "segnet_ext.pack_indices(indices, input_size))" if indices.dtype == torch.int64 else ""))
         H, W = unpool_output_size(input, output_size)
         h, w = min(H, 2 * input.shape[-2]), min(W, 2 * input.shape[-1])
-        y = recompute.compiled_region(ops.max_unpool2x2, input, indices, constants=((h, w),))
+        y = recompute.compiled_region(ops.max_unpool2x2, input, indices, constants=((h, w),), first=True)
         if (h, w) != (H, W):  # torch's extra row or column past the windows: zeros
             channels_last = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
             out = torch.empty((*y.shape[:-2], H, W), dtype=y.dtype, device=y.device,

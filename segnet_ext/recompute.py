@@ -27,11 +27,13 @@ compiler's own mechanism does the same job. The layers run their recomputable op
 :func:`compiled_region`, a selective activation checkpoint whose policy marks
 ``scale_shift_relu`` and ``max_unpool2x2`` outputs MUST_RECOMPUTE and leaves every other
 op to the partitioner's usual choice; AOTAutograd then saves z, the per-channel vectors
-and the pooled values, and reruns the element-wise op in the compiled backward. One
-difference remains: where a recomputed output feeds the next recomputed op directly (a
-decoder block's output into an unpooling, a residual block's output into the next block's
-add), the partitioner keeps that tensor, as it keeps every boundary of two checkpoint
-regions (``cleanup_recompute_tags`` in torch/_functorch/partitioners.py).
+and the pooled values, and reruns the element-wise op in the compiled backward. The
+partitioner keeps a recomputed tensor that feeds a recomputed op of a later region (as it
+keeps every boundary of two checkpoint regions: ``cleanup_recompute_tags`` in
+torch/_functorch/partitioners.py): a residual block's output, the next block's identity, is
+kept (chains stop after one pass, where eager recipes nest up to ``MAX_DEPTH``). The unpooling's region
+reports itself as the graph's first, so its input, a decoder block's output, is recomputed
+from that block's z, as the eager ``Unpool`` recipe nests its ``ScaleShiftReLU``.
 """
 import functools
 from typing import List, Optional, Sequence, Tuple
@@ -173,14 +175,41 @@ def _recompute_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_SAVE  # the partitioner's usual choice
 
 
-def compiled_region(fn, *tensors: Optional[Tensor], constants: tuple = ()):
+_SACMode = getattr(torch.utils.checkpoint, "_CachingTorchDispatchMode", None)
+
+
+class _FirstRegionMode(_SACMode or object):
+    """The forward mode of a selective checkpoint that reports itself as the first region
+    of the graph (``ac_graph_id`` -1, whatever number Dynamo assigns it): the partitioner
+    keeps a recomputed tensor at the boundary of two regions only where the consumer's
+    region comes later (``cleanup_recompute_tags``)."""
+
+    @property
+    def ac_graph_id(self):
+        return -1
+
+    @ac_graph_id.setter
+    def ac_graph_id(self, value):
+        pass
+
+
+def _recompute_contexts(first: bool):
+    fwd, recompute = create_selective_checkpoint_contexts(_recompute_policy)
+    if first and _SACMode is not None and type(fwd) is _SACMode:  # else: an ordinary region
+        fwd.__class__ = _FirstRegionMode
+    return fwd, recompute
+
+
+def compiled_region(fn, *tensors: Optional[Tensor], constants: tuple = (), first: bool = False):
     """``fn(*tensors, *constants)``; while torch.compile traces a training forward, inside
     a selective checkpoint that recomputes segnet_ext's element-wise outputs in the
-    backward instead of saving them (see the module doc). Otherwise a plain call."""
+    backward instead of saving them (see the module doc). Otherwise a plain call.
+    ``first``: the region reports itself as the graph's first, so that a recomputed input
+    (a decoder block's output into an unpooling) is recomputed, not kept."""
     if not (torch.compiler.is_compiling() and torch.is_grad_enabled()):
         return fn(*tensors, *constants)
     return checkpoint(lambda *t: fn(*t, *constants), *tensors, use_reentrant=False,
-                      context_fn=functools.partial(create_selective_checkpoint_contexts, _recompute_policy))
+                      context_fn=functools.partial(_recompute_contexts, first))
 
 
 class SavedInput:

@@ -33,6 +33,15 @@ class Stage(nn.Module):
         return self.classifier(self.dec(u))
 
 
+class DecoderStage(Stage):
+    """SegNet's decoder pattern: a conv-BN-ReLU output unpooled."""
+
+    def forward(self, x):
+        y = self.enc(x)
+        v, i = self.pool(y)
+        return self.classifier(self.unpool(self.dec(v), i, output_size=y.shape[-2:]))
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_stage_gradients_equal_the_plain_layers(in_place, fmt):
@@ -110,14 +119,15 @@ def test_stage_under_autocast_matches_the_plain_layers(dtype, onednn, fmt):
 
 # ---- under torch.compile: the partitioner recomputes what the recipes would ----
 
-def test_compiled_stage_computes_the_eager_gradients_and_stores_as_little():
+@pytest.mark.parametrize("stage", [Stage, DecoderStage])
+def test_compiled_stage_computes_the_eager_gradients_and_stores_as_little(stage):
     torch._dynamo.reset()
     # Inductor's C++ code needs ATen's vector ISA as the machine has it: it fails to build at
     # ATEN_CPU_CAPABILITY=default, and at avx2 on an AVX-512 machine it computes NaN even for
     # plain nn layers (torch 2.14.1); under such an override, the same AOTAutograd partitioner
     # without Inductor's code generation
     backend = "aot_eager_decomp_partition" if os.environ.get("ATEN_CPU_CAPABILITY") else "inductor"
-    ours, plain = Stage(True), Stage(False)
+    ours, plain = stage(True), stage(False)
     plain.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 64, 96)
     activation = 2 * 8 * 64 * 96 * 4
@@ -138,6 +148,10 @@ def test_compiled_stage_computes_the_eager_gradients_and_stores_as_little():
         assert (a - b).abs().max() <= 1e-4 * largest
     for a, b in zip(b_c, b_e):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    # the compiler may save a second layout of each weight (channels_last), never y or the unpooled map
-    assert compiled - 2 * weights <= 2.7 * activation
-    assert results["compiled plain"][0] - 2 * weights >= 4 * activation
+    # no more than eager mode (recomputed: y, the unpooled map, a decoder block's output
+    # unpooled); the compiler may keep a second layout of each weight (channels_last)
+    eager = results["eager"][0]
+    print(f"saved / activation: eager {eager / activation:.3f}, compiled {compiled / activation:.3f}, "
+          f"compiled plain {results['compiled plain'][0] / activation:.3f}")
+    assert compiled <= eager + weights
+    assert results["compiled plain"][0] >= 1.5 * eager
