@@ -17,6 +17,8 @@ defaults, dropout off):
   the largest parameter gradient;
 - saved-for-backward bytes of one training forward (distinct storages seen by
   ``saved_tensors_hooks``, less the parameters', which are kept anyway), fused / unfused;
+  copies of parameters in another layout (a compiled model's channels_last weights) are
+  counted apart and shown beside the ratio;
 - time of a training step (forward, mean of the output, backward) and of an eval forward
   (no_grad), fused / unfused: the median over rounds of the per-round ratio, the two timed in
   alternation (bench.common.interleaved_ms); under the large-block malloc thresholds that
@@ -29,13 +31,14 @@ import copy
 import json
 import os
 import sys
+from typing import Tuple
 
 import torch
 from torch import nn
 
 import segnet_ext
 from bench.common import (add_allocator_arguments, interleaved_ms, machine_description, median_ratio, replace_section,
-                          saved_storages, start_under_allocator, under_default_allocator)
+                          start_under_allocator, under_default_allocator)
 from segnet import malloc
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -102,11 +105,27 @@ def exactness(plain: nn.Module, fused: nn.Module) -> float:
     return max([worst] + [diff(a, b) / largest for a, b in zip(grads_f, grads_p) if b is not None])
 
 
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct storages a training forward saves, parameters left out."""
-    storages, _ = saved_storages(lambda: model(x.clone().requires_grad_()))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in storages.items() if ptr not in params)
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> Tuple[int, int]:
+    """(bytes of the distinct storages a training forward saves, parameters and copies of
+    them left out; bytes of those copies). A compiled model keeps a copy of each
+    convolution weight in another layout (channels_last) for its backward."""
+    params = {}
+    for p in model.parameters():
+        params.setdefault((tuple(p.shape), p.dtype), []).append(p)
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations, copies = {}, {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:  # a parameter (or a view of one): kept anyway
+            with torch.no_grad():
+                copy_of_param = any(torch.equal(t, q) for q in params.get((tuple(t.shape), t.dtype), []))
+            (copies if copy_of_param else activations)[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x.clone().requires_grad_())  # noqa: F841  (its graph holds what was saved)
+    return sum(activations.values()), sum(copies.values())
 
 
 def step(model: nn.Module, x: torch.Tensor):
@@ -138,7 +157,8 @@ def measure(name: str, compile_too: bool, repeat: int, size=None) -> dict:
     for mode, p, f in variants:
         p.train(), f.train()
         saved = [saved_activation_bytes(m, x) for m in (f, p)]
-        row[f"{mode} saved MiB"] = [b / 2**20 for b in saved]
+        row[f"{mode} saved MiB"] = [b / 2**20 for b, _ in saved]
+        row[f"{mode} weight copies MiB"] = [c / 2**20 for _, c in saved]
         ours, theirs = interleaved_ms([step(f, x), step(p, x)], repeat=repeat, warmup=2)
         row[f"{mode} step ms"] = [min(ours), min(theirs)]
         row[f"{mode} step ratio"] = median_ratio(ours, theirs)
@@ -164,7 +184,9 @@ def table(rows, modes, default_malloc: bool) -> str:
         line = f"| {r['model']} | {r['input']} | {r['pairs']} | {r['fused']} | {r['exact']:.1e} |"
         for mode in modes:
             f, p = r[f"{mode} saved MiB"]
-            line += (f" {f:.0f} / {p:.0f} ({f / p:.2f}x) | {r[f'{mode} step ratio']:.3f}x"
+            copies = r.get(f"{mode} weight copies MiB", [0, 0])
+            kept = f" (+ weight copies {copies[0]:.0f} / {copies[1]:.0f})" if max(copies) >= 0.5 else ""
+            line += (f" {f:.0f} / {p:.0f} ({f / p:.2f}x){kept} | {r[f'{mode} step ratio']:.3f}x"
                      f" ({r[f'{mode} step ms'][1]:.0f} ms plain) | {r[f'{mode} eval ratio']:.3f}x |")
         if default_malloc:
             line += f" {r['default malloc step ratio']:.3f}x ({r['default malloc step ms'][1]:.0f} ms plain) |"

@@ -1,4 +1,6 @@
 """The benchmark code runs (on a tiny input); its numbers are not asserted."""
+import torch
+
 from bench.pool import report, run
 
 
@@ -85,6 +87,22 @@ def test_models_benchmark_runs_on_a_tiny_input():
     row["default malloc step ratio"], row["default malloc step ms"] = 1.5, [3.0, 2.0]
     text = table([row], ["eager"], default_malloc=True)
     assert "glibc's default malloc |" in text.splitlines()[0] and text.endswith(" 1.500x (2 ms plain) |")
+
+
+def test_saved_activations_count_copies_of_a_parameter_apart():
+    """A compiled model keeps channels_last copies of its weights: counted apart, not as
+    activations; the parameter itself counted nowhere."""
+    from bench.models import saved_activation_bytes
+
+    class CopiesItsWeight(torch.nn.Conv2d):
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, self.weight.contiguous(memory_format=torch.channels_last))
+
+    x = torch.randn(2, 4, 9, 11)
+    layer = CopiesItsWeight(4, 6, 3, bias=False)
+    assert saved_activation_bytes(layer, x) == (x.numel() * 4, layer.weight.numel() * 4)
+    plain = torch.nn.Conv2d(4, 6, 3, bias=False)
+    assert saved_activation_bytes(plain, x) == (x.numel() * 4, 0)
 
 
 def test_gpu_check_runs_dry_here(tmp_path):

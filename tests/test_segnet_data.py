@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from segnet import data
-from segnet.data import VOID, Augment, CamVid, EpochSampler, class_weights, list_pairs, median_frequency_weights
+from segnet.data import (VOID, Augment, CamVid, EpochSampler, class_weights, enet_weights, list_pairs,
+                         median_frequency_weights)
 from segnet.metrics import confusion_matrix, format_scores, scores
 from tests.conftest import write_camvid
 
@@ -190,7 +191,7 @@ def test_epoch_sampler_shards_and_skips():
     assert len(EpochSampler(10, 1, 2, skip=7)) == 3
 
 
-def test_median_frequency_weights(tmp_path):
+def test_median_frequency_and_enet_weights(tmp_path, monkeypatch):
     root = tmp_path / "mf"
     (root / "train").mkdir(parents=True)
     (root / "trainannot").mkdir()
@@ -210,8 +211,15 @@ def test_median_frequency_weights(tmp_path):
     files[0].write_text(json.dumps({"weights": [7.0] * 11}))  # the cache is what is read
     assert median_frequency_weights(root, cache_dir=cache) == [7.0] * 11
     assert class_weights("paper", root)[2] == 4.5640 and class_weights("none", root) is None
-    with pytest.raises(ValueError, match="'median', 'paper' or 'none', got 'inverse'"):
+    with pytest.raises(ValueError, match="'median', 'enet', 'paper' or 'none', got 'inverse'"):
         class_weights("inverse", root)
+    # ENet's: 1 / ln(1.02 + share of the 7 labelled pixels); absent classes 0; cached apart
+    shares = np.array([4 / 7, 1 / 7, 2 / 7])
+    got = enet_weights(root, cache_dir=cache)
+    np.testing.assert_allclose(got, list(1 / np.log(1.02 + shares)) + [0.0] * 8, rtol=1e-12)
+    assert got[0] < got[2] < got[1] and len(list(cache.iterdir())) == 2
+    monkeypatch.setenv("SEGNET_CACHE", str(cache))
+    assert class_weights("enet", root) == got
 
 
 def test_confusion_matrix_and_scores_by_hand():

@@ -67,7 +67,7 @@ TRAIN_OPTIONS = [
     ("--poly-power", "poly_power", {"type": float}, "poly schedule: lr * (1 - step/total)^power"),
     ("--step-epochs", "step_epochs", {"type": int}, "step schedule: multiply the lr by --gamma every this many epochs"),
     ("--gamma", "gamma", {"type": float}, "step schedule factor"),
-    ("--class-weights", "class_weights", {"choices": ["median", "paper", "none"]}, "loss weights: median frequency balancing of the training labels, the paper's, or none"),
+    ("--class-weights", "class_weights", {"choices": ["median", "enet", "paper", "none"]}, "loss weights: median frequency balancing of the training labels, ENet's 1 / ln(1.02 + share) (milder on the large classes), the paper's, or none"),
     ("--flip", "flip", {"action": argparse.BooleanOptionalAction}, "random left-right flips"),
     ("--scale", "scale", {"type": _scale}, "random rescale S or LOW,HIGH (0.5 trains at half resolution)"),
     ("--crop", "crop", {"type": _hw}, "random crop HxW after scaling"),

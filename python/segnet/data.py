@@ -415,13 +415,10 @@ def class_frequencies(pairs: Sequence[Tuple[Path, Path]], description: DatasetDe
     return counts, image_pixels
 
 
-def median_frequency_weights(root: Union[str, Path], split: str = "train", cache_dir: Optional[Path] = None,
-                             description: Union[DatasetDescription, str, Path, None] = None,
-                             exclude_sequences: Sequence[str] = ()) -> List[float]:
-    """Median frequency balancing (Eigen and Fergus, as SegNet): weight_c = median(f) / f_c,
-    f_c = pixels of c / pixels of the images where c is present, over the labels of ``split``
-    (see :func:`list_pairs`). Cached in ``cache_dir`` (default ``~/.cache/segnet``) keyed by
-    the description and the label files' paths, sizes and times."""
+def _weights_from_labels(name: str, weigh, root, split, cache_dir, description, exclude_sequences) -> List[float]:
+    """``weigh(counts, image_pixels)`` (see :func:`class_frequencies`) over the labels of
+    ``split``, cached in ``cache_dir`` (default ``~/.cache/segnet``) as ``name_KEY.json``, keyed
+    by the description and the label files' paths, sizes and times."""
     description = load_description(description)
     pairs = list_pairs(root, split, description.layout, exclude_sequences)
     key = hashlib.sha256(json.dumps(description.to_dict(), sort_keys=True).encode())
@@ -429,17 +426,13 @@ def median_frequency_weights(root: Union[str, Path], split: str = "train", cache
         st = os.stat(label)
         key.update(f"{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     cache_dir = Path(cache_dir or os.environ.get("SEGNET_CACHE", Path.home() / ".cache" / "segnet"))
-    cache = cache_dir / f"median_frequency_{key.hexdigest()[:16]}.json"
+    cache = cache_dir / f"{name}_{key.hexdigest()[:16]}.json"
     if cache.is_file():
         try:
             return [float(w) for w in json.loads(cache.read_text())["weights"]]
         except (ValueError, KeyError, TypeError):
             pass  # a damaged cache is recomputed
-    counts, image_pixels = class_frequencies(pairs, description)
-    present = image_pixels > 0
-    freq = np.where(present, counts / np.maximum(image_pixels, 1), 0.0)
-    median = float(np.median(freq[present])) if present.any() else 1.0
-    weights = [median / f if f > 0 else 0.0 for f in freq]
+    weights = [float(w) for w in weigh(*class_frequencies(pairs, description))]
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"root": str(resolve_root(root)), "split": split, "weights": weights}))
@@ -448,13 +441,47 @@ def median_frequency_weights(root: Union[str, Path], split: str = "train", cache
     return weights
 
 
+def _median_frequency(counts: np.ndarray, image_pixels: np.ndarray) -> List[float]:
+    present = image_pixels > 0
+    freq = np.where(present, counts / np.maximum(image_pixels, 1), 0.0)
+    median = float(np.median(freq[present])) if present.any() else 1.0
+    return [median / f if f > 0 else 0.0 for f in freq]
+
+
+def _enet(counts: np.ndarray, image_pixels: np.ndarray) -> List[float]:
+    p = counts / max(int(counts.sum()), 1)
+    return [1.0 / math.log(1.02 + q) if c > 0 else 0.0 for q, c in zip(p, counts)]
+
+
+def median_frequency_weights(root: Union[str, Path], split: str = "train", cache_dir: Optional[Path] = None,
+                             description: Union[DatasetDescription, str, Path, None] = None,
+                             exclude_sequences: Sequence[str] = ()) -> List[float]:
+    """Median frequency balancing (Eigen and Fergus, as SegNet): weight_c = median(f) / f_c,
+    f_c = pixels of c / pixels of the images where c is present, over the labels of ``split``
+    (see :func:`list_pairs`); cached (see :func:`_weights_from_labels`)."""
+    return _weights_from_labels("median_frequency", _median_frequency, root, split, cache_dir, description,
+                                exclude_sequences)
+
+
+def enet_weights(root: Union[str, Path], split: str = "train", cache_dir: Optional[Path] = None,
+                 description: Union[DatasetDescription, str, Path, None] = None,
+                 exclude_sequences: Sequence[str] = ()) -> List[float]:
+    """ENet's weighting (Paszke et al. 2016): weight_c = 1 / ln(1.02 + p_c), p_c = the class's
+    share of the labelled pixels of ``split``. Bounded (1 / ln(1.02) ~ 50 at most, ~3 for a
+    class of a third of the pixels), so the large classes keep more weight than under median
+    frequency balancing; cached as that."""
+    return _weights_from_labels("enet", _enet, root, split, cache_dir, description, exclude_sequences)
+
+
 def class_weights(kind: str, root: Union[str, Path], description: Union[DatasetDescription, str, Path, None] = None,
                   split: str = "train", exclude_sequences: Sequence[str] = ()) -> Optional[List[float]]:
-    """``median`` (from the labels of the training ``split``), ``paper`` (the description's
-    published weights: SegNet's for CamVid) or ``none``."""
+    """``median`` or ``enet`` (from the labels of the training ``split``), ``paper`` (the
+    description's published weights: SegNet's for CamVid) or ``none``."""
     description = load_description(description)
     if kind == "median":
         return median_frequency_weights(root, split, description=description, exclude_sequences=exclude_sequences)
+    if kind == "enet":
+        return enet_weights(root, split, description=description, exclude_sequences=exclude_sequences)
     if kind == "paper":
         if description.class_weights is None:
             raise ValueError(f"class weights 'paper': the dataset {description.name!r} publishes none "
@@ -462,4 +489,4 @@ def class_weights(kind: str, root: Union[str, Path], description: Union[DatasetD
         return list(description.class_weights)
     if kind == "none":
         return None
-    raise ValueError(f"class weights must be 'median', 'paper' or 'none', got {kind!r}")
+    raise ValueError(f"class weights must be 'median', 'enet', 'paper' or 'none', got {kind!r}")

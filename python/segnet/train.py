@@ -55,7 +55,7 @@ class TrainConfig:
     poly_power: float = 0.9
     step_epochs: int = 30                     # step schedule: multiply by gamma every step_epochs
     gamma: float = 0.1
-    class_weights: str = "median"             # median | paper | none
+    class_weights: str = "median"             # median | enet | paper | none
     flip: bool = True
     scale: Tuple[float, float] = (1.0, 1.0)   # random rescale range
     crop: Optional[Tuple[int, int]] = None    # random crop H, W
@@ -82,7 +82,7 @@ class TrainConfig:
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         choices = {"model": ("segnet", "segnet_basic"), "backend": ("segnet_ext", "torch"), "optimizer": ("sgd", "adam"),
-                   "schedule": ("poly", "step", "constant"), "class_weights": ("median", "paper", "none"),
+                   "schedule": ("poly", "step", "constant"), "class_weights": ("median", "enet", "paper", "none"),
                    "amp": ("none", "bf16", "fp16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
