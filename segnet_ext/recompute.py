@@ -31,9 +31,10 @@ and the pooled values, and reruns the element-wise op in the compiled backward. 
 partitioner keeps a recomputed tensor that feeds a recomputed op of a later region (as it
 keeps every boundary of two checkpoint regions: ``cleanup_recompute_tags`` in
 torch/_functorch/partitioners.py): a residual block's output, the next block's identity, is
-kept (chains stop after one pass, where eager recipes nest up to ``MAX_DEPTH``). The unpooling's region
-reports itself as the graph's first, so its input, a decoder block's output, is recomputed
-from that block's z, as the eager ``Unpool`` recipe nests its ``ScaleShiftReLU``.
+kept (chains stop after one pass, where eager recipes nest up to ``MAX_DEPTH``). The
+unpooling's region reports itself as the graph's first, so its input, a decoder block's
+output, is recomputed from that block's z, as the eager ``Unpool`` recipe nests its
+``ScaleShiftReLU``.
 """
 import functools
 from typing import List, Optional, Sequence, Tuple
