@@ -110,7 +110,7 @@ def short_name(mangled: str) -> str:
 def read(lib: str):
     """{kernel: dict(registers, stack, local, shared, max_threads, occupancy, instructions, calls,
     integer_division_calls, global_accesses, wide_accesses (128 bits), wide_loads, wide_stores (64 or 128 bits),
-    hmma, inner_loops)}"""
+    hmma, loop_hmma (the most HMMA in one innermost loop), inner_loops)}"""
     if not tools_available():
         raise FileNotFoundError("cuobjdump and nvdisasm not found: pip install nvidia-cuda-cuobjdump "
                                 "nvidia-cuda-nvdisasm (or install triton, which ships nvdisasm)")
@@ -134,6 +134,8 @@ def read(lib: str):
                              wide_loads=sum(bool(re.search(r"\bLDG\.\S*\.(128|64)\b", line)) for line in accesses),
                              wide_stores=sum(bool(re.search(r"\bSTG\.\S*\.(128|64)\b", line)) for line in accesses),
                              hmma=sum("HMMA" in line for line in lines),
+                             loop_hmma=max([sum("HMMA" in ins for ins in span) for span in _innermost_loops(lines)[1]],
+                                           default=0),
                              inner_loops=_inner_loops(lines))
     for k in kernels.values():
         k["occupancy"] = occupancy(k)
@@ -164,17 +166,22 @@ def _access_bytes(instruction: str) -> int:
                  if suffix in suffixes), 4)
 
 
-def _inner_loops(lines):
-    """(instructions, global bytes per thread) per iteration of each innermost loop (a backward
-    branch's span holding no other) that accesses global memory; of the whole kernel, once,
-    where no loop does."""
+def _innermost_loops(lines):
+    """The instructions of each innermost loop (a backward branch's span holding no other)."""
     code = [(int(m.group(1), 16), m.group(2)) for line in lines
             for m in [re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)] if m]
     loops = [(int(m.group(1), 16), at) for at, ins in code for m in [re.search(r"\bBRA\s+(0x[0-9a-f]+)", ins)]
              if m and int(m.group(1), 16) <= at]
     innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return code, [[ins for at, ins in code if a <= at <= b] for a, b in sorted(innermost)]
+
+
+def _inner_loops(lines):
+    """(instructions, global bytes per thread) per iteration of each innermost loop that
+    accesses global memory; of the whole kernel, once, where no loop does."""
+    code, spans = _innermost_loops(lines)
     found = []
-    for span in [[ins for at, ins in code if a <= at <= b] for a, b in sorted(innermost)]:
+    for span in spans:
         moved = sum(_access_bytes(ins) for ins in span if re.search(r"\b(LDG|STG)\.", ins))
         if moved:
             found.append((len(span), moved))

@@ -9,8 +9,9 @@ torch is never replaced), in the source tree:
            memcheck and racecheck (``python -m bench.gpu_check --ops-once`` is the driver);
 4. bandwidth  each memory-bound op against a device-to-device copy of the bytes it must move,
            on SegNet's feature-map shapes (target: at least 85% of the copy's speed);
-5. conv    conv-BN-ReLU in eval (segnet_ext, as chosen per shape: segnet_ext.kernel_choices())
-           against the eager Sequential (cuDNN) on SegNet's 3x3 layers;
+5. conv    conv-BN-ReLU in eval (segnet_ext, as chosen per shape: segnet_ext.kernel_choices(),
+           and its tensor-core kernel forced) against the eager Sequential (cuDNN) and cuDNN's
+           convolution alone, on SegNet's 3x3 layers;
 6. segnet  SegNet-Basic's training step and inference, fused against plain, with peak memory;
 
 then writes bench/RESULTS-gpu.md. Meant to finish in under 8 minutes on an H200.
@@ -24,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -92,6 +93,19 @@ def paired_ms(fns, device, rounds=5, runs=20):
     return [sorted(t)[len(t) // 2] for t in times]
 
 
+@contextmanager
+def conv_policy(policy):
+    """$SEGNET_EXT_CONV set to `policy` (csrc/common/kernel_choice.h) for the block."""
+    before = os.environ.get("SEGNET_EXT_CONV")
+    os.environ["SEGNET_EXT_CONV"] = policy
+    try:
+        yield
+    finally:
+        os.environ.pop("SEGNET_EXT_CONV")
+        if before is not None:
+            os.environ["SEGNET_EXT_CONV"] = before
+
+
 # ---- 3: every op once (the sanitizer's driver) -------------------------------------------------
 
 def ops_once(device):
@@ -103,24 +117,21 @@ def ops_once(device):
 
     for dtype in (torch.float32, torch.bfloat16):
         for fmt in (torch.contiguous_format, torch.channels_last):
-            x = torch.randn(2, 19, 13, 11, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            # 24 channels: whole 16-byte vectors, so that our convolution takes the channels_last case
+            x = torch.randn(2, 24, 13, 11, device=device, dtype=dtype).contiguous(memory_format=fmt)
             for ceil_mode in (False, True):
                 values, packed = ops.max_pool2x2(x, ceil_mode)
                 y = ops.max_unpool2x2(values, packed, list(x.shape[2:]))
                 ops.max_unpool2x2_backward(y, packed, list(values.shape[2:]))
-            gamma, beta = torch.rand(19, device=device) + 0.5, torch.randn(19, device=device)
+            gamma, beta = torch.rand(24, device=device) + 0.5, torch.randn(24, device=device)
             y, scale, shift, mean, _, invstd, count = fused.bn_relu_forward(x, gamma, beta, 1e-5, True)
             fused.bn_relu_backward(torch.randn_like(x), x, scale, shift, mean, invstd, count, True)
             ops.scale_shift_relu(x, scale, shift, True, torch.randn_like(x))
-            w = torch.randn(7, 19, 3, 3, device=device, dtype=dtype)
-            before = os.environ.get("SEGNET_EXT_CONV")
+            w = torch.randn(7, 24, 3, 3, device=device, dtype=dtype)
             for policy in ("vendor", "segnet"):  # both convolutions, whatever the timing would choose
-                os.environ["SEGNET_EXT_CONV"] = policy
-                ops.conv2d_scale_shift_relu(x, w, scale[:7].contiguous(), shift[:7].contiguous(), [1, 1], [1, 1],
-                                            [1, 1], 1, True)
-            os.environ.pop("SEGNET_EXT_CONV")
-            if before is not None:
-                os.environ["SEGNET_EXT_CONV"] = before
+                with conv_policy(policy):
+                    ops.conv2d_scale_shift_relu(x, w, scale[:7].contiguous(), shift[:7].contiguous(), [1, 1],
+                                                [1, 1], [1, 1], 1, True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     print("every op ran")
@@ -182,11 +193,15 @@ def conv_rows(device, convs, batch):
             plain, fused = (m.to(device, dtype).to(memory_format=fmt).eval() for m in (plain, fused))
             x = torch.randn(batch, cin, H, W, device=device, dtype=dtype).contiguous(memory_format=fmt)
             with torch.no_grad():
-                ours_ms, cudnn_ms = paired_ms([lambda: fused(x), lambda: plain(x)], device, runs=5)
+                ours_ms, cudnn_ms, conv_ms = paired_ms([lambda: fused(x), lambda: plain(x), lambda: plain[0](x)],
+                                                       device, runs=5)
                 err = (fused(x).float() - plain(x).float()).abs().max().item()
+                with conv_policy("segnet"):  # our tensor-core kernel forced, where it takes the shape
+                    [kernel_ms] = paired_ms([lambda: fused(x)], device, runs=5)
             rows.append(dict(layer=f"{cin}->{cout} {H}x{W}", dtype=str(dtype).replace("torch.", ""),
                              layout="channels_last" if fmt == torch.channels_last else "NCHW",
-                             ours_ms=ours_ms, cudnn_ms=cudnn_ms, ratio=ours_ms / cudnn_ms, max_err=err))
+                             ours_ms=ours_ms, cudnn_ms=cudnn_ms, ratio=ours_ms / cudnn_ms, max_err=err,
+                             kernel_ms=kernel_ms, of_conv=conv_ms / kernel_ms))
     return rows, segnet_ext.kernel_choices()
 
 
@@ -256,10 +271,16 @@ def report(device, steps, bandwidth, convs, choices, segnet, command, size, batc
     lines += [f"| {r['op']} | {r['dtype']} | {r['layout']} | {r['shape']} | {r['mb']:.3g} | {r['op_ms']:.3f} | "
               f"{r['gbs']:.0f} | {r['of_copy']:.0%} |" for r in bandwidth]
     lines += ["", f"## Conv-BN-ReLU in eval against the eager Sequential (cuDNN), batch {batch}", "",
-              "| layer | dtype | layout | segnet_ext ms | eager ms | ratio | max abs diff |",
-              "|---|---|---|---:|---:|---:|---:|"]
+              "segnet_ext as chosen per shape, and its tensor-core kernel forced (SEGNET_EXT_CONV=segnet; "
+              "cuDNN where the kernel does not take the shape: NCHW, or float without TF32); its speed "
+              "against cuDNN's convolution alone (target for bf16 channels_last, 64 to 256 channels: "
+              ">= 0.8x) and against the eager Sequential (target: faster).", "",
+              "| layer | dtype | layout | segnet_ext ms | eager ms | ratio | max abs diff | kernel forced ms | "
+              "cuDNN conv / kernel | eager / kernel |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['layer']} | {r['dtype']} | {r['layout']} | {r['ours_ms']:.3f} | {r['cudnn_ms']:.3f} | "
-              f"{r['ratio']:.2f}x | {r['max_err']:.2g} |" for r in convs]
+              f"{r['ratio']:.2f}x | {r['max_err']:.2g} | {r['kernel_ms']:.3f} | {r['of_conv']:.2f}x | "
+              f"{r['cudnn_ms'] / r['kernel_ms']:.2f}x |" for r in convs]
     lines += ["", "The per-shape choices (`segnet_ext.kernel_choices()`):", "", "```", *choices, "```", "",
               f"## SegNet-Basic at {size[0]}x{size[1]}, batch {batch}: fused against plain", "",
               "| precision | step ratio | step ms (fused, plain) | inference ratio | inference ms | peak MiB |",

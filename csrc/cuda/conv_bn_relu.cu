@@ -18,6 +18,8 @@
 #include "kernels/bn_relu.cuh"
 #include "kernels/conv3x3.cuh"
 
+#include <type_traits>
+
 namespace segnet {
 namespace {
 
@@ -122,8 +124,6 @@ Tensor bn_relu_backward_apply_cuda(const Tensor& grad_y_in, const Tensor& x_in, 
   return dx;
 }
 
-kernels::Strides4 strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
 // The vendor path: ATen's convolution (cuDNN, with PyTorch's settings: TF32, benchmark,
 // determinism, exactly as nn.Conv2d runs it), then the epilogue kernel.
 Tensor conv2d_then_epilogue(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
@@ -133,20 +133,40 @@ Tensor conv2d_then_epilogue(const Tensor& x, const Tensor& weight, const Tensor&
   return scale_shift_relu_cuda(z.contiguous(x.suggest_memory_format()), scale, shift, relu, std::nullopt);
 }
 
-// Ours: the implicit-GEMM 3x3 / stride 1 / padding 1 kernel with the epilogue fused.
+// Ours: the tensor-core implicit-GEMM 3x3 / stride 1 / padding 1 kernel with the epilogue
+// fused, on channels_last tensors (the weights rearranged to [Cout, 3, 3, Cin]).
 Tensor conv3x3_scale_shift_relu(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
                                 bool relu) {
+  const Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
   Tensor y = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)},
-                       x.options().memory_format(x.suggest_memory_format()));
+                       x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const kernels::Conv3x3Dims d{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0)};
-  SEGNET_DISPATCH_FLOATING(x.scalar_type(), "conv2d_scale_shift_relu_cuda", [&] {
-    using A = typename kernels::AccOf<scalar_t>::type;
-    kernels::launch_conv3x3_scale_shift_relu<scalar_t, A>(
-        x.const_data_ptr<scalar_t>(), strides_of(x), weight.const_data_ptr<scalar_t>(), ptr<A>(scale), ptr<A>(shift),
-        relu, y.mutable_data_ptr<scalar_t>(), strides_of(y), d, c10::cuda::getCurrentCUDAStream());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_scale_shift_relu_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      kernels::launch_conv3x3_scale_shift_relu<scalar_t>(
+          x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), ptr<float>(scale), ptr<float>(shift), relu,
+          y.mutable_data_ptr<scalar_t>(), d, c10::cuda::getCurrentCUDAStream());
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
+}
+
+// Whether our kernel takes this convolution: 3x3, stride 1, padding 1, one group, channels_last
+// 16-bit inputs, or float ones where PyTorch lets convolutions use TF32 (otherwise cuDNN's
+// full float precision is what nn.Conv2d gives), whole 16-byte vectors of input channels,
+// on a GPU with the sm_80 tensor-core instructions.
+bool conv3x3_applies(const Tensor& x, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups) {
+  const auto type = x.scalar_type();
+  const bool tensor_cores = type == at::kHalf || type == at::kBFloat16 ||
+                            (type == at::kFloat && at::globalContext().allowTF32CuDNN());
+  const bool shape = weight.size(2) == 3 && weight.size(3) == 3 && groups == 1 && stride == at::IntArrayRef{1, 1} &&
+                     padding == at::IntArrayRef{1, 1} && dilation == at::IntArrayRef{1, 1} && x.numel() > 0 &&
+                     weight.size(0) > 0;
+  const bool vectors = x.size(1) * x.element_size() % 16 == 0 && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  return tensor_cores && shape && vectors && x.suggest_memory_format() == at::MemoryFormat::ChannelsLast &&
+         kernels::device_has_tensor_core_kernels(x.device().index());
 }
 
 // What the per-shape choice (common/kernel_choice.h) is keyed on: everything that changes
@@ -172,9 +192,7 @@ Tensor conv2d_scale_shift_relu_cuda(const Tensor& x_in, const Tensor& weight_in,
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(x_in.suggest_memory_format()), weight = weight_in.contiguous();
   const Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  const bool ours_applies = weight.size(2) == 3 && weight.size(3) == 3 && groups == 1 &&
-                            stride == at::IntArrayRef{1, 1} && padding == at::IntArrayRef{1, 1} &&
-                            dilation == at::IntArrayRef{1, 1} && x.numel() > 0 && weight.size(0) > 0;
+  const bool ours_applies = conv3x3_applies(x, weight, stride, padding, dilation, groups);
   auto run = [&](Impl impl) {
     return impl == Impl::Ours ? conv3x3_scale_shift_relu(x, weight, scale, shift, relu)
                               : conv2d_then_epilogue(x, weight, scale, shift, stride, padding, dilation, groups, relu);

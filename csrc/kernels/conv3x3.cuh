@@ -1,97 +1,244 @@
-// Implicit-GEMM 3x3 convolution (stride 1, padding 1) with the scale/shift/ReLU epilogue
-// fused: y[n, co, h, w] = relu(scale[co] * sum_{ci,ky,kx} x[n, ci, h+ky-1, w+kx-1] *
-// weight[co, ci, ky, kx] + shift[co]). Raw pointers only; also built by the emulator.
+// Implicit-GEMM 3x3 convolution (stride 1, padding 1) on tensor cores, with the folded-BN
+// epilogue fused: y[n, h, w, co] = relu(scale[co] * sum_{tap,ci} x[n, h+dy, w+dx, ci] *
+// w[co, tap, ci] + shift[co]), channels_last (NHWC) in and out. Raw pointers only; also
+// built by the emulator (tests/cuda_emu/, which has WMMA and cp.async).
 //
-// GEMM view: [pixels P = N*H*W] x [K = Cin*9] times [K] x [Cout]. A block computes a
-// 64-pixel x 64-channel tile with 256 threads, each a 4x4 register tile, stepping through
-// K in chunks of 16: the im2col slice of the input (zero outside the image) and the
-// weight slice are staged in shared memory (converted to the accumulation type, float for
-// half/bfloat16 inputs), then multiplied out of shared memory. Thread t owns pixels
-// 4*(t % 16)..+3 and channels 4*(t / 16)..+3, so the 16 threads of a half-warp store 64
-// consecutive pixels of one channel (coalesced in NCHW). Traffic per tile: each input
-// value is read up to 9 times through the K loop (L2-resident), weights once per tile,
-// outputs written once; accumulation stays in registers.
+// GEMM view: [pixels M = N*H*W] x [K = 9*Cin] times [K] x [Cout], K ordered (tap, channel):
+// for one tap a pixel's K slice is a run of consecutive channels in memory, so the operand
+// tiles arrive as 16-byte vectors (Cin a multiple of 8 channels in 16-bit types, 4 in
+// float; the launcher's caller checks). A block of 4 warps computes 128 pixels x 64 output
+// channels; each warp 32 x 64 as 2 x 4 WMMA accumulators (16x16, float): 16x16x16 bf16 or
+// fp16 fragments, or 16x16x8 TF32 ones for float inputs (rounded by __float_to_tf32, as
+// cuDNN does when torch.backends.cudnn.allow_tf32 lets it). K advances 64 bytes of channels
+// a step (32 in 16-bit types, 16 in float) through a 3-stage cp.async pipeline in shared
+// memory: the step two ahead is in flight while one is multiplied. Outside the image and
+// past Cin or Cout, cp.async fills zeros. The epilogue stages the accumulators in shared
+// memory (reusing the pipeline's, beside the tile's scale and shift, fetched once per block),
+// then writes each pixel's channels as 16-byte vectors
+// (scalar stores where Cout is not a multiple of the vector), scale and shift applied with
+// one fused multiply-add, as the CPU kernels do. Traffic: each input vector is fetched once
+// per tap and output-channel tile (L2-resident), weights once per pixel tile, y once.
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include "common/bn_relu.h"
 #include "kernels/launch.cuh"
 
+#ifndef SEGNET_CUDA_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_pipeline.h>
+#include <mma.h>
+#endif
+
 namespace segnet {
 namespace kernels {
+
+// The tensor cores' view of an input type: the fragment's element type, the shared-memory
+// element type and the fragment depth (K).
+template <typename T>
+struct TensorCore;
+template <>
+struct TensorCore<float> {
+  using fragment_type = nvcuda::wmma::precision::tf32;
+  using shared_type = float;
+  static constexpr int kDepth = 8;
+};
+#ifdef SEGNET_CUDA_EMULATION
+template <>
+struct TensorCore<c10::Half> {
+  using fragment_type = c10::Half;
+  using shared_type = c10::Half;
+  static constexpr int kDepth = 16;
+};
+template <>
+struct TensorCore<c10::BFloat16> {
+  using fragment_type = c10::BFloat16;
+  using shared_type = c10::BFloat16;
+  static constexpr int kDepth = 16;
+};
+#else
+template <>
+struct TensorCore<c10::Half> {
+  using fragment_type = __half;
+  using shared_type = __half;
+  static constexpr int kDepth = 16;
+};
+template <>
+struct TensorCore<c10::BFloat16> {
+  using fragment_type = __nv_bfloat16;
+  using shared_type = __nv_bfloat16;
+  static constexpr int kDepth = 16;
+};
+#endif
 
 struct Conv3x3Dims {
   int64_t N, Cin, H, W, Cout;
   SEGNET_HD int64_t pixels() const { return N * H * W; }
-  SEGNET_HD int64_t K() const { return Cin * 9; }
 };
 
-constexpr int kConvTileM = 64, kConvTileN = 64, kConvTileK = 16, kConvThreads = 256;
+constexpr int kConvTileM = 128, kConvTileN = 64, kConvWarps = 4, kConvThreads = kConvWarps * 32, kConvStages = 3;
+static_assert(kConvThreads == 2 * kConvTileN, "the epilogue's threads fetch a scale or a shift each");
+constexpr int kConvStepBytes = 64;  // K per step: 64 bytes of channels, 4 vectors of 16 bytes
 
-template <typename T, typename A>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) __launch_bounds__(kConvThreads)
-    conv3x3_scale_shift_relu_kernel(const T* __restrict__ x, Strides4 xs, const T* __restrict__ w,
-                                    const A* __restrict__ scale, const A* __restrict__ shift, bool relu,
-                                    T* __restrict__ y, Strides4 ys, Conv3x3Dims d) {
-  __shared__ A a_tile[kConvTileK][kConvTileM + 4];
-  __shared__ A b_tile[kConvTileK][kConvTileN + 4];
-  const int t = threadIdx.x;
-  const int tm = t % 16, tn = t / 16;
-  const int64_t P = d.pixels(), K = d.K(), HW = d.H * d.W;
-  const int64_t n0 = int64_t(blockIdx.y) * kConvTileN;
-  for (int64_t m0 = int64_t(blockIdx.x) * kConvTileM; m0 < P; m0 += int64_t(gridDim.x) * kConvTileM) {
-    A acc[4][4] = {};
-    for (int64_t k0 = 0; k0 < K; k0 += kConvTileK) {
-      for (int e = t; e < kConvTileK * kConvTileM; e += kConvThreads) {
-        const int kk = e / kConvTileM, mm = e % kConvTileM;
-        const int64_t p = m0 + mm, k = k0 + kk;
-        A v = A(0);
-        if (p < P && k < K) {
-          const int64_t n = p / HW, hw = p - n * HW, oh = hw / d.W, ow = hw - oh * d.W;
-          const int64_t ci = k / 9, tap = k - ci * 9;
-          const int64_t ih = oh + tap / 3 - 1, iw = ow + tap % 3 - 1;
-          if (ih >= 0 && ih < d.H && iw >= 0 && iw < d.W) v = static_cast<A>(x[xs.at(n, ci, ih, iw)]);
-        }
-        a_tile[kk][mm] = v;
-      }
-      for (int e = t; e < kConvTileK * kConvTileN; e += kConvThreads) {
-        const int kk = e % kConvTileK, nn = e / kConvTileK;  // consecutive threads: consecutive k of one row
-        const int64_t co = n0 + nn, k = k0 + kk;
-        b_tile[kk][nn] = (co < d.Cout && k < K) ? static_cast<A>(w[co * K + k]) : A(0);
-      }
-      __syncthreads();
-      for (int kk = 0; kk < kConvTileK; ++kk) {
-        A a[4], b[4];
-        for (int i = 0; i < 4; ++i) a[i] = a_tile[kk][tm * 4 + i];
-        for (int j = 0; j < 4; ++j) b[j] = b_tile[kk][tn * 4 + j];
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-      }
-      __syncthreads();
-    }
-    for (int j = 0; j < 4; ++j) {
-      const int64_t co = n0 + tn * 4 + j;
-      if (co >= d.Cout) continue;
-      for (int i = 0; i < 4; ++i) {
-        const int64_t p = m0 + tm * 4 + i;
-        if (p >= P) continue;
-        const int64_t n = p / HW, hw = p - n * HW, oh = hw / d.W, ow = hw - oh * d.W;
-        y[ys.at(n, co, oh, ow)] = static_cast<T>(affine_relu(acc[i][j], scale[co], shift[co], relu));
-      }
-    }
-  }
+// Whether the kernel takes these tensors: element type, channel counts in whole vectors.
+template <typename T>
+bool conv3x3_supports(int64_t Cin) {
+  return Cin > 0 && (Cin * int64_t(sizeof(T))) % 16 == 0;
 }
 
-// x: [N, Cin, H, W] (strides xs), w: [Cout, Cin, 3, 3] contiguous, scale/shift: [Cout],
-// y: [N, Cout, H, W] (strides ys). cfg.max_blocks caps the pixel tiles (grid-stride).
-template <typename T, typename A>
-void launch_conv3x3_scale_shift_relu(const T* x, Strides4 xs, const T* w, const A* scale, const A* shift, bool relu,
-                                     T* y, Strides4 ys, Conv3x3Dims d, cudaStream_t stream, LaunchConfig cfg = {}) {
+template <typename T>
+struct ConvTiles {
+  using S = typename TensorCore<T>::shared_type;
+  static constexpr int kVec = 16 / sizeof(T);                     // elements per 16-byte vector
+  static constexpr int kStepK = kConvStepBytes / sizeof(T);       // K per pipeline step
+  static constexpr int kLd = kStepK + kVec;                       // a tile row: 80 bytes, conflict-free
+  static constexpr int kLdC = kConvTileN + 4;                     // the accumulators' rows (floats)
+  static constexpr int kStageA = kConvTileM * kLd, kStageB = kConvTileN * kLd;
+  static constexpr int kBytes = kConvStages * (kStageA + kStageB) * int(sizeof(S));
+  static_assert((kConvTileM * kLdC + 2 * kConvTileN) * 4 <= kBytes, "the epilogue reuses the pipeline's shared memory");
+  static_assert(kBytes <= 48 * 1024, "static shared memory");
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kConvThreads)
+    conv3x3_scale_shift_relu_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ scale,
+                                    const float* __restrict__ shift, bool relu, T* __restrict__ y, Conv3x3Dims d) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using Tiles = ConvTiles<T>;
+  using S = typename Tiles::S;
+  using F = typename TensorCore<T>::fragment_type;
+  constexpr int kDepth = TensorCore<T>::kDepth, kVec = Tiles::kVec, kStepK = Tiles::kStepK, kLd = Tiles::kLd;
+  alignas(128) __shared__ unsigned char smem[Tiles::kBytes];
+  S* const a_tiles = reinterpret_cast<S*>(smem);
+  S* const b_tiles = a_tiles + kConvStages * Tiles::kStageA;
+
+  const int t = threadIdx.x, warp = t / 32;
+  const int64_t P = d.pixels(), m0 = int64_t(blockIdx.x) * kConvTileM;
+  const int n0 = int(blockIdx.y) * kConvTileN, Cin = int(d.Cin), Cout = int(d.Cout), H = int(d.H), W = int(d.W);
+  const int chunks = (Cin + kStepK - 1) / kStepK, steps = 9 * chunks;
+  const int vec = t % 4;  // the 16-byte vector of a tile row this thread copies
+
+  // This thread's rows of the pixel tile (4) and of the weight tile (2), fixed for the
+  // whole K loop: a pixel's offset in x and its position, a weight row's offset in w.
+  int64_t pixel_at[4];
+  int oh[4], ow[4];
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = m0 + t / 4 + 32 * i;
+    const int64_t n = m / (int64_t(H) * W), hw = m - n * H * W;
+    oh[i] = m < P ? int(hw / W) : -(1 << 20);  // a pixel past the end is outside every tap
+    ow[i] = int(hw % W);
+    pixel_at[i] = m * Cin;
+  }
+
+  auto issue = [&](int step, int stage) {
+    const int tap = step / chunks, ci = (step - tap * chunks) * kStepK + vec * kVec;
+    const int dy = tap / 3 - 1, dx = tap % 3 - 1;
+    S* const a = a_tiles + stage * Tiles::kStageA;
+    S* const b = b_tiles + stage * Tiles::kStageB;
+    for (int i = 0; i < 4; ++i) {
+      const int ih = oh[i] + dy, iw = ow[i] + dx;
+      const bool in = ci < Cin && ih >= 0 && ih < H && iw >= 0 && iw < W;
+      const T* src = in ? x + pixel_at[i] + (int64_t(dy) * W + dx) * Cin + ci : x;
+      SEGNET_CP_ASYNC(a + (t / 4 + 32 * i) * kLd + vec * kVec, src, 16, in ? 0 : 16);
+    }
+    for (int j = 0; j < 2; ++j) {
+      const int co = n0 + t / 4 + 32 * j;
+      const bool in = ci < Cin && co < Cout;
+      const T* src = in ? w + (int64_t(co) * 9 + tap) * Cin + ci : w;
+      SEGNET_CP_ASYNC(b + (t / 4 + 32 * j) * kLd + vec * kVec, src, 16, in ? 0 : 16);
+    }
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, kDepth, float> acc[2][4];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  for (int s = 0; s < kConvStages - 1; ++s) {
+    if (s < steps) issue(s, s);
+    __pipeline_commit();
+  }
+  for (int s = 0; s < steps; ++s) {
+    __pipeline_wait_prior(kConvStages - 2);  // step s has arrived (this thread's copies)
+    __syncthreads();                         // ... everyone's; and step s - 1's stage is free
+    if (s + kConvStages - 1 < steps) issue(s + kConvStages - 1, (s + kConvStages - 1) % kConvStages);
+    __pipeline_commit();
+    const S* const a = a_tiles + (s % kConvStages) * Tiles::kStageA + warp * 32 * kLd;
+    const S* const b = b_tiles + (s % kConvStages) * Tiles::kStageB;
+    for (int k = 0; k < kStepK; k += kDepth) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kDepth, F, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, kDepth, F, wmma::col_major> fb[4];
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(fa[i], a + i * 16 * kLd + k, kLd);
+        if constexpr (std::is_same_v<T, float>)
+          for (int e = 0; e < fa[i].num_elements; ++e) fa[i].x[e] = wmma::__float_to_tf32(fa[i].x[e]);
+      }
+      for (int j = 0; j < 4; ++j) {
+        wmma::load_matrix_sync(fb[j], b + j * 16 * kLd + k, kLd);
+        if constexpr (std::is_same_v<T, float>)
+          for (int e = 0; e < fb[j].num_elements; ++e) fb[j].x[e] = wmma::__float_to_tf32(fb[j].x[e]);
+      }
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();  // every warp is done with the pipeline's shared memory
+
+  float* const c = reinterpret_cast<float*>(smem);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j)
+      wmma::store_matrix_sync(c + (warp * 32 + i * 16) * Tiles::kLdC + j * 16, acc[i][j], Tiles::kLdC,
+                              wmma::mem_row_major);
+  // the tile's scale and shift, fetched once per block (coalesced) into shared memory
+  float* const params = c + kConvTileM * Tiles::kLdC;
+  {
+    const int co = n0 + t % kConvTileN;
+    params[t] = SEGNET_LOAD_IF(co < Cout, (t < kConvTileN ? scale : shift) + co, 0.0f);
+  }
+  __syncthreads();
+
+  // The epilogue: thread t takes kVec consecutive channels of a pixel, the block's threads
+  // consecutive vectors of consecutive pixels (coalesced: a pixel's channels are contiguous).
+  constexpr int kGroups = kConvTileN / kVec, kRowsPerPass = kConvThreads / kGroups;
+  const int g = t % kGroups, co0 = n0 + g * kVec;
+  const bool whole = Cout % kVec == 0 && co0 + kVec <= Cout;
+  float sc[kVec], sh[kVec];
+  for (int e = 0; e < kVec; ++e) {
+    sc[e] = params[g * kVec + e];
+    sh[e] = params[kConvTileN + g * kVec + e];
+  }
+  for (int r = t / kGroups; r < kConvTileM; r += kRowsPerPass) {
+    const int64_t m = m0 + r;
+    if (m >= P) break;
+    using Vec = AlignedVec<T, kVec>;
+    Vec out;
+    for (int e = 0; e < kVec; ++e)
+      out.v[e] = static_cast<T>(affine_relu(c[r * Tiles::kLdC + g * kVec + e], sc[e], sh[e], relu));
+    T* const dst = y + m * Cout + co0;
+    if (whole) {
+      SEGNET_STORE(reinterpret_cast<Vec*>(dst), out);
+    } else {
+      for (int e = 0; e < kVec; ++e) SEGNET_STORE_IF(co0 + e < Cout, dst + e, out.v[e]);
+    }
+  }
+#endif
+}
+
+// x: [N, H, W, Cin] (channels_last memory), w: [Cout, 3, 3, Cin] contiguous (channels_last
+// weights), scale/shift: [Cout] float, y: [N, H, W, Cout]. Needs conv3x3_supports<T>(Cin),
+// 16-byte aligned x and w, and, on a GPU, compute capability 8.0 or newer.
+template <typename T>
+void launch_conv3x3_scale_shift_relu(const T* x, const T* w, const float* scale, const float* shift, bool relu, T* y,
+                                     Conv3x3Dims d, cudaStream_t stream) {
   if (d.pixels() == 0 || d.Cout == 0) return;
-  const int64_t tiles_m = (d.pixels() + kConvTileM - 1) / kConvTileM;
-  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(tiles_m, cfg.max_blocks))),
+  const dim3 grid(static_cast<unsigned>((d.pixels() + kConvTileM - 1) / kConvTileM),
                   static_cast<unsigned>((d.Cout + kConvTileN - 1) / kConvTileN));
-  auto kernel = conv3x3_scale_shift_relu_kernel<T, A>;
-  SEGNET_LAUNCH(kernel, grid, kConvThreads, stream, x, xs, w, scale, shift, relu, y, ys, d);
+  auto kernel = conv3x3_scale_shift_relu_kernel<T>;
+  SEGNET_LAUNCH(kernel, grid, kConvThreads, stream, x, w, scale, shift, relu, y, d);
 }
 
 }  // namespace kernels

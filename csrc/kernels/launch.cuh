@@ -14,6 +14,9 @@
 // SEGNET_STORE_IF(active, p, value) (a predicated store): plain accesses
 // under nvcc; in the emulator, accesses whose 32-byte sectors tests count per warp
 // instruction (tests/cuda_emu/cuda_emu.h), each macro use one access site.
+// SEGNET_CP_ASYNC(dst, src, bytes, zfill): an asynchronous copy of global to shared memory
+// (cuda_pipeline.h's __pipeline_memcpy_async: the last `zfill` bytes zeros), its source one
+// load site.
 #ifdef SEGNET_CUDA_EMULATION
 #define SEGNET_LAUNCH(kernel, blocks, threads, stream, ...)                                               \
   ::cuda_emu::launch(__PRETTY_FUNCTION__, dim3(blocks), dim3(threads), ::segnet::kernels::kMaxThreadsPerBlock, \
@@ -22,6 +25,7 @@
 #define SEGNET_LOAD_IF(active, p, otherwise) ::cuda_emu::global_load_if((active), (p), (otherwise), __COUNTER__)
 #define SEGNET_STORE(p, value) ::cuda_emu::global_store(true, (p), (value), __COUNTER__)
 #define SEGNET_STORE_IF(active, p, value) ::cuda_emu::global_store((active), (p), (value), __COUNTER__)
+#define SEGNET_CP_ASYNC(dst, src, bytes, zfill) ::cuda_emu::cp_async((dst), (src), (bytes), (zfill), __COUNTER__)
 #else
 #define SEGNET_LAUNCH(kernel, blocks, threads, stream, ...) \
   kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
@@ -32,6 +36,7 @@
   do {                                    \
     if (active) *(p) = (value);           \
   } while (0)
+#define SEGNET_CP_ASYNC(dst, src, bytes, zfill) __pipeline_memcpy_async((dst), (src), (bytes), (zfill))
 #endif
 
 namespace segnet {
@@ -43,6 +48,7 @@ constexpr int kMaxThreadsPerBlock = 256;
 
 #ifdef SEGNET_CUDA_EMULATION
 inline bool stream_is_capturing(cudaStream_t) { return false; }
+inline bool device_has_tensor_core_kernels(int) { return true; }
 // The emulator's timer: runs `work` and returns the time a test assigned (cuda_emu::fake_timer).
 inline double device_time_ms(const std::function<void()>& work, cudaStream_t) {
   return ::cuda_emu::fake_timer().time(work);
@@ -51,6 +57,13 @@ inline double device_time_ms(const std::function<void()>& work, cudaStream_t) {
 inline bool stream_is_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   return cudaStreamIsCapturing(stream, &status) == cudaSuccess && status != cudaStreamCaptureStatusNone;
+}
+
+// Whether the device runs the sm_80 kernels (WMMA in bf16 and TF32, cp.async): the others
+// were compiled without their bodies.
+inline bool device_has_tensor_core_kernels(int device) {
+  int major = 0;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8;
 }
 
 // Milliseconds per run of `work` (launches on `stream`): one warm-up run (which also lets

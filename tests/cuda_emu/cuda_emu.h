@@ -123,11 +123,21 @@ struct Access {
 
 class Launch;
 
+// A cp.async copy of this thread not yet waited for (cuda_emu_wmma.h): `bytes - zfill` bytes
+// from src, then zeros, to dst.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes, zfill;
+};
+
 struct ThreadState {
   dim3 thread_idx, block_idx, block_dim, grid_dim;
   Launch* launch = nullptr;
   unsigned linear = 0;     // thread index within the block
   bool released = false;   // has let the next warp in the schedule start
+  std::vector<AsyncCopy> open_copies;                     // issued since the last commit
+  std::vector<std::vector<AsyncCopy>> committed_copies;  // committed groups, oldest first
 };
 
 inline thread_local ThreadState tls;
@@ -173,6 +183,21 @@ class Launch {
     if (valid && src < threads_) std::memcpy(&out, &slots_[src], sizeof(T));
     warp_sync_[warp]->arrive_and_wait();
     return out;
+  }
+
+  // A warp-wide operation that every lane of a full warp executes together (the WMMA
+  // operations, cuda_emu_wmma.h): a lane missing from it, or a partial warp, is an error.
+  void warp_collective(const char* what) {
+    const unsigned warp = tls.linear / kWarpSize;
+    warp_sync_[warp]->arrive_and_wait();
+    const unsigned present = present_lanes(warp);
+    warp_sync_[warp]->arrive_and_wait();
+    if (present != ~0u) {
+      char text[160];
+      std::snprintf(text, sizeof text, "cuda_emu: %s in warp %u, whose present lanes are 0x%08x (it needs all 32)",
+                    what, warp, present);
+      throw std::runtime_error(text);
+    }
   }
 
   void syncwarp(unsigned mask) {
@@ -241,6 +266,8 @@ class Launch {
     for (const unsigned b : block_sequence(grid_.x * grid_.y * grid_.z)) {
       tls.block_idx = dim3(b % grid_.x, (b / grid_.x) % grid_.y, b / (grid_.x * grid_.y));
       tls.released = false;
+      tls.open_copies.clear();
+      tls.committed_copies.clear();
       wait_for_turn();
       try {
         body();
@@ -494,6 +521,8 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
 
 template <typename T>
 T __ldg(const T* p) { return *p; }
+
+#include "cuda_emu_wmma.h"
 
 template <typename T>
 T atomicAdd(T* address, T value) { return std::atomic_ref<T>(*address).fetch_add(value); }

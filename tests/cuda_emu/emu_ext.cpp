@@ -12,6 +12,7 @@
 #include "kernels/conv3x3.cuh"
 #include "kernels/pool2x2.cuh"
 #include "selftest_kernels.cuh"
+#include "selftest_wmma.cuh"
 
 // The launchers as the library builds them, minus their registration with the dispatcher
 // (the real library registers the CUDA ops).
@@ -216,20 +217,31 @@ Tensor bn_relu_backward_apply(const Tensor& dy_in, const Tensor& x_in, const Ten
 
 // x [N, Cin, H, W] (either layout), weight [Cout, Cin, 3, 3] -> y in x's layout
 Tensor conv3x3_scale_shift_relu(const Tensor& x_in, const Tensor& weight_in, const Tensor& scale, const Tensor& shift,
-                                bool relu, int64_t max_blocks) {
+                                bool relu) {
   segnet::check_conv_epilogue("conv3x3_scale_shift_relu", x_in, weight_in, scale, shift, 1);
-  const auto format = x_in.suggest_memory_format();
-  const Tensor x = x_in.contiguous(format), weight = weight_in.contiguous();
-  Tensor y = poisoned({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options(), format);
+  const Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor weight = weight_in.contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor y = poisoned({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options(), at::MemoryFormat::ChannelsLast);
   const segnet::kernels::Conv3x3Dims d{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0)};
-  auto strides = [](const Tensor& t) { return segnet::kernels::Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; };
-  EMU_DISPATCH(x.scalar_type(), [&] {
-    using A = typename segnet::kernels::AccOf<scalar_t>::type;
-    segnet::kernels::launch_conv3x3_scale_shift_relu<scalar_t, A>(
-        x.const_data_ptr<scalar_t>(), strides(x), weight.const_data_ptr<scalar_t>(), ptr<A>(scale), ptr<A>(shift),
-        relu, y.mutable_data_ptr<scalar_t>(), strides(y), d, nullptr, config(256, max_blocks));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "emu", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK_VALUE(segnet::kernels::conv3x3_supports<scalar_t>(d.Cin), "Cin ", d.Cin, " is not whole vectors");
+      segnet::kernels::launch_conv3x3_scale_shift_relu<scalar_t>(
+          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), ptr<float>(scale), ptr<float>(shift), relu,
+          y.mutable_data_ptr<scalar_t>(), d, nullptr);
+    } else {
+      TORCH_CHECK_VALUE(false, "the tensor-core convolution takes no float64");
+    }
   });
   return y;
+}
+
+// Shared-memory wavefronts of the WMMA loads and stores since the last call, and the
+// conflict-free minimum.
+std::tuple<int64_t, int64_t> bank_traffic() {
+  std::lock_guard<std::mutex> lock(cuda_emu::bank_mutex());
+  const auto t = std::exchange(cuda_emu::bank_traffic(), {});
+  return {int64_t(t.wavefronts), int64_t(t.ideal)};
 }
 
 // ---- the emulator's own tests ----
@@ -261,6 +273,32 @@ Tensor strided_copy(const Tensor& x, int64_t n, int stride, bool odd_lanes_skip,
   SEGNET_LAUNCH(kernel, blocks, threads, nullptr, x.const_data_ptr<float>(), n, stride, odd_lanes_skip,
                 y.mutable_data_ptr<float>());
   return y;
+}
+
+// a @ b through selftest::wmma_product on `threads` threads, the operands at leading
+// dimensions padded by `pad` elements; b stored column major when b_col_major.
+Tensor wmma_product(const Tensor& a, const Tensor& b, bool b_col_major, int64_t pad, int threads) {
+  const int64_t K = a.size(1);
+  const Tensor ap = at::zeros({16, K + pad}, a.options());
+  ap.narrow(1, 0, K).copy_(a);
+  const Tensor bp = b_col_major ? at::zeros({16, K + pad}, b.options()) : at::zeros({K, 16 + pad}, b.options());
+  (b_col_major ? bp.narrow(1, 0, K) : bp.narrow(1, 0, 16)).copy_(b_col_major ? b.t() : b);
+  Tensor c = at::full({16, 20}, std::nan(""), a.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "emu", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      auto kernel = selftest::wmma_product<scalar_t>;
+      SEGNET_LAUNCH(kernel, 1, threads, nullptr, ap.const_data_ptr<scalar_t>(), int(ap.size(1)), bp.const_data_ptr<scalar_t>(),
+                    int(bp.size(1)), b_col_major, int(K), c.mutable_data_ptr<float>());
+    }
+  });
+  return c.narrow(1, 0, 16);
+}
+
+Tensor cp_async_exchange(const Tensor& x, bool wait, bool sync) {
+  Tensor out = at::zeros_like(x);
+  auto kernel = selftest::cp_async_exchange;
+  SEGNET_LAUNCH(kernel, 1, x.numel() / 4, nullptr, x.const_data_ptr<float>(), wait, sync, out.mutable_data_ptr<float>());
+  return out;
 }
 
 Tensor read_shared_first(int threads, int blocks) {
@@ -345,4 +383,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("traffic", &traffic);
   m.def("strided_copy", &strided_copy);
   m.def("read_shared_first", &read_shared_first);
+  m.def("wmma_product", &wmma_product);
+  m.def("cp_async_exchange", &cp_async_exchange);
+  m.def("bank_traffic", &bank_traffic);
 }

@@ -86,4 +86,18 @@ __global__ void read_shared_first(float* out) {
   s[threadIdx.x] = 1.f;
 }
 
+// out[4t..4t+3] = what thread t finds in shared memory at the 16 bytes thread (t + 32) %
+// blockDim.x copied there from x with cp.async (odd threads zero-filling their last 8 bytes),
+// after waiting for its copies when `wait`, and a __syncthreads when `sync`.
+__global__ void cp_async_exchange(const float* x, bool wait, bool sync, float* out) {
+  alignas(16) __shared__ float s[4 * 256];
+  const int t = threadIdx.x;
+  SEGNET_CP_ASYNC(s + 4 * t, x + 4 * t, 16, t % 2 ? 8 : 0);
+  __pipeline_commit();
+  if (wait) __pipeline_wait_prior(0);
+  if (sync) __syncthreads();
+  const int from = (t + 32) % int(blockDim.x);
+  for (int e = 0; e < 4; ++e) out[4 * t + e] = s[4 * from + e];
+}
+
 }  // namespace selftest

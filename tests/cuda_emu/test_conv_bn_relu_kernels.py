@@ -91,27 +91,72 @@ def test_reductions_are_deterministic_and_use_many_slices(emu):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
-CONV_SHAPES = [  # (N, Cin, H, W, Cout): partial pixel and channel tiles, K not a multiple of 16
-    (1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 20, 9, 8, 70), (2, 2, 13, 11, 3)]
+def tf32(t):
+    """t rounded to TF32 (10 mantissa bits, to nearest, ties away from zero), as
+    __float_to_tf32 rounds a tensor core's float operands."""
+    bits = t.float().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
-@pytest.mark.parametrize("max_blocks", [1, 3, 1024])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_implicit_gemm_conv3x3_matches_torch(emu, max_blocks, dtype):
-    for (N, Cin, H, W, Cout), channels_last in itertools.product(CONV_SHAPES, [False, True]):
-        what = f"{(N, Cin, H, W, Cout)} channels_last={channels_last}"
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.randn(N, Cin, H, W).to(dtype).contiguous(memory_format=fmt)
+# (N, Cin, H, W, Cout): partial pixel tiles (of 128) and output-channel tiles (of 64), several
+# of each, Cout not a multiple of the output vector (scalar stores), Cin not a multiple of
+# the pipeline's step (32 channels in 16-bit types, 16 in float), odd H and W, a 1x1 image
+CONV_SHAPES = [(1, 8, 1, 1, 3), (2, 8, 5, 7, 5), (1, 40, 9, 13, 70), (2, 16, 11, 9, 64), (1, 24, 3, 50, 136)]
+DEPTHS = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}  # channels per 16-byte vector
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensor_core_conv3x3_matches_the_reference(emu, dtype):
+    for (N, Cin, H, W, Cout) in CONV_SHAPES:
+        what = f"{(N, Cin, H, W, Cout)}"
+        x = torch.randn(N, Cin, H, W).to(dtype).contiguous(memory_format=torch.channels_last)
         w = torch.randn(Cout, Cin, 3, 3).to(dtype)
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        scale, shift = torch.randn(Cout, dtype=acc), torch.randn(Cout, dtype=acc)
+        scale, shift = torch.randn(Cout), torch.randn(Cout)
+        # the operands as the tensor cores read them: TF32 for float, exact for 16-bit types
+        xr, wr = (tf32(x), tf32(w)) if dtype == torch.float32 else (x, w)
+        z = torch.nn.functional.conv2d(xr.double(), wr.double(), padding=1)
         for relu in (True, False):
-            y = emu.conv3x3_scale_shift_relu(x, w, scale, shift, relu, max_blocks)
-            z = torch.nn.functional.conv2d(x.to(acc), w.to(acc), padding=1)
-            want = z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-            want = (want.clamp_min(0) if relu else want).to(dtype)
-            t = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
-            torch.testing.assert_close(y, want, rtol=t, atol=t * (Cin * 9) ** 0.5, msg=what)
-            assert y.is_contiguous(memory_format=fmt), what
-            cpu = torch.ops.segnet_ext.conv2d_scale_shift_relu(x, w, scale, shift, [1, 1], [1, 1], [1, 1], 1, relu)
-            torch.testing.assert_close(y, cpu, rtol=t, atol=t * (Cin * 9) ** 0.5, msg=what)
+            y = emu.conv3x3_scale_shift_relu(x, w, scale, shift, relu)
+            want = z * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+            want = want.clamp_min(0) if relu else want
+            # float accumulation of up to 9 * Cin products, then the output's rounding
+            ulp = {torch.float32: 2 ** -23, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+            torch.testing.assert_close(y.double(), want, rtol=ulp, atol=1e-5 * (9 * Cin) ** 0.5 * scale.abs().max().item(),
+                                       msg=what)
+            assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last), what
+
+
+@pytest.mark.parametrize("schedule", ["warps_forward", "warps_reverse"])
+def test_tensor_core_conv3x3_pipeline_waits_and_synchronises(emu, schedule):
+    """Under the schedules that make a missing __syncthreads read a stage before another warp's
+    copies arrived (and the blocks in reverse order), the result is still exact."""
+    x = torch.randn(1, 40, 9, 13).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w, scale, shift = torch.randn(70, 40, 3, 3).to(torch.bfloat16), torch.randn(70), torch.randn(70)
+    want = emu.conv3x3_scale_shift_relu(x, w, scale, shift, True)
+    emu.set_schedule(schedule)
+    emu.set_block_order("reverse")
+    try:
+        got = emu.conv3x3_scale_shift_relu(x, w, scale, shift, True)
+    finally:
+        emu.set_schedule("free")
+        emu.set_block_order("forward")
+    assert torch.equal(got, want)
+
+
+def test_tensor_core_conv3x3_reads_shared_memory_without_bank_conflicts(emu):
+    for dtype in DEPTHS:
+        x = torch.randn(1, 64, 6, 10).to(dtype).contiguous(memory_format=torch.channels_last)
+        w, scale, shift = torch.randn(64, 64, 3, 3).to(dtype), torch.randn(64), torch.randn(64)
+        emu.bank_traffic()
+        emu.conv3x3_scale_shift_relu(x, w, scale, shift, True)
+        wavefronts, ideal = emu.bank_traffic()
+        assert ideal > 0 and wavefronts == ideal, (dtype, wavefronts, ideal)
+
+
+def test_tensor_core_conv3x3_refuses_what_it_cannot_take(emu):
+    with pytest.raises(ValueError, match="Cin 6 is not whole vectors"):
+        emu.conv3x3_scale_shift_relu(torch.randn(1, 6, 4, 4).half(), torch.randn(2, 6, 3, 3).half(),
+                                     torch.ones(2), torch.zeros(2), True)
+    with pytest.raises(ValueError, match="float64"):
+        emu.conv3x3_scale_shift_relu(torch.randn(1, 8, 4, 4).double(), torch.randn(2, 8, 3, 3).double(),
+                                     torch.ones(2).double(), torch.zeros(2).double(), True)

@@ -108,3 +108,58 @@ def test_launches_a_gpu_refuses_are_errors(emu, threads, blocks, message):
     x = torch.randn(64)
     with pytest.raises(RuntimeError, match=message):
         emu.strided_copy(x, 64, 1, False, threads, blocks)
+
+
+# ---- tensor cores and asynchronous copies (cuda_emu_wmma.h) ----
+
+def tf32(t):
+    """Round to TF32 as __float_to_tf32 does (to nearest, ties away from zero)."""
+    return ((t.float().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b_col_major", [False, True])
+def test_wmma_fragments_multiply_as_a_matrix_product(emu, dtype, b_col_major):
+    a, b = torch.randn(16, 48).to(dtype), torch.randn(48, 16).to(dtype)
+    c = emu.wmma_product(a, b, b_col_major, 8, 32)
+    want = tf32(a).double() @ tf32(b).double() if dtype == torch.float32 else a.double() @ b.double()
+    torch.testing.assert_close(c.double(), want, rtol=1e-6, atol=1e-5)
+    if dtype == torch.float32:  # rounded to TF32: far from the float product
+        assert (c.double() - a.double() @ b.double()).abs().max() > 1e-4
+
+
+def test_wmma_needs_the_whole_warp(emu):
+    with pytest.raises(RuntimeError, match="fill_fragment in warp 0, whose present lanes are 0x0000ffff"):
+        emu.wmma_product(torch.randn(16, 16).half(), torch.randn(16, 16).half(), False, 0, 16)
+
+
+def test_wmma_loads_count_shared_memory_bank_conflicts(emu):
+    a, b = torch.randn(16, 64).half(), torch.randn(64, 16).half()
+    emu.bank_traffic()
+    emu.wmma_product(a, b, True, 8, 32)  # rows of 144 bytes: 8 rows' 16-byte pieces in 8 bank groups
+    wavefronts, ideal = emu.bank_traffic()
+    assert wavefronts == ideal == 4 * (4 + 4) + 8  # 4 steps of two fragments of 4 phases, the store's 8
+    emu.wmma_product(a, b, True, 0, 32)  # rows of 128 bytes: every row's piece in one bank group
+    wavefronts, ideal = emu.bank_traffic()
+    assert ideal == 40 and wavefronts == 4 * 8 * 8 + 8
+
+
+def test_cp_async_copies_and_zero_fills_once_waited_for(emu):
+    x = torch.randn(256)
+    out = emu.cp_async_exchange(x, True, True).view(64, 4)
+    want = x.view(64, 4).roll(-32, 0).clone()  # thread t reads thread t + 32's 16 bytes
+    want[1::2, 2:] = 0  # odd threads zero-fill their last 8 bytes
+    assert torch.equal(out, want)
+
+
+def test_a_missing_cp_async_wait_or_barrier_reads_garbage(emu):
+    x = torch.randn(256)
+    assert emu.cp_async_exchange(x, False, True).isnan().all()  # never waited for
+    results = []
+    for schedule in ("warps_forward", "warps_reverse"):  # waited for, but no __syncthreads
+        emu.set_schedule(schedule)
+        try:
+            results.append(emu.cp_async_exchange(x, True, False).isnan().any().item())
+        finally:
+            emu.set_schedule("free")
+    assert any(results)
