@@ -6,7 +6,7 @@ poisoned."""
 import pytest
 import torch
 
-from bench import memory_traffic
+from bench import conv_roofline, memory_traffic
 from tests.pool_cases import assert_bitwise_equal, make_input
 
 TARGET = 1.10  # sectors moved / ideal (issue 14)
@@ -168,20 +168,6 @@ def test_sectors_moved_within_target(segnet_rows, op, fmt):
 
 # ---- the tensor-core convolution ----
 
-def conv_tile_bytes(N, Cin, H, W, Cout, itemsize, tile_m=128, tile_n=64):
-    """The bytes the convolution's tiles must fetch: per (pixel tile, channel tile) and tap,
-    the input channels of the tile's pixels inside the image, the weights of its output
-    channels, and its channels' scale and shift (float)."""
-    P = N * H * W
-    m = torch.arange(P)
-    oh, ow = m % (H * W) // W, m % W
-    n_tiles = -(-Cout // tile_n)
-    inside = sum(((oh + dy >= 0) & (oh + dy < H) & (ow + dx >= 0) & (ow + dx < W)).sum().item()
-                 for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-    m_tiles = -(-P // tile_m)
-    return n_tiles * inside * Cin * itemsize + m_tiles * 9 * Cin * Cout * itemsize + m_tiles * 2 * Cout * 4
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 64, 6, 10, 64), (2, 128, 5, 9, 96)])
 def test_tensor_core_conv3x3_fetches_its_tiles_in_whole_sectors(emu, dtype, shape):
@@ -190,6 +176,6 @@ def test_tensor_core_conv3x3_fetches_its_tiles_in_whole_sectors(emu, dtype, shap
     w, scale, shift = torch.randn(Cout, Cin, 3, 3).to(dtype), torch.randn(Cout), torch.randn(Cout)
     w = w.contiguous(memory_format=torch.channels_last)
     t = _traffic(emu, lambda: emu.conv3x3_scale_shift_relu(x, w, scale, shift, True))
-    ideal = conv_tile_bytes(*shape, x.element_size()) / 32
+    ideal = conv_roofline.tile_bytes(*shape, x.element_size()) / 32
     assert t["load_sectors"] <= TARGET * ideal, (t, ideal)
     assert t["store_sectors"] == N * H * W * Cout * x.element_size() // 32, t
