@@ -39,10 +39,16 @@ TORCH_LIBRARY(segnet_ext, m) {
         " Tensor k2, Tensor k3, bool relu) -> Tensor");
   // Inference epilogue: y = relu(conv2d(x, weight) * scale[co] + shift[co]), in x's memory
   // format. CUDA: cuDNN + the epilogue kernel, or, for 3x3 / stride 1 / padding 1 shapes
-  // where it was timed faster, an implicit-GEMM kernel (common/kernel_choice.h); CPU: Winograd F(2x2, 3x3) for 3x3 / stride 1 / padding 1 in
+  // where it was timed faster, the tensor-core implicit-GEMM kernel (common/kernel_choice.h); CPU: Winograd F(2x2, 3x3) for 3x3 / stride 1 / padding 1 in
   // float32 and float64 (ATen's convolution + the epilogue otherwise).
   m.def("conv2d_scale_shift_relu(Tensor x, Tensor weight, Tensor scale, Tensor shift, int[2] stride,"
         " int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+  // Training forward: z = conv2d(x, weight, bias) in x's memory format, and z's per-channel
+  // mean and biased variance (as bn_stats(z)). CUDA: cuDNN + bn_stats, or, where it was timed
+  // faster, the tensor-core kernel whose epilogue sums each tile's moments (no second read of
+  // z); CPU: ATen's convolution + bn_stats.
+  m.def("conv2d_bn_stats(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation,"
+        " int groups) -> (Tensor z, Tensor mean, Tensor var)");
 
   // The x86-64 level the CPU kernels run at: "AVX512", "AVX2" or "DEFAULT", as
   // torch.backends.cpu.get_cpu_capability() names ATen's (cpu/vectorize.h).

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 from .ops import cuda_kernels_available
 from .recompute import RECIPE, SavedInput, ScaleShiftReLU, attach  # noqa: F401  (RECIPE: for tests)
@@ -44,10 +45,14 @@ def batch_statistics(z: Tensor, group=None) -> Tuple[Tensor, Tensor, int]:
 
 
 def bn_relu_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float, relu: bool,
-                    group=None, residual: Optional[Tensor] = None):
+                    group=None, residual: Optional[Tensor] = None, stats: Optional[Tuple[Tensor, Tensor]] = None):
     """Training BN (+ residual) (+ ReLU) of z: returns y and what the backward needs,
-    (y, scale, shift, mean, var, invstd, count)."""
-    mean, var, count = batch_statistics(z, group)
+    (y, scale, shift, mean, var, invstd, count). ``stats``: z's (mean, var), where the
+    convolution computed them (conv2d_bn_stats; not under data parallelism)."""
+    if stats is not None and group is None:
+        mean, var, count = *stats, z.numel() // max(z.shape[1], 1)
+    else:
+        mean, var, count = batch_statistics(z, group)
     invstd, scale, shift = _normalisation(z, mean, var, count, bn_weight, bn_bias, eps)
     return _ops.scale_shift_relu(z, scale, shift, relu, residual), scale, shift, mean, var, invstd, count
 
@@ -95,8 +100,12 @@ class ConvBNReLUFunction(torch.autograd.Function):
         device = x.device.type
         x_c, w_c, b_c = autocast_operands(device, x, weight, bias)  # as nn.Conv2d's under autocast
         with torch.autocast(device, enabled=False):
-            z = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups)
-        y, scale, shift, mean, var, invstd, count = bn_relu_forward(z, bn_weight, bn_bias, eps, relu, group, residual)
+            if group is None and not isinstance(padding, str):  # the statistics with the convolution
+                z, *stats = _ops.conv2d_bn_stats(x_c, w_c, b_c, _pair(stride), _pair(padding), _pair(dilation), groups)
+            else:
+                z, stats = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups), None
+        y, scale, shift, mean, var, invstd, count = bn_relu_forward(z, bn_weight, bn_bias, eps, relu, group, residual,
+                                                                    stats)
 
         SavedInput.save(ctx, [x_c, residual], w_c, z, scale, shift, mean, invstd)
         ctx.conv_args, ctx.relu, ctx.group, ctx.count = conv_args, relu, group, count

@@ -318,12 +318,25 @@ def _bn_relu_backward_apply_fake(grad_y, x, scale, shift, mean, k1, k2, k3, relu
     return _bn_format_like(x)
 
 
-@torch.library.register_fake("segnet_ext::conv2d_scale_shift_relu")
-def _conv2d_scale_shift_relu_fake(x, weight, scale, shift, stride, padding, dilation, groups: int, relu: bool):
-    _check_activation(x, "x", "conv2d_scale_shift_relu")
+def _conv_output_like(x, weight, stride, padding, dilation):
     N, _, H, W = x.shape
     kh, kw = weight.shape[-2:]
     Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return torch.empty((N, weight.shape[0], Ho, Wo), dtype=x.dtype, device=x.device,
                        memory_format=suggest_memory_format(x))
+
+
+@torch.library.register_fake("segnet_ext::conv2d_scale_shift_relu")
+def _conv2d_scale_shift_relu_fake(x, weight, scale, shift, stride, padding, dilation, groups: int, relu: bool):
+    _check_activation(x, "x", "conv2d_scale_shift_relu")
+    return _conv_output_like(x, weight, stride, padding, dilation)
+
+
+@torch.library.register_fake("segnet_ext::conv2d_bn_stats")
+def _conv2d_bn_stats_fake(x, weight, bias, stride, padding, dilation, groups: int):
+    _check_activation(x, "x", "conv2d_bn_stats")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    C = weight.shape[0]
+    return (_conv_output_like(x, weight, stride, padding, dilation), x.new_empty((C,), dtype=acc),
+            x.new_empty((C,), dtype=acc))

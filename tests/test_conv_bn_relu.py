@@ -333,6 +333,28 @@ def test_conv_epilogue_op(fmt, geometry):
         ops.conv2d_scale_shift_relu(x, torch.randn(6, 3, 3, 3), scale, shift, *args, True)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("geometry", [dict(), dict(stride=[2, 1], padding=[0, 2], dilation=[1, 2], groups=2)])
+def test_conv_bn_stats_op(fmt, dtype, geometry):
+    x = torch.randn(2, 4, 9, 10).to(dtype).contiguous(memory_format=fmt)
+    groups = geometry.get("groups", 1)
+    w, b = torch.randn(6, 4 // groups, 3, 3).to(dtype), torch.randn(6).to(dtype)
+    args = [geometry.get("stride", [1, 1]), geometry.get("padding", [1, 1]), geometry.get("dilation", [1, 1]), groups]
+    for bias in (b, None):
+        z, mean, var = ops.conv2d_bn_stats(x, w, bias, *args)
+        want = F.conv2d(x, w, bias, *args)
+        torch.testing.assert_close(z, want, rtol=0, atol=0)
+        assert z.is_contiguous(memory_format=fmt)
+        for got, ref in zip((mean, var), reference.bn_stats(want)):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.library.opcheck(ops.conv2d_bn_stats, (x, w, bias, *args))
+    with pytest.raises(ValueError, match=r"bias must have shape \[Cout\] = \[6\], got \[5\]"):
+        ops.conv2d_bn_stats(x, w, b[:5], *args)
+    with pytest.raises(TypeError, match="bias must have the dtype of x"):
+        ops.conv2d_bn_stats(x, w, b.to(torch.float16), *args)
+
+
 # ---- the CPU's Winograd F(2x2, 3x3) path of conv2d_scale_shift_relu ----
 
 def direct_epilogue(x, w, scale, shift, relu):

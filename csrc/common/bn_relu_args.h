@@ -62,8 +62,9 @@ inline ChannelLayout check_backward_apply(const at::Tensor& grad_y, const at::Te
 
 // conv2d_scale_shift_relu: x [N, Cin, H, W], weight [Cout, Cin / groups, kh, kw] of x's dtype,
 // scale and shift [Cout] of the accumulation type.
-inline void check_conv_epilogue(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                                const at::Tensor& shift, int64_t groups) {
+// A convolution's x and weight (and bias, where given): shapes, dtypes and devices.
+inline void check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
+                       int64_t groups) {
   check_bn_input(op, x, "x");
   TORCH_CHECK_VALUE(weight.dim() == 4, op, ": weight must be 4-D [Cout, Cin / groups, kh, kw], got shape ",
                     weight.sizes());
@@ -73,6 +74,19 @@ inline void check_conv_epilogue(const char* op, const at::Tensor& x, const at::T
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight must have the dtype of x (",
                    x.scalar_type(), "), got ", weight.scalar_type());
   TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but x is on ", x.device());
+  if (bias != nullptr && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape [Cout] = [",
+                      weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias must have the dtype of x (", x.scalar_type(),
+                     "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device());
+  }
+}
+
+// The convolution with the inference epilogue's arguments: check_conv, then scale and shift.
+inline void check_conv_epilogue(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                const at::Tensor& shift, int64_t groups) {
+  check_conv(op, x, weight, nullptr, groups);
   for (auto [v, name] : {std::pair{&scale, "scale"}, std::pair{&shift, "shift"}}) {
     TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == weight.size(0), op, ": ", name, " must have shape [Cout] = [",
                       weight.size(0), "], got ", v->sizes());

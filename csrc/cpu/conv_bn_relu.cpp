@@ -419,10 +419,21 @@ at::Tensor conv2d_scale_shift_relu_cpu(const at::Tensor& x, const at::Tensor& we
   return scale_shift_relu_cpu(z.contiguous(x.suggest_memory_format()), scale, shift, relu, std::nullopt);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bn_stats_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                                   at::IntArrayRef dilation, int64_t groups) {
+  check_conv("conv2d_bn_stats", x, weight, bias ? &*bias : nullptr, groups);
+  at::Tensor z = at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+  auto [mean, var] = bn_stats_cpu(z);
+  return {z, mean, var};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segnet_ext, CPU, m) {
   m.impl("conv2d_scale_shift_relu", &conv2d_scale_shift_relu_cpu);
+  m.impl("conv2d_bn_stats", &conv2d_bn_stats_cpu);
   m.impl("bn_stats", &bn_stats_cpu);
   m.impl("scale_shift_relu", &scale_shift_relu_cpu);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cpu);

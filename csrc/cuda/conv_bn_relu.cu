@@ -171,9 +171,9 @@ bool conv3x3_applies(const Tensor& x, const Tensor& weight, at::IntArrayRef stri
 
 // What the per-shape choice (common/kernel_choice.h) is keyed on: everything that changes
 // either side's speed.
-std::string conv_choice_key(const Tensor& x, const Tensor& weight, bool relu) {
+std::string conv_choice_key(const char* op, const Tensor& x, const Tensor& weight, bool relu) {
   std::ostringstream key;
-  key << "conv2d_scale_shift_relu x" << x.sizes() << " weight" << weight.sizes() << " "
+  key << op << " x" << x.sizes() << " weight" << weight.sizes() << " "
       << c10::toString(x.scalar_type())
       << (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? " channels_last" : " contiguous")
       << (x.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN() ? " tf32" : "")
@@ -199,7 +199,56 @@ Tensor conv2d_scale_shift_relu_cuda(const Tensor& x_in, const Tensor& weight_in,
   };
   // Timing needs a synchronisation, which a stream being captured into a CUDA graph forbids.
   if (!ours_applies || kernels::stream_is_capturing(c10::cuda::getCurrentCUDAStream())) return run(Impl::Vendor);
-  const Impl impl = KernelChoices::instance().choose(conv_choice_key(x, weight, relu), [&](Impl candidate) {
+  const Impl impl = KernelChoices::instance().choose(conv_choice_key("conv2d_scale_shift_relu", x, weight, relu),
+                                                     [&](Impl candidate) {
+    return kernels::device_time_ms([&] { run(candidate); }, c10::cuda::getCurrentCUDAStream());
+  });
+  return run(impl);
+}
+
+// Ours in the training forward: z from the tensor-core kernel (scale 1, shift the bias), its
+// statistics from the tiles' moments (kernels/conv3x3.cuh).
+std::tuple<Tensor, Tensor, Tensor> conv3x3_bn_stats(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  const Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto f32 = x.options().dtype(at::kFloat);
+  const Tensor ones = at::ones({weight.size(0)}, f32);
+  const Tensor shift = bias.defined() ? bias.to(at::kFloat).contiguous() : at::zeros({weight.size(0)}, f32);
+  Tensor z = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)},
+                       x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor mean = at::empty({weight.size(0)}, f32), var = at::empty({weight.size(0)}, f32);
+  const kernels::Conv3x3Dims d{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0)};
+  Tensor moments = at::empty({2 * kernels::conv3x3_moments(d)}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_bn_stats_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      kernels::launch_conv3x3_bn_stats<scalar_t>(
+          x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), ptr<float>(ones), ptr<float>(shift),
+          z.mutable_data_ptr<scalar_t>(), d, reinterpret_cast<kernels::TileMoments*>(moments.mutable_data_ptr<double>()),
+          mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {z, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv2d_bn_stats_cuda(const Tensor& x_in, const Tensor& weight_in,
+                                                        const std::optional<Tensor>& bias_in, at::IntArrayRef stride,
+                                                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                        int64_t groups) {
+  check_conv("conv2d_bn_stats", x_in, weight_in, bias_in ? &*bias_in : nullptr, groups);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.contiguous(x_in.suggest_memory_format()), weight = weight_in.contiguous();
+  const Tensor bias = bias_in && bias_in->defined() ? bias_in->contiguous() : Tensor();
+  auto run = [&](Impl impl) -> std::tuple<Tensor, Tensor, Tensor> {
+    if (impl == Impl::Ours) return conv3x3_bn_stats(x, weight, bias);
+    const Tensor z = at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+    auto [mean, var] = bn_stats_cuda(z);
+    return {z, mean, var};
+  };
+  if (!conv3x3_applies(x, weight, stride, padding, dilation, groups) ||
+      kernels::stream_is_capturing(c10::cuda::getCurrentCUDAStream()))
+    return run(Impl::Vendor);
+  const Impl impl = KernelChoices::instance().choose(conv_choice_key("conv2d_bn_stats", x, weight, false),
+                                                     [&](Impl candidate) {
     return kernels::device_time_ms([&] { run(candidate); }, c10::cuda::getCurrentCUDAStream());
   });
   return run(impl);
@@ -209,6 +258,7 @@ Tensor conv2d_scale_shift_relu_cuda(const Tensor& x_in, const Tensor& weight_in,
 
 TORCH_LIBRARY_IMPL(segnet_ext, CUDA, m) {
   m.impl("conv2d_scale_shift_relu", &conv2d_scale_shift_relu_cuda);
+  m.impl("conv2d_bn_stats", &conv2d_bn_stats_cuda);
   m.impl("bn_stats", &bn_stats_cuda);
   m.impl("scale_shift_relu", &scale_shift_relu_cuda);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cuda);

@@ -16,7 +16,10 @@
 // memory (reusing the pipeline's, beside the tile's scale and shift, fetched once per block),
 // then writes each pixel's channels as 16-byte vectors
 // (scalar stores where Cout is not a multiple of the vector), scale and shift applied with
-// one fused multiply-add, as the CPU kernels do. Traffic: each input vector is fetched once
+// one fused multiply-add, as the CPU kernels do. In the training forward (moments given) the
+// epilogue writes z (scale 1, shift the bias) and each tile's per-channel mean and centred sum
+// of squares, which a second small kernel combines in tile order into the batch statistics,
+// so BN does not read z again. Traffic: each input vector is fetched once
 // per tap and output-channel tile (L2-resident), weights once per pixel tile, y once.
 #pragma once
 
@@ -83,6 +86,9 @@ constexpr int kConvTileM = 128, kConvTileN = 64, kConvWarps = 4, kConvThreads = 
 static_assert(kConvThreads == 2 * kConvTileN, "the epilogue's threads fetch a scale or a shift each");
 constexpr int kConvStepBytes = 64;  // K per step: 64 bytes of channels, 4 vectors of 16 bytes
 
+// A pixel tile's mean and centred sum of squares of one output channel (the training epilogue).
+using TileMoments = AlignedVec<double, 2>;
+
 // Whether the kernel takes these tensors: element type, channel counts in whole vectors.
 template <typename T>
 bool conv3x3_supports(int64_t Cin) {
@@ -98,14 +104,21 @@ struct ConvTiles {
   static constexpr int kLdC = kConvTileN + 4;                     // the accumulators' rows (floats)
   static constexpr int kStageA = kConvTileM * kLd, kStageB = kConvTileN * kLd;
   static constexpr int kBytes = kConvStages * (kStageA + kStageB) * int(sizeof(S));
-  static_assert((kConvTileM * kLdC + 2 * kConvTileN) * 4 <= kBytes, "the epilogue reuses the pipeline's shared memory");
+  static_assert((kConvTileM * kLdC + 2 * kConvTileN) * 4 + kConvThreads * 8 <= kBytes,
+                "the epilogue reuses the pipeline's shared memory");
   static_assert(kBytes <= 48 * 1024, "static shared memory");
 };
+
+inline dim3 conv3x3_grid(const Conv3x3Dims& d) {
+  return dim3(static_cast<unsigned>((d.pixels() + kConvTileM - 1) / kConvTileM),
+              static_cast<unsigned>((d.Cout + kConvTileN - 1) / kConvTileN));
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kConvThreads)
     conv3x3_scale_shift_relu_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ scale,
-                                    const float* __restrict__ shift, bool relu, T* __restrict__ y, Conv3x3Dims d) {
+                                    const float* __restrict__ shift, bool relu, T* __restrict__ y, Conv3x3Dims d,
+                                    TileMoments* __restrict__ moments) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using Tiles = ConvTiles<T>;
@@ -225,7 +238,54 @@ __global__ void __launch_bounds__(kConvThreads)
       for (int e = 0; e < kVec; ++e) SEGNET_STORE_IF(co0 + e < Cout, dst + e, out.v[e]);
     }
   }
+
+  // The training epilogue: this tile's mean and centred sum of squares per output channel, of
+  // the values as written (rounded to T), in double; two threads a channel, half the rows each.
+  if (moments != nullptr) {
+    double* const scratch = reinterpret_cast<double*>(params + 2 * kConvTileN);
+    const int j = t % kConvTileN, half = t / kConvTileN, rows = int(P - m0 < kConvTileM ? P - m0 : kConvTileM);
+    const int r0 = half * (kConvTileM / 2), r1 = rows < r0 + kConvTileM / 2 ? rows : r0 + kConvTileM / 2;
+    auto value = [&](int r) {
+      return double(static_cast<float>(
+          static_cast<T>(affine(c[r * Tiles::kLdC + j], params[j], params[kConvTileN + j]))));
+    };
+    double sum = 0;
+    for (int r = r0; r < r1; ++r) sum += value(r);
+    scratch[t] = sum;
+    __syncthreads();
+    const double mean = (scratch[j] + scratch[kConvTileN + j]) / rows;
+    __syncthreads();
+    double m2 = 0;
+    for (int r = r0; r < r1; ++r) {
+      const double dv = value(r) - mean;
+      m2 += dv * dv;
+    }
+    scratch[t] = m2;
+    __syncthreads();
+    if (half == 0 && n0 + j < Cout)
+      SEGNET_STORE(moments + int64_t(blockIdx.x) * Cout + n0 + j, (TileMoments{{mean, scratch[j] + scratch[kConvTileN + j]}}));
+  }
 #endif
+}
+
+// The batch statistics from the tiles' moments: one thread per channel combines them in tile
+// order (deterministic), each tile holding min(128, pixels left) values.
+template <typename A>
+__global__ void __launch_bounds__(kConvThreads)
+    conv3x3_stats_finish(const TileMoments* __restrict__ moments, int64_t pixels, int tiles, int C, A* __restrict__ mean,
+                         A* __restrict__ var) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  Moments total;
+  for (int i = 0; i < tiles; ++i) {
+    const TileMoments m = SEGNET_LOAD(moments + int64_t(i) * C + c);
+    const int64_t left = pixels - int64_t(i) * kConvTileM;
+    Moments tile;
+    tile.n = double(left < kConvTileM ? left : kConvTileM), tile.mean = m.v[0], tile.m2 = m.v[1];
+    total.combine(tile);
+  }
+  SEGNET_STORE(mean + c, static_cast<A>(total.mean));
+  SEGNET_STORE(var + c, static_cast<A>(total.var()));
 }
 
 // x: [N, H, W, Cin] (channels_last memory), w: [Cout, 3, 3, Cin] contiguous (channels_last
@@ -235,10 +295,25 @@ template <typename T>
 void launch_conv3x3_scale_shift_relu(const T* x, const T* w, const float* scale, const float* shift, bool relu, T* y,
                                      Conv3x3Dims d, cudaStream_t stream) {
   if (d.pixels() == 0 || d.Cout == 0) return;
-  const dim3 grid(static_cast<unsigned>((d.pixels() + kConvTileM - 1) / kConvTileM),
-                  static_cast<unsigned>((d.Cout + kConvTileN - 1) / kConvTileN));
   auto kernel = conv3x3_scale_shift_relu_kernel<T>;
-  SEGNET_LAUNCH(kernel, grid, kConvThreads, stream, x, w, scale, shift, relu, y, d);
+  SEGNET_LAUNCH(kernel, conv3x3_grid(d), kConvThreads, stream, x, w, scale, shift, relu, y, d, nullptr);
+}
+
+// The training forward: z = conv(x, w) + bias (ones and the bias, or zeros, as scale and
+// shift), and z's per-channel mean and biased variance (A: float), through `moments`, a
+// buffer of conv3x3_moments(d) TileMoments.
+inline int64_t conv3x3_moments(const Conv3x3Dims& d) { return (d.pixels() + kConvTileM - 1) / kConvTileM * d.Cout; }
+
+template <typename T>
+void launch_conv3x3_bn_stats(const T* x, const T* w, const float* ones, const float* bias, T* z, Conv3x3Dims d,
+                             TileMoments* moments, float* mean, float* var, cudaStream_t stream) {
+  if (d.pixels() == 0 || d.Cout == 0) return;
+  auto kernel = conv3x3_scale_shift_relu_kernel<T>;
+  SEGNET_LAUNCH(kernel, conv3x3_grid(d), kConvThreads, stream, x, w, ones, bias, false, z, d, moments);
+  auto finish = conv3x3_stats_finish<float>;
+  const int tiles = int((d.pixels() + kConvTileM - 1) / kConvTileM), C = int(d.Cout);
+  SEGNET_LAUNCH(finish, (C + kConvThreads - 1) / kConvThreads, kConvThreads, stream, moments, d.pixels(), tiles, C,
+                mean, var);
 }
 
 }  // namespace kernels

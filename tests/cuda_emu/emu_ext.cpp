@@ -236,6 +236,14 @@ Tensor conv3x3_scale_shift_relu(const Tensor& x_in, const Tensor& weight_in, con
   return y;
 }
 
+// The training forward of the tensor-core kernel: (z, mean, var) through the tiles' moments.
+std::tuple<Tensor, Tensor, Tensor> conv3x3_bn_stats(const Tensor& x_in, const Tensor& weight_in,
+                                                    const std::optional<Tensor>& bias) {
+  const Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK_VALUE(x.scalar_type() != at::kDouble, "the tensor-core convolution takes no float64");
+  return segnet::conv3x3_bn_stats(x, weight_in, bias ? *bias : Tensor());
+}
+
 // Shared-memory wavefronts of the WMMA loads and stores since the last call, and the
 // conflict-free minimum.
 std::tuple<int64_t, int64_t> bank_traffic() {
@@ -365,6 +373,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_bn_relu_backward_reduce", &segnet::bn_relu_backward_reduce_cuda);
   m.def("cuda_bn_relu_backward_apply", &segnet::bn_relu_backward_apply_cuda);
   m.def("cuda_conv2d_scale_shift_relu", &segnet::conv2d_scale_shift_relu_cuda);
+  m.def("cuda_conv2d_bn_stats", &segnet::conv2d_bn_stats_cuda);
   m.def("max_pool2x2", &max_pool2x2);
   m.def("max_unpool2x2", &max_unpool2x2);
   m.def("max_unpool2x2_backward", &max_unpool2x2_backward);
@@ -373,6 +382,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_relu_backward_reduce", &bn_relu_backward_reduce);
   m.def("bn_relu_backward_apply", &bn_relu_backward_apply);
   m.def("conv3x3_scale_shift_relu", &conv3x3_scale_shift_relu);
+  m.def("conv3x3_bn_stats", &conv3x3_bn_stats);
   m.def("block_sum", &block_sum);
   m.def("shuffles", &shuffles);
   m.def("atomics", &atomics);

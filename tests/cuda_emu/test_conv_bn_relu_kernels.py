@@ -126,6 +126,27 @@ def test_tensor_core_conv3x3_matches_the_reference(emu, dtype):
             assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last), what
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensor_core_conv3x3_training_epilogue_gives_z_and_its_statistics(emu, dtype):
+    """z (the bias added) and its batch statistics from the tiles' moments, as bn_stats(z) gives
+    them: several pixel tiles (the last partial) and channel tiles, with and without a bias."""
+    for (N, Cin, H, W, Cout) in [(2, 16, 11, 9, 64), (1, 24, 3, 50, 70), (1, 8, 1, 1, 3)]:
+        what = f"{(N, Cin, H, W, Cout)}"
+        x = (torch.randn(N, Cin, H, W) + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(Cout, Cin, 3, 3).to(dtype), (torch.randn(Cout) * 3).to(dtype)
+        for bias in (b, None):
+            z, mean, var = emu.conv3x3_bn_stats(x, w, bias)
+            assert z.dtype == dtype and z.is_contiguous(memory_format=torch.channels_last), what
+            xr, wr = (tf32(x), tf32(w)) if dtype == torch.float32 else (x, w)
+            want = torch.nn.functional.conv2d(xr.double(), wr.double(), None if bias is None else bias.double(),
+                                              padding=1)
+            ulp = {torch.float32: 2 ** -23, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+            torch.testing.assert_close(z.double(), want, rtol=ulp, atol=1e-5 * (9 * Cin) ** 0.5, msg=what)
+            # the statistics of z as written (combined in double: the float32 result's rounding)
+            for got, ref in zip((mean, var), reference.bn_stats(z.double())):
+                torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6, msg=what)
+
+
 @pytest.mark.parametrize("schedule", ["warps_forward", "warps_reverse"])
 def test_tensor_core_conv3x3_pipeline_waits_and_synchronises(emu, schedule):
     """Under the schedules that make a missing __syncthreads read a stage before another warp's

@@ -168,6 +168,24 @@ def test_inputs_our_kernel_does_not_take_run_cudnn_untimed(launcher, inputs):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("vendor_ms, ours_ms, winner", [(2.0, 1.0, "segnet"), (1.0, 2.0, "vendor")])
+def test_training_forward_statistics_run_what_was_timed_faster(launcher, vendor_ms, ours_ms, winner):
+    x, w, _, _ = conv_inputs(torch.bfloat16)
+    bias = torch.randn(6).to(torch.bfloat16)
+    launcher.queue_times([vendor_ms, ours_ms])
+    z, mean, var = launcher.cuda_conv2d_bn_stats(x, w, bias, *CONV_ARGS)
+    assert launcher.timings() == 2
+    launches = [e.split()[0] for e in launcher.take_recording() if e.startswith("launch_")]
+    assert (launches[-1] == "launch_conv3x3_bn_stats") == (winner == "segnet"), launches  # else cuDNN + bn_stats
+    want = ops.conv2d_bn_stats(x, w, bias, *CONV_ARGS)
+    torch.testing.assert_close(z, want[0], rtol=2e-2, atol=5e-2)
+    for got, ref in zip((mean, var), want[1:]):
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=5e-2)
+    [line] = launcher.kernel_choices()
+    assert line.startswith("conv2d_bn_stats x[2, 8, 7, 9] weight[6, 8, 3, 3] BFloat16 channels_last") and \
+        line.endswith(f"-> {winner}"), line
+
+
 def test_float_inputs_use_our_tf32_kernel_only_where_torch_allows_tf32(launcher):
     x, w, scale, shift = conv_inputs()
     before = torch.backends.cudnn.allow_tf32
