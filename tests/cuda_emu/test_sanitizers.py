@@ -1,11 +1,13 @@
 """The emulated CUDA kernels under AddressSanitizer + UndefinedBehaviorSanitizer and under
 ThreadSanitizer (the stand-in for compute-sanitizer's memcheck and racecheck), built as a
-torch-free program so that no Python process needs the sanitizer runtimes preloaded."""
+program without torch's libraries (c10's header-only half types only), so that no Python
+process needs the sanitizer runtimes preloaded."""
 import os
 import shutil
 import subprocess
 
 import pytest
+from torch.utils.cpp_extension import include_paths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 def build(tmp_path, sanitizer):
     exe = tmp_path / f"sanitize_{sanitizer.split(',')[0]}"
     subprocess.run([CXX, "-std=c++20", "-O1", "-g", f"-fsanitize={sanitizer}", "-fno-sanitize-recover=all",
-                    "-fno-omit-frame-pointer", f"-I{ROOT}/csrc", f"-I{HERE}",
+                    "-fno-omit-frame-pointer", f"-I{ROOT}/csrc", f"-I{HERE}", f"-I{include_paths()[0]}",
                     os.path.join(HERE, "sanitize_main.cpp"), "-o", str(exe), "-pthread"],
                    check=True, capture_output=True, text=True)
     return str(exe)
