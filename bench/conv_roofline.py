@@ -8,8 +8,9 @@ Per layer (batch 1, 360x480 input, bf16, channels_last): FLOPs (2 per multiply-a
 bytes the op must move through DRAM (input, weights, output, scale and shift once), the bytes
 its tiles fetch from L2 (each input vector once per tap and output-channel tile, the weights
 once per pixel tile), the grid (128x64 tiles, 4 resident blocks per SM: 46 KiB of shared
-memory and 128 registers a thread) and its last-wave fill on 132 SMs, and the roofline time
-max(FLOPs / 989 TFLOP/s, DRAM bytes / 4.8 TB/s) scaled by the fill. The emulator runs the
+memory and 128 registers a thread; K split where a grid would fill less than half a wave) and
+its last-wave fill on 132 SMs, and the roofline time max(FLOPs / 989 TFLOP/s / fill, DRAM
+bytes / 4.8 TB/s). The emulator runs the
 kernel on a crop of each layer (its channels, capped at 128 in and 64 out, on a 8x16 image:
 one pixel tile, borders included) and counts the 32-byte sectors its cp.async copies and
 stores touch against the tiles' bytes / 32, and the shared-memory wavefronts of its fragment
@@ -46,15 +47,19 @@ def tile_bytes(N, Cin, H, W, Cout, itemsize, tile_m=TILE_M, tile_n=TILE_N):
     return n_tiles * inside * Cin * itemsize + m_tiles * 9 * Cin * Cout * itemsize + m_tiles * 2 * Cout * 4
 
 
-def estimate(cin, cout, H, W, itemsize=2, gpu=H200):
+def estimate(cin, cout, H, W, splits=1, itemsize=2, gpu=H200):
+    """The roofline of one layer; with K split `splits` ways, each split's float sums are
+    written and read back once more (counted as DRAM traffic, though L2 may hold them)."""
     flops = 2 * H * W * cout * 9 * cin
-    dram = (H * W * (cin + cout) + 9 * cin * cout) * itemsize + 2 * cout * 4
-    blocks = math.ceil(H * W / TILE_M) * math.ceil(cout / TILE_N)
+    split_bytes = 2 * splits * H * W * cout * 4 if splits > 1 else 0
+    dram = (H * W * (cin + cout) + 9 * cin * cout) * itemsize + 2 * cout * 4 + split_bytes
+    blocks = math.ceil(H * W / TILE_M) * math.ceil(cout / TILE_N) * splits
     slots = gpu["sms"] * gpu["blocks_per_sm"]
     fill = blocks / (math.ceil(blocks / slots) * slots)
     compute_us, memory_us = flops / gpu["tflops"] / 1e6, dram / gpu["tbs"] / 1e6
-    return dict(flops=flops, dram=dram, l2=tile_bytes(1, cin, H, W, cout, itemsize), blocks=blocks, fill=fill,
-                compute_us=compute_us, memory_us=memory_us, roofline_us=max(compute_us, memory_us) / fill)
+    return dict(flops=flops, dram=dram, l2=tile_bytes(1, cin, H, W, cout, itemsize) + split_bytes, blocks=blocks,
+                splits=splits, fill=fill, compute_us=compute_us, memory_us=memory_us,
+                roofline_us=max(compute_us / fill, memory_us))
 
 
 def emulated(emu, cin, cout):
@@ -79,16 +84,17 @@ def emulated(emu, cin, cout):
 
 
 def table(emu=None) -> str:
-    rows = ["| layer (in -> out, H x W) | GFLOP | DRAM MB (floor) | L2 -> SM MB (tiles) | blocks | last-wave fill | "
-            "compute-bound us | memory-bound us | roofline us | TFLOP/s at the roofline | emulated: loads / tiles | "
-            "stores / ideal | bank wavefronts / minimum |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| layer (in -> out, H x W) | GFLOP | DRAM MB (floor) | L2 -> SM MB (tiles) | K splits | blocks | "
+            "last-wave fill | compute-bound us | memory-bound us | roofline us | TFLOP/s at the roofline | "
+            "emulated: loads / tiles | stores / ideal | bank wavefronts / minimum |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for cin, cout, H, W in SEGNET_CONVS:
-        e = estimate(cin, cout, H, W)
+        splits = emu.conv3x3_splits(1, cin, H, W, cout, H200["sms"], 2) if emu is not None and cin % 8 == 0 else 1
+        e = estimate(cin, cout, H, W, splits)
         counts = emulated(emu, cin, cout) if emu is not None else None
         counted = " | ".join(f"{v:.2f}" for v in counts) if counts else "- | - | -"
         rows.append(f"| {cin} -> {cout}, {H}x{W} | {e['flops'] / 1e9:.1f} | {e['dram'] / 1e6:.1f} | {e['l2'] / 1e6:.1f} | "
-                    f"{e['blocks']} | {e['fill']:.0%} | {e['compute_us']:.0f} | {e['memory_us']:.0f} | "
+                    f"{e['splits']} | {e['blocks']} | {e['fill']:.0%} | {e['compute_us']:.0f} | {e['memory_us']:.0f} | "
                     f"{e['roofline_us']:.0f} | {e['flops'] / e['roofline_us'] / 1e6:.0f} | {counted} |")
     return "\n".join(rows)
 
@@ -105,11 +111,11 @@ def main(argv=None):
             "runs cuDNN.\n\n" + table(build_emulator()) + "\n\n"
             "Reading it: the emulated crops fetch exactly their tiles' sectors (channel runs of 64 bytes at "
             "32-byte boundaries), store whole sectors and read shared memory without bank conflicts. Up to 256 "
-            "channels the grid fills 64-85% of the last wave and the roofline is compute-bound; the 45x60 and "
-            "23x30 layers fill 33% and 9% of an H200 (176 and 48 blocks for 528 slots): they need split-K or "
-            "smaller tiles, not done yet, so there cuDNN should win the per-shape timing. The estimates are upper "
-            "bounds: WMMA issues sm_80's mma.sync, which on Hopper reaches about two thirds of the dense peak "
-            "that wgmma reaches.\n")
+            "channels the grid fills 64-85% of the last wave and the roofline is compute-bound. The 45x60 and "
+            "23x30 layers would fill 33% and 9% of an H200 (176 and 48 blocks for 528 slots): there K is split "
+            "3 and 11 ways (a second kernel adds the splits' float sums, whose bytes the DRAM and L2 columns "
+            "include), filling the wave. The estimates are upper bounds: WMMA issues sm_80's mma.sync, which on "
+            "Hopper reaches about two thirds of the dense peak that wgmma reaches.\n")
     print(text)
     if args.write:
         from bench.common import replace_section

@@ -141,11 +141,16 @@ Tensor conv3x3_scale_shift_relu(const Tensor& x, const Tensor& weight, const Ten
   Tensor y = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)},
                        x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const kernels::Conv3x3Dims d{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0)};
+  // split K where the grid would not fill the GPU (SegNet's deepest layers)
+  const int splits = kernels::conv3x3_splits(d, kernels::device_sms(x.device().index()),
+                                             kernels::conv3x3_steps(d, int(x.element_size())));
+  const Tensor split_sums = splits > 1 ? at::empty({splits, d.pixels(), d.Cout}, x.options().dtype(at::kFloat)) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_scale_shift_relu_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       kernels::launch_conv3x3_scale_shift_relu<scalar_t>(
           x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), ptr<float>(scale), ptr<float>(shift), relu,
-          y.mutable_data_ptr<scalar_t>(), d, c10::cuda::getCurrentCUDAStream());
+          y.mutable_data_ptr<scalar_t>(), d, c10::cuda::getCurrentCUDAStream(), splits,
+          splits > 1 ? split_sums.mutable_data_ptr<float>() : nullptr);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

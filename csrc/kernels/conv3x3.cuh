@@ -19,7 +19,10 @@
 // one fused multiply-add, as the CPU kernels do. In the training forward (moments given) the
 // epilogue writes z (scale 1, shift the bias) and each tile's per-channel mean and centred sum
 // of squares, which a second small kernel combines in tile order into the batch statistics,
-// so BN does not read z again. Traffic: each input vector is fetched once
+// so BN does not read z again. Where the grid would fill less than half of the GPU's first
+// wave (SegNet's 45x60 and 23x30 layers), K is split over blockIdx.z: each split writes its
+// float sums, and a second kernel adds them in split order (deterministic) and applies the
+// epilogue. Traffic: each input vector is fetched once
 // per tap and output-channel tile (L2-resident), weights once per pixel tile, y once.
 #pragma once
 
@@ -88,6 +91,7 @@ constexpr int kConvStepBytes = 64;  // K per step: 64 bytes of channels, 4 vecto
 
 // A pixel tile's mean and centred sum of squares of one output channel (the training epilogue).
 using TileMoments = AlignedVec<double, 2>;
+using Float4 = AlignedVec<float, 4>;
 
 // Whether the kernel takes these tensors: element type, channel counts in whole vectors.
 template <typename T>
@@ -118,7 +122,7 @@ template <typename T>
 __global__ void __launch_bounds__(kConvThreads)
     conv3x3_scale_shift_relu_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ scale,
                                     const float* __restrict__ shift, bool relu, T* __restrict__ y, Conv3x3Dims d,
-                                    TileMoments* __restrict__ moments) {
+                                    TileMoments* __restrict__ moments, float* __restrict__ split_sums, int split_steps) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using Tiles = ConvTiles<T>;
@@ -132,7 +136,9 @@ __global__ void __launch_bounds__(kConvThreads)
   const int t = threadIdx.x, warp = t / 32;
   const int64_t P = d.pixels(), m0 = int64_t(blockIdx.x) * kConvTileM;
   const int n0 = int(blockIdx.y) * kConvTileN, Cin = int(d.Cin), Cout = int(d.Cout), H = int(d.H), W = int(d.W);
-  const int chunks = (Cin + kStepK - 1) / kStepK, steps = 9 * chunks;
+  const int chunks = (Cin + kStepK - 1) / kStepK;
+  // this block's K steps: all of them, or, split K (blockIdx.z), split_steps of them
+  const int first = int(blockIdx.z) * split_steps, steps = 9 * chunks - first < split_steps ? 9 * chunks - first : split_steps;
   const int vec = t % 4;  // the 16-byte vector of a tile row this thread copies
 
   // This thread's rows of the pixel tile (4) and of the weight tile (2), fixed for the
@@ -171,13 +177,13 @@ __global__ void __launch_bounds__(kConvThreads)
     for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
   for (int s = 0; s < kConvStages - 1; ++s) {
-    if (s < steps) issue(s, s);
+    if (s < steps) issue(first + s, s);
     __pipeline_commit();
   }
   for (int s = 0; s < steps; ++s) {
     __pipeline_wait_prior(kConvStages - 2);  // step s has arrived (this thread's copies)
     __syncthreads();                         // ... everyone's; and step s - 1's stage is free
-    if (s + kConvStages - 1 < steps) issue(s + kConvStages - 1, (s + kConvStages - 1) % kConvStages);
+    if (s + kConvStages - 1 < steps) issue(first + s + kConvStages - 1, (s + kConvStages - 1) % kConvStages);
     __pipeline_commit();
     const S* const a = a_tiles + (s % kConvStages) * Tiles::kStageA + warp * 32 * kLd;
     const S* const b = b_tiles + (s % kConvStages) * Tiles::kStageB;
@@ -206,6 +212,24 @@ __global__ void __launch_bounds__(kConvThreads)
     for (int j = 0; j < 4; ++j)
       wmma::store_matrix_sync(c + (warp * 32 + i * 16) * Tiles::kLdC + j * 16, acc[i][j], Tiles::kLdC,
                               wmma::mem_row_major);
+  if (split_sums != nullptr) {  // split K: this split's sums, for conv3x3_split_k_epilogue
+    __syncthreads();
+    float* const out = split_sums + int64_t(blockIdx.z) * P * Cout;
+    constexpr int kGroups = kConvTileN / 4, kRowsPerPass = kConvThreads / kGroups;
+    const int g = t % kGroups, co0 = n0 + g * 4;
+    const bool whole = Cout % 4 == 0 && co0 + 4 <= Cout;
+    for (int r = t / kGroups; r < kConvTileM && m0 + r < P; r += kRowsPerPass) {
+      Float4 v;
+      for (int e = 0; e < 4; ++e) v.v[e] = c[r * Tiles::kLdC + g * 4 + e];
+      float* const dst = out + (m0 + r) * Cout + co0;
+      if (whole) {
+        SEGNET_STORE(reinterpret_cast<Float4*>(dst), v);
+      } else {
+        for (int e = 0; e < 4; ++e) SEGNET_STORE_IF(co0 + e < Cout, dst + e, v.v[e]);
+      }
+    }
+    return;
+  }
   // the tile's scale and shift, fetched once per block (coalesced) into shared memory
   float* const params = c + kConvTileM * Tiles::kLdC;
   {
@@ -288,15 +312,83 @@ __global__ void __launch_bounds__(kConvThreads)
   SEGNET_STORE(var + c, static_cast<A>(total.var()));
 }
 
+// Split K's second pass: y = relu(scale * (the splits' sums, added in split order) + shift),
+// 4 channels of a pixel a thread (16-byte loads and 8-byte 16-bit or 16-byte float stores
+// where Cout is a multiple of 4).
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    conv3x3_split_k_epilogue(const float* __restrict__ split_sums, int splits, int64_t P, int Cout,
+                             const float* __restrict__ scale, const float* __restrict__ shift, bool relu,
+                             T* __restrict__ y) {
+  const int groups = (Cout + 3) / 4;
+  const int64_t total = P * groups;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = i / groups;
+    const int co0 = int(i - m * groups) * 4;
+    const bool whole = Cout % 4 == 0;
+    float acc[4] = {0, 0, 0, 0};
+    for (int k = 0; k < splits; ++k) {
+      const float* const src = split_sums + (int64_t(k) * P + m) * Cout + co0;
+      if (whole) {
+        const Float4 v = SEGNET_LOAD(reinterpret_cast<const Float4*>(src));
+        for (int e = 0; e < 4; ++e) acc[e] += v.v[e];
+      } else {
+        for (int e = 0; e < 4; ++e) acc[e] += SEGNET_LOAD_IF(co0 + e < Cout, src + e, 0.0f);
+      }
+    }
+    using Vec = AlignedVec<T, 4>;
+    Vec out;
+    for (int e = 0; e < 4; ++e) {
+      const int co = co0 + e < Cout ? co0 + e : Cout - 1;
+      out.v[e] = static_cast<T>(affine_relu(acc[e], SEGNET_LOAD(scale + co), SEGNET_LOAD(shift + co), relu));
+    }
+    T* const dst = y + m * Cout + co0;
+    if (whole) {
+      SEGNET_STORE(reinterpret_cast<Vec*>(dst), out);
+    } else {
+      for (int e = 0; e < 4; ++e) SEGNET_STORE_IF(co0 + e < Cout, dst + e, out.v[e]);
+    }
+  }
+}
+
+// How many ways to split K so that a grid of less than half a wave (4 blocks on each of the
+// device's `sms`) fills about one: 1 (no split) for grids of half a wave or more.
+inline int conv3x3_splits(const Conv3x3Dims& d, int sms, int steps) {
+  const int64_t blocks = int64_t(conv3x3_grid(d).x) * conv3x3_grid(d).y, wave = 4 * int64_t(sms);
+  if (2 * blocks >= wave) return 1;
+  return int(std::min<int64_t>({(wave + blocks - 1) / blocks, 16, std::max(1, steps / 4)}));
+}
+
 // x: [N, H, W, Cin] (channels_last memory), w: [Cout, 3, 3, Cin] contiguous (channels_last
 // weights), scale/shift: [Cout] float, y: [N, H, W, Cout]. Needs conv3x3_supports<T>(Cin),
 // 16-byte aligned x and w, and, on a GPU, compute capability 8.0 or newer.
+// With splits > 1 (conv3x3_splits), K is split that many ways through `split_sums`, a
+// buffer of splits * N*H*W * Cout floats, and a second kernel adds the splits.
+inline int conv3x3_steps(const Conv3x3Dims& d, int element_size) {
+  const int step = kConvStepBytes / element_size;
+  return 9 * int((d.Cin + step - 1) / step);
+}
+
 template <typename T>
 void launch_conv3x3_scale_shift_relu(const T* x, const T* w, const float* scale, const float* shift, bool relu, T* y,
-                                     Conv3x3Dims d, cudaStream_t stream) {
+                                     Conv3x3Dims d, cudaStream_t stream, int splits = 1, float* split_sums = nullptr) {
   if (d.pixels() == 0 || d.Cout == 0) return;
   auto kernel = conv3x3_scale_shift_relu_kernel<T>;
-  SEGNET_LAUNCH(kernel, conv3x3_grid(d), kConvThreads, stream, x, w, scale, shift, relu, y, d, nullptr);
+  const int steps = conv3x3_steps(d, sizeof(T));
+  if (splits <= 1) {
+    SEGNET_LAUNCH(kernel, conv3x3_grid(d), kConvThreads, stream, x, w, scale, shift, relu, y, d, nullptr, nullptr,
+                  steps);
+    return;
+  }
+  const int split_steps = (steps + splits - 1) / splits;
+  splits = (steps + split_steps - 1) / split_steps;  // none empty
+  dim3 grid = conv3x3_grid(d);
+  grid.z = splits;
+  SEGNET_LAUNCH(kernel, grid, kConvThreads, stream, x, w, scale, shift, relu, y, d, nullptr, split_sums, split_steps);
+  auto epilogue = conv3x3_split_k_epilogue<T>;
+  const int64_t work = d.pixels() * ((d.Cout + 3) / 4);
+  SEGNET_LAUNCH(epilogue, unsigned(std::min<int64_t>((work + 255) / 256, 8192)), 256, stream, split_sums, splits,
+                d.pixels(), int(d.Cout), scale, shift, relu, y);
 }
 
 // The training forward: z = conv(x, w) + bias (ones and the bias, or zeros, as scale and
@@ -309,7 +401,8 @@ void launch_conv3x3_bn_stats(const T* x, const T* w, const float* ones, const fl
                              TileMoments* moments, float* mean, float* var, cudaStream_t stream) {
   if (d.pixels() == 0 || d.Cout == 0) return;
   auto kernel = conv3x3_scale_shift_relu_kernel<T>;
-  SEGNET_LAUNCH(kernel, conv3x3_grid(d), kConvThreads, stream, x, w, ones, bias, false, z, d, moments);
+  SEGNET_LAUNCH(kernel, conv3x3_grid(d), kConvThreads, stream, x, w, ones, bias, false, z, d, moments, nullptr,
+                conv3x3_steps(d, sizeof(T)));
   auto finish = conv3x3_stats_finish<float>;
   const int tiles = int((d.pixels() + kConvTileM - 1) / kConvTileM), C = int(d.Cout);
   SEGNET_LAUNCH(finish, (C + kConvThreads - 1) / kConvThreads, kConvThreads, stream, moments, d.pixels(), tiles, C,

@@ -49,6 +49,7 @@ constexpr int kMaxThreadsPerBlock = 256;
 #ifdef SEGNET_CUDA_EMULATION
 inline bool stream_is_capturing(cudaStream_t) { return false; }
 inline bool device_has_tensor_core_kernels(int) { return true; }
+inline int device_sms(int) { return 132; }  // an H100 / H200
 // The emulator's timer: runs `work` and returns the time a test assigned (cuda_emu::fake_timer).
 inline double device_time_ms(const std::function<void()>& work, cudaStream_t) {
   return ::cuda_emu::fake_timer().time(work);
@@ -64,6 +65,11 @@ inline bool stream_is_capturing(cudaStream_t stream) {
 inline bool device_has_tensor_core_kernels(int device) {
   int major = 0;
   return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8;
+}
+
+inline int device_sms(int device) {
+  int sms = 0;
+  return cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && sms > 0 ? sms : 132;
 }
 
 // Milliseconds per run of `work` (launches on `stream`): one warm-up run (which also lets

@@ -217,7 +217,7 @@ Tensor bn_relu_backward_apply(const Tensor& dy_in, const Tensor& x_in, const Ten
 
 // x [N, Cin, H, W] (either layout), weight [Cout, Cin, 3, 3] -> y in x's layout
 Tensor conv3x3_scale_shift_relu(const Tensor& x_in, const Tensor& weight_in, const Tensor& scale, const Tensor& shift,
-                                bool relu) {
+                                bool relu, int64_t splits) {
   segnet::check_conv_epilogue("conv3x3_scale_shift_relu", x_in, weight_in, scale, shift, 1);
   const Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const Tensor weight = weight_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -226,9 +226,10 @@ Tensor conv3x3_scale_shift_relu(const Tensor& x_in, const Tensor& weight_in, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "emu", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       TORCH_CHECK_VALUE(segnet::kernels::conv3x3_supports<scalar_t>(d.Cin), "Cin ", d.Cin, " is not whole vectors");
+      Tensor split_sums = poisoned({splits, d.pixels(), d.Cout}, x.options().dtype(at::kFloat));
       segnet::kernels::launch_conv3x3_scale_shift_relu<scalar_t>(
           x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), ptr<float>(scale), ptr<float>(shift), relu,
-          y.mutable_data_ptr<scalar_t>(), d, nullptr);
+          y.mutable_data_ptr<scalar_t>(), d, nullptr, int(splits), split_sums.mutable_data_ptr<float>());
     } else {
       TORCH_CHECK_VALUE(false, "the tensor-core convolution takes no float64");
     }
@@ -381,7 +382,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_shift_relu", &scale_shift_relu);
   m.def("bn_relu_backward_reduce", &bn_relu_backward_reduce);
   m.def("bn_relu_backward_apply", &bn_relu_backward_apply);
-  m.def("conv3x3_scale_shift_relu", &conv3x3_scale_shift_relu);
+  m.def("conv3x3_scale_shift_relu", &conv3x3_scale_shift_relu, py::arg("x"), py::arg("weight"), py::arg("scale"),
+        py::arg("shift"), py::arg("relu"), py::arg("splits") = 1);
+  m.def("conv3x3_splits", [](int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int sms, int element_size) {
+    const segnet::kernels::Conv3x3Dims d{N, Cin, H, W, Cout};
+    return segnet::kernels::conv3x3_splits(d, sms, segnet::kernels::conv3x3_steps(d, element_size));
+  });
   m.def("conv3x3_bn_stats", &conv3x3_bn_stats);
   m.def("block_sum", &block_sum);
   m.def("shuffles", &shuffles);

@@ -127,6 +127,31 @@ def test_tensor_core_conv3x3_matches_the_reference(emu, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensor_core_conv3x3_split_k_adds_the_splits_to_the_same_result(emu, dtype):
+    # 18 K steps in 16-bit types, 36 in float; 5 splits leave the last one shorter; Cout 70:
+    # partial channel tiles and the split epilogue's scalar path, 68: its vector path
+    for Cout in (70, 68):
+        x = torch.randn(1, 64, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+        w, scale, shift = torch.randn(Cout, 64, 3, 3).to(dtype), torch.randn(Cout), torch.randn(Cout)
+        whole = emu.conv3x3_scale_shift_relu(x, w, scale, shift, False)
+        for splits in (2, 5):
+            split = emu.conv3x3_scale_shift_relu(x, w, scale, shift, False, splits)
+            ulp = {torch.float32: 2 ** -20, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+            torch.testing.assert_close(split.double(), whole.double(), rtol=ulp, atol=1e-4 * scale.abs().max().item(),
+                                       msg=f"Cout {Cout}, {splits} splits")
+            assert split.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_split_k_only_where_the_grid_fills_less_than_half_a_wave(emu):
+    # bf16, batch 1, SegNet's layers on 132 SMs (528 blocks a wave): 48 blocks split 11 ways,
+    # 176 blocks 3 ways, 340 blocks and more not at all
+    assert [emu.conv3x3_splits(1, cin, h, w, cout, 132, 2) for cin, cout, h, w in [
+        (512, 512, 23, 30), (512, 512, 45, 60), (256, 512, 45, 60), (256, 256, 90, 120), (64, 64, 360, 480)]] == \
+        [11, 3, 3, 1, 1]
+    assert emu.conv3x3_splits(1, 8, 23, 30, 512, 132, 2) == 2  # 9 K steps: at least 4 a split
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_tensor_core_conv3x3_training_epilogue_gives_z_and_its_statistics(emu, dtype):
     """z (the bias added) and its batch statistics from the tiles' moments, as bn_stats(z) gives
     them: several pixel tiles (the last partial) and channel tiles, with and without a bias."""
