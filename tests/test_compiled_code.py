@@ -57,6 +57,10 @@ def test_the_convolution_multiplies_on_tensor_cores_in_its_main_loop(kernels):
     found = {name: k["loop_hmma"] for name, k in kernels.items() if name.startswith("conv3x3_scale_shift_relu_kernel<")}
     assert found == {"conv3x3_scale_shift_relu_kernel<bf16>": 32, "conv3x3_scale_shift_relu_kernel<fp16>": 32,
                      "conv3x3_scale_shift_relu_kernel<fp32>": 64}, found
+    # its split-K second pass is memory-bound: 32-bit index math, no division subroutine
+    split = {name: k["integer_division_calls"] for name, k in kernels.items()
+             if name.startswith("conv3x3_split_k_epilogue<")}
+    assert len(split) == 3 and not any(split.values()), split
 
 
 def test_no_kernel_spills_and_registers_and_shared_memory_stay_within_budget(kernels):

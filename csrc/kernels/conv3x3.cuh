@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kConvThreads)
     Vec out;
     for (int e = 0; e < kVec; ++e)
       out.v[e] = static_cast<T>(affine_relu(c[r * Tiles::kLdC + g * kVec + e], sc[e], sh[e], relu));
-    T* const dst = y + m * Cout + co0;
+    T* const dst = y + int64_t(m) * Cout + co0;
     if (whole) {
       SEGNET_STORE(reinterpret_cast<Vec*>(dst), out);
     } else {
@@ -315,20 +315,21 @@ __global__ void __launch_bounds__(kConvThreads)
 // Split K's second pass: y = relu(scale * (the splits' sums, added in split order) + shift),
 // 4 channels of a pixel a thread (16-byte loads and 8-byte 16-bit or 16-byte float stores
 // where Cout is a multiple of 4).
+// Index math in 32 bits (a split grid is under half a wave of 128x64 tiles: far below 2^31
+// groups), the pixel by fast division.
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
-    conv3x3_split_k_epilogue(const float* __restrict__ split_sums, int splits, int64_t P, int Cout,
-                             const float* __restrict__ scale, const float* __restrict__ shift, bool relu,
-                             T* __restrict__ y) {
-  const int groups = (Cout + 3) / 4;
-  const int64_t total = P * groups;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t m = i / groups;
-    const int co0 = int(i - m * groups) * 4;
+    conv3x3_split_k_epilogue(const float* __restrict__ split_sums, int splits, uint32_t P, int Cout,
+                             Divider<uint32_t> groups, const float* __restrict__ scale,
+                             const float* __restrict__ shift, bool relu, T* __restrict__ y) {
+  const uint32_t total = P * groups.divisor;
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    const uint32_t m = groups.div(i);
+    const int co0 = int(i - m * groups.divisor) * 4;
     const bool whole = Cout % 4 == 0;
     float acc[4] = {0, 0, 0, 0};
     for (int k = 0; k < splits; ++k) {
-      const float* const src = split_sums + (int64_t(k) * P + m) * Cout + co0;
+      const float* const src = split_sums + (int64_t(k) * P + m) * Cout + co0;  // below 2^31 floats a split
       if (whole) {
         const Float4 v = SEGNET_LOAD(reinterpret_cast<const Float4*>(src));
         for (int e = 0; e < 4; ++e) acc[e] += v.v[e];
@@ -342,7 +343,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
       const int co = co0 + e < Cout ? co0 + e : Cout - 1;
       out.v[e] = static_cast<T>(affine_relu(acc[e], SEGNET_LOAD(scale + co), SEGNET_LOAD(shift + co), relu));
     }
-    T* const dst = y + m * Cout + co0;
+    T* const dst = y + int64_t(m) * Cout + co0;
     if (whole) {
       SEGNET_STORE(reinterpret_cast<Vec*>(dst), out);
     } else {
@@ -355,7 +356,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
 // device's `sms`) fills about one: 1 (no split) for grids of half a wave or more.
 inline int conv3x3_splits(const Conv3x3Dims& d, int sms, int steps) {
   const int64_t blocks = int64_t(conv3x3_grid(d).x) * conv3x3_grid(d).y, wave = 4 * int64_t(sms);
-  if (2 * blocks >= wave) return 1;
+  if (2 * blocks >= wave || d.pixels() * d.Cout >= (int64_t(1) << 31)) return 1;  // the split epilogue's 32 bits
   return int(std::min<int64_t>({(wave + blocks - 1) / blocks, 16, std::max(1, steps / 4)}));
 }
 
@@ -386,9 +387,9 @@ void launch_conv3x3_scale_shift_relu(const T* x, const T* w, const float* scale,
   grid.z = splits;
   SEGNET_LAUNCH(kernel, grid, kConvThreads, stream, x, w, scale, shift, relu, y, d, nullptr, split_sums, split_steps);
   auto epilogue = conv3x3_split_k_epilogue<T>;
-  const int64_t work = d.pixels() * ((d.Cout + 3) / 4);
+  const int64_t groups = (d.Cout + 3) / 4, work = d.pixels() * groups;
   SEGNET_LAUNCH(epilogue, unsigned(std::min<int64_t>((work + 255) / 256, 8192)), 256, stream, split_sums, splits,
-                d.pixels(), int(d.Cout), scale, shift, relu, y);
+                uint32_t(d.pixels()), int(d.Cout), Divider<uint32_t>(groups), scale, shift, relu, y);
 }
 
 // The training forward: z = conv(x, w) + bias (ones and the bias, or zeros, as scale and
