@@ -142,16 +142,20 @@ class ConvBNReLUFunction(torch.autograd.Function):
 
 def conv_bn_relu_traced(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                        bn_bias: Optional[Tensor], residual: Optional[Tensor], conv_args, eps: float, relu: bool):
-    """What :class:`ConvBNReLUFunction` computes, as differentiable ops for torch.compile
+    """What :class:`ConvBNReLUFunction` computes, as differentiable ATen ops for torch.compile
     to trace (an autograd.Function is opaque to the recompute policy of
-    :func:`~segnet_ext.recompute.compiled_region`): the convolution, BN statistics and
-    folding as ATen ops (the compiler fuses them), y by ``scale_shift_relu`` (autograd
-    registered in :mod:`segnet_ext.ops`), which the policy recomputes instead of saving."""
+    :func:`~segnet_ext.recompute.compiled_region`): Inductor fuses the statistics, the
+    normalisation, the residual and the ReLU forward and backward, and the policy recomputes
+    y in the backward instead of saving it."""
     z = F.conv2d(x, weight, bias, *conv_args)
     count = z.numel() // max(z.shape[1], 1)
     var, mean = torch.var_mean(z.to(_acc_dtype(z)), dim=(0, 2, 3), correction=0)
     _, scale, shift = _normalisation(z, mean, var, count, bn_weight, bn_bias, eps)
-    y = _ops.scale_shift_relu(z, scale, shift, relu, residual)
+    shape = (1, -1, 1, 1)
+    y = z.to(scale.dtype) * scale.view(shape) + shift.view(shape)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    y = (torch.relu(y) if relu else y).to(z.dtype)
     return y, mean.detach(), (var * (count / (count - 1))).detach()
 
 

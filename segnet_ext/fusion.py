@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .nn import Conv2d, ConvBNReLU2d, FusedConv2d, MaxPool2x2, MaxUnpool2x2, _check_fusable
+from .recompute import MAX_DEPTH
 
 
 @dataclass
@@ -98,6 +99,7 @@ class _Context:
         self.swap_indices = any(_is_unpool2x2(m) for m in model.modules())
         # modules registered under more than one parent (or twice): never class-swapped
         self.registrations = Counter(id(c) for m in model.modules() for c in m._modules.values() if c is not None)
+        self.residual_blocks = 0  # fused conv-BN-add(-ReLU)s so far, in module order
 
     def shared(self, *modules: nn.Module) -> bool:
         return any(self.registrations[id(m)] > 1 for m in modules)
@@ -297,6 +299,10 @@ def _fuse_graph(module: nn.Module, path: str, ctx: _Context) -> None:
         if residual_node is not None:  # conv(x, identity), where the add was: the identity exists by then
             add_node.prepend(node)
             node.args = (node.args[0], residual_node)
+            # under torch.compile, chains of residual blocks recompute MAX_DEPTH deep as the
+            # eager recipes do: the first block of every MAX_DEPTH keeps its identity
+            conv.recompute_residual = ctx.residual_blocks % MAX_DEPTH != 0
+            ctx.residual_blocks += 1
         last = relu_node or add_node or bn_node
         last.replace_all_uses_with(node)
         for gone in (relu_node, add_node, bn_node):

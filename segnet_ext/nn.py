@@ -121,9 +121,12 @@ class _ConvBN:
     _folded = None
 
     def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool, sync_bn: bool = False,
-                 residual: Optional[Tensor] = None) -> Tensor:
+                 residual: Optional[Tensor] = None, recompute_residual: bool = False) -> Tensor:
         """relu(bn(conv(x)) (+ residual)); a residual the fused op cannot take (broadcast,
-        another dtype) is added after conv-BN, as the unfused model does."""
+        another dtype) is added after conv-BN, as the unfused model does.
+        ``recompute_residual``: under torch.compile, a residual that is a recomputed output
+        (the previous block's) is recomputed in the backward, not kept (see
+        :func:`segnet_ext.recompute.compiled_region`)."""
         name = type(self).__name__
         if x.dim() != 4:
             raise ValueError(f"{name} expects [N, C, H, W], got shape {tuple(x.shape)}")
@@ -145,7 +148,7 @@ class _ConvBN:
         if torch.compiler.is_compiling() and torch.is_grad_enabled() and group is None:
             y, mean, unbiased_var = recompute.compiled_region(
                 fused.conv_bn_relu_traced, x, conv.weight, conv.bias, bn.weight, bn.bias, residual,
-                constants=(conv_args, bn.eps, relu))
+                constants=(conv_args, bn.eps, relu), first=residual is not None and recompute_residual)
         else:
             y, mean, unbiased_var = fused.ConvBNReLUFunction.apply(
                 x, conv.weight, conv.bias, bn.weight, bn.bias, residual, conv_args, bn.eps, relu, group)
@@ -268,6 +271,7 @@ class FusedConv2d(_ConvBN, nn.Conv2d):
     bn: nn.BatchNorm2d
     relu: bool
     sync_bn: bool
+    recompute_residual: bool = False  # set by fuse: two of every MAX_DEPTH residual blocks, see fusion.py
 
     @classmethod
     def take_over(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> "FusedConv2d":
@@ -281,13 +285,13 @@ class FusedConv2d(_ConvBN, nn.Conv2d):
     def release(self) -> nn.Conv2d:
         """The convolution again (this object, its class restored)."""
         cls = self._unfused_class
-        for name in ("_unfused_class", "bn", "relu", "sync_bn", "_folded"):
+        for name in ("_unfused_class", "bn", "relu", "sync_bn", "_folded", "recompute_residual"):
             self.__dict__.pop(name, None)
         self.__class__ = cls
         return self
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return self._conv_bn(self, self.bn, input, self.relu, self.sync_bn, residual)
+        return self._conv_bn(self, self.bn, input, self.relu, self.sync_bn, residual, self.recompute_residual)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn=BatchNorm2d({self.bn.num_features}), relu={self.relu}"

@@ -23,18 +23,21 @@ Explicit recipes were chosen over ``saved_tensors_hooks`` because they need no c
 manager around the user's training step and never touch tensors of unrelated code.
 
 Under ``torch.compile`` no recipe is attached (a traced tensor takes no attributes): the
-compiler's own mechanism does the same job. The layers run their recomputable op inside
-:func:`compiled_region`, a selective activation checkpoint whose policy marks
-``scale_shift_relu`` and ``max_unpool2x2`` outputs MUST_RECOMPUTE and leaves every other
-op to the partitioner's usual choice; AOTAutograd then saves z, the per-channel vectors
-and the pooled values, and reruns the element-wise op in the compiled backward. The
-partitioner keeps a recomputed tensor that feeds a recomputed op of a later region (as it
-keeps every boundary of two checkpoint regions: ``cleanup_recompute_tags`` in
-torch/_functorch/partitioners.py): a residual block's output, the next block's identity, is
-kept (chains stop after one pass, where eager recipes nest up to ``MAX_DEPTH``). The
-unpooling's region reports itself as the graph's first, so its input, a decoder block's
-output, is recomputed from that block's z, as the eager ``Unpool`` recipe nests its
-``ScaleShiftReLU``.
+compiler's own mechanism does the same job. The layers run their computation inside
+:func:`compiled_region`, a selective activation checkpoint whose policy marks the outputs
+of element-wise ops (ATen's pointwise ops, ``scale_shift_relu``) and of ``max_unpool2x2``
+MUST_RECOMPUTE and leaves every other op to the partitioner's usual choice; AOTAutograd
+then saves z, the per-channel vectors and the pooled values, and reruns the element-wise
+ops in the compiled backward, where Inductor fuses them into the kernels that use them
+(the block is traced as ATen ops, so the BN backward is Inductor's too). The partitioner
+keeps a recomputed tensor that feeds a recomputed op of a later region (as it keeps every
+boundary of two checkpoint regions: ``cleanup_recompute_tags`` in
+torch/_functorch/partitioners.py). A region that reports itself as the graph's first
+escapes that rule: the unpooling's, so that its input, a decoder block's output, is
+recomputed from that block's z, as the eager ``Unpool`` recipe nests its
+``ScaleShiftReLU``; and that of two of every ``MAX_DEPTH`` residual blocks (marked by
+``fuse``), so that a chain of blocks keeps one output in ``MAX_DEPTH``, as the eager
+recipes do.
 """
 import functools
 from typing import List, Optional, Sequence, Tuple
@@ -171,7 +174,7 @@ def recipe_of(t: Tensor) -> Optional[Recipe]:
 
 
 def _recompute_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in (_ops.scale_shift_relu.default, _ops.max_unpool2x2.default):
+    if op in (_ops.scale_shift_relu.default, _ops.max_unpool2x2.default) or torch.Tag.pointwise in op.tags:
         return CheckpointPolicy.MUST_RECOMPUTE
     return CheckpointPolicy.PREFER_SAVE  # the partitioner's usual choice
 

@@ -124,7 +124,7 @@ def test_opcheck(fmt):
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_scale_shift_relu_is_differentiable(relu, with_residual, fmt):
-    """Its registered autograd (what torch.compile traces in a fused block) against gradcheck
+    """Its registered autograd (the op is public: any model may train through it) against gradcheck
     and against the reference's autograd, with values at the ReLU's kink (u == 0)."""
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt)
     scale, shift, _ = per_channel_inputs(x)

@@ -155,3 +155,37 @@ def test_compiled_stage_computes_the_eager_gradients_and_stores_as_little(stage)
           f"compiled plain {results['compiled plain'][0] / activation:.3f}")
     assert compiled <= eager + weights
     assert results["compiled plain"][0] >= 1.5 * eager
+
+
+def test_a_compiled_residual_chain_stores_no_more_than_eager_mode():
+    """Six ResNet blocks: fuse marks two of every three to recompute their identity (the
+    previous block's output) under compile, so the compiled chain keeps one block output in
+    MAX_DEPTH, as the eager recipes do; without the marks it keeps every one."""
+    from tests.test_fusion import BasicBlock, randomise_bn
+
+    torch._dynamo.reset()
+    backend = "aot_eager_decomp_partition" if os.environ.get("ATEN_CPU_CAPABILITY") else "inductor"
+    torch.manual_seed(0)
+    ours = segnet_ext.fuse(randomise_bn(nn.Sequential(*(BasicBlock(8) for _ in range(6))))).double()
+    marks = [block.conv2.recompute_residual for block in ours]
+    assert marks == [False, True, True, False, True, True] and recompute.MAX_DEPTH == 3
+    unmarked = copy.deepcopy(ours)
+    for block in unmarked:
+        block.conv2.recompute_residual = False
+    x = torch.randn(2, 8, 32, 48, dtype=torch.float64)
+    activation = x.numel() * 8
+    results = {}
+    for name, model in (("eager", copy.deepcopy(ours)),
+                        ("compiled", torch.compile(copy.deepcopy(ours), fullgraph=True, backend=backend)),
+                        ("compiled unmarked", torch.compile(unmarked, fullgraph=True, backend=backend))):
+        xi = x.clone().requires_grad_()
+        saved, out = saved_bytes(lambda: model(xi))
+        out.square().mean().backward()
+        results[name] = (saved, [xi.grad] + [p.grad for p in model.parameters()])
+    (eager, g_e), (compiled, g_c) = results["eager"], results["compiled"]
+    largest = max(g.abs().max() for g in g_e)
+    for a, b in zip(g_c, g_e):
+        assert (a - b).abs().max() <= 1e-10 * largest
+    print({name: round(r[0] / activation, 3) for name, r in results.items()})
+    assert compiled <= eager
+    assert results["compiled unmarked"][0] >= eager + 3 * activation  # 4 block outputs kept that eager rebuilds

@@ -190,6 +190,19 @@ std::string conv_choice_key(const char* op, const Tensor& x, const Tensor& weigh
   return key.str();
 }
 
+// run(Impl::Ours) or run(Impl::Vendor), whichever is faster for this shape (timed once per key:
+// common/kernel_choice.h); the vendor path where ours does not apply, or while the stream is being
+// captured into a CUDA graph (timing needs a synchronisation, which capture forbids).
+template <typename Run>
+auto run_faster(bool ours_applies, const char* op, const Tensor& x, const Tensor& weight, bool relu, const Run& run) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (!ours_applies || kernels::stream_is_capturing(stream)) return run(Impl::Vendor);
+  const Impl impl = KernelChoices::instance().choose(conv_choice_key(op, x, weight, relu), [&](Impl candidate) {
+    return kernels::device_time_ms([&] { run(candidate); }, stream);
+  });
+  return run(impl);
+}
+
 Tensor conv2d_scale_shift_relu_cuda(const Tensor& x_in, const Tensor& weight_in, const Tensor& scale_in,
                                     const Tensor& shift_in, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, int64_t groups, bool relu) {
@@ -197,18 +210,11 @@ Tensor conv2d_scale_shift_relu_cuda(const Tensor& x_in, const Tensor& weight_in,
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(x_in.suggest_memory_format()), weight = weight_in.contiguous();
   const Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  const bool ours_applies = conv3x3_applies(x, weight, stride, padding, dilation, groups);
-  auto run = [&](Impl impl) {
+  return run_faster(conv3x3_applies(x, weight, stride, padding, dilation, groups), "conv2d_scale_shift_relu", x,
+                    weight, relu, [&](Impl impl) {
     return impl == Impl::Ours ? conv3x3_scale_shift_relu(x, weight, scale, shift, relu)
                               : conv2d_then_epilogue(x, weight, scale, shift, stride, padding, dilation, groups, relu);
-  };
-  // Timing needs a synchronisation, which a stream being captured into a CUDA graph forbids.
-  if (!ours_applies || kernels::stream_is_capturing(c10::cuda::getCurrentCUDAStream())) return run(Impl::Vendor);
-  const Impl impl = KernelChoices::instance().choose(conv_choice_key("conv2d_scale_shift_relu", x, weight, relu),
-                                                     [&](Impl candidate) {
-    return kernels::device_time_ms([&] { run(candidate); }, c10::cuda::getCurrentCUDAStream());
   });
-  return run(impl);
 }
 
 // Ours in the training forward: z from the tensor-core kernel (scale 1, shift the bias), its
@@ -243,20 +249,13 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_bn_stats_cuda(const Tensor& x_in, cons
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(x_in.suggest_memory_format()), weight = weight_in.contiguous();
   const Tensor bias = bias_in && bias_in->defined() ? bias_in->contiguous() : Tensor();
-  auto run = [&](Impl impl) -> std::tuple<Tensor, Tensor, Tensor> {
+  return run_faster(conv3x3_applies(x, weight, stride, padding, dilation, groups), "conv2d_bn_stats", x, weight,
+                    false, [&](Impl impl) -> std::tuple<Tensor, Tensor, Tensor> {
     if (impl == Impl::Ours) return conv3x3_bn_stats(x, weight, bias);
     const Tensor z = at::conv2d(x, weight, bias, stride, padding, dilation, groups);
     auto [mean, var] = bn_stats_cuda(z);
     return {z, mean, var};
-  };
-  if (!conv3x3_applies(x, weight, stride, padding, dilation, groups) ||
-      kernels::stream_is_capturing(c10::cuda::getCurrentCUDAStream()))
-    return run(Impl::Vendor);
-  const Impl impl = KernelChoices::instance().choose(conv_choice_key("conv2d_bn_stats", x, weight, false),
-                                                     [&](Impl candidate) {
-    return kernels::device_time_ms([&] { run(candidate); }, c10::cuda::getCurrentCUDAStream());
   });
-  return run(impl);
 }
 
 }  // namespace
