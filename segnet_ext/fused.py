@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from . import reference
 from .ops import cuda_kernels_available
 from .recompute import RECIPE, SavedInput, ScaleShiftReLU, attach  # noqa: F401  (RECIPE: for tests)
 from .recompute import autocast_operands, dtypes, grads_as
@@ -145,17 +146,13 @@ def conv_bn_relu_traced(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
     """What :class:`ConvBNReLUFunction` computes, as differentiable ATen ops for torch.compile
     to trace (an autograd.Function is opaque to the recompute policy of
     :func:`~segnet_ext.recompute.compiled_region`): Inductor fuses the statistics, the
-    normalisation, the residual and the ReLU forward and backward, and the policy recomputes
-    y in the backward instead of saving it."""
+    normalisation, the residual and the ReLU (``scale_shift_relu``'s reference) forward and
+    backward, and the policy recomputes y in the backward instead of saving it."""
     z = F.conv2d(x, weight, bias, *conv_args)
     count = z.numel() // max(z.shape[1], 1)
     var, mean = torch.var_mean(z.to(_acc_dtype(z)), dim=(0, 2, 3), correction=0)
     _, scale, shift = _normalisation(z, mean, var, count, bn_weight, bn_bias, eps)
-    shape = (1, -1, 1, 1)
-    y = z.to(scale.dtype) * scale.view(shape) + shift.view(shape)
-    if residual is not None:
-        y = y + residual.to(y.dtype)
-    y = (torch.relu(y) if relu else y).to(z.dtype)
+    y = reference.scale_shift_relu(z, scale, shift, relu, residual)
     return y, mean.detach(), (var * (count / (count - 1))).detach()
 
 

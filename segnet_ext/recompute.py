@@ -25,7 +25,7 @@ manager around the user's training step and never touch tensors of unrelated cod
 Under ``torch.compile`` no recipe is attached (a traced tensor takes no attributes): the
 compiler's own mechanism does the same job. The layers run their computation inside
 :func:`compiled_region`, a selective activation checkpoint whose policy marks the outputs
-of element-wise ops (ATen's pointwise ops, ``scale_shift_relu``) and of ``max_unpool2x2``
+of element-wise ops (ATen's pointwise ops) and of ``max_unpool2x2``
 MUST_RECOMPUTE and leaves every other op to the partitioner's usual choice; AOTAutograd
 then saves z, the per-channel vectors and the pooled values, and reruns the element-wise
 ops in the compiled backward, where Inductor fuses them into the kernels that use them
@@ -174,7 +174,7 @@ def recipe_of(t: Tensor) -> Optional[Recipe]:
 
 
 def _recompute_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in (_ops.scale_shift_relu.default, _ops.max_unpool2x2.default) or torch.Tag.pointwise in op.tags:
+    if op is _ops.max_unpool2x2.default or torch.Tag.pointwise in op.tags:
         return CheckpointPolicy.MUST_RECOMPUTE
     return CheckpointPolicy.PREFER_SAVE  # the partitioner's usual choice
 

@@ -119,14 +119,18 @@ def test_stage_under_autocast_matches_the_plain_layers(dtype, onednn, fmt):
 
 # ---- under torch.compile: the partitioner recomputes what the recipes would ----
 
-@pytest.mark.parametrize("stage", [Stage, DecoderStage])
-def test_compiled_stage_computes_the_eager_gradients_and_stores_as_little(stage):
-    torch._dynamo.reset()
+def compile_backend() -> str:
     # Inductor's C++ code needs ATen's vector ISA as the machine has it: it fails to build at
     # ATEN_CPU_CAPABILITY=default, and at avx2 on an AVX-512 machine it computes NaN even for
     # plain nn layers (torch 2.14.1); under such an override, the same AOTAutograd partitioner
     # without Inductor's code generation
-    backend = "aot_eager_decomp_partition" if os.environ.get("ATEN_CPU_CAPABILITY") else "inductor"
+    return "aot_eager_decomp_partition" if os.environ.get("ATEN_CPU_CAPABILITY") else "inductor"
+
+
+@pytest.mark.parametrize("stage", [Stage, DecoderStage])
+def test_compiled_stage_computes_the_eager_gradients_and_stores_as_little(stage):
+    torch._dynamo.reset()
+    backend = compile_backend()
     ours, plain = stage(True), stage(False)
     plain.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 64, 96)
@@ -164,7 +168,7 @@ def test_a_compiled_residual_chain_stores_no_more_than_eager_mode():
     from tests.test_fusion import BasicBlock, randomise_bn
 
     torch._dynamo.reset()
-    backend = "aot_eager_decomp_partition" if os.environ.get("ATEN_CPU_CAPABILITY") else "inductor"
+    backend = compile_backend()
     torch.manual_seed(0)
     ours = segnet_ext.fuse(randomise_bn(nn.Sequential(*(BasicBlock(8) for _ in range(6))))).double()
     marks = [block.conv2.recompute_residual for block in ours]
