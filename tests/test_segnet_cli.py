@@ -142,14 +142,15 @@ def test_recipes_by_name(tmp_path):
     assert main(["train", "--config", "no_such_recipe"]) == 2
 
 
-def test_bundled_model_by_name(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["segnet_basic_camvid_v2", "segnet_basic_camvid"])
+def test_bundled_model_by_name(name, tmp_path, capsys):
     from segnet.checkpoint import pretrained_names
 
-    assert "segnet_basic_camvid" in pretrained_names()
-    assert main(["eval", "--checkpoint", "segnet_basic_camvid", "--data", "sample", "--output", str(tmp_path / "m.json")]) == 0
+    assert name in pretrained_names()
+    assert main(["eval", "--checkpoint", name, "--data", "sample", "--output", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["global_accuracy"] > 60  # a trained model (the demo's gets about 40)
-    assert main(["predict", "--checkpoint", "segnet_basic_camvid", "--input", "sample", "--output", str(tmp_path / "p")]) == 0
+    assert main(["predict", "--checkpoint", name, "--input", "sample", "--output", str(tmp_path / "p")]) == 0
     assert len(list((tmp_path / "p").glob("*_labels.png"))) == 2
     assert main(["eval", "--checkpoint", "segnet_basic_nowhere"]) == 2
     assert "nor is it a bundled model: segnet_basic_camvid" in capsys.readouterr().err

@@ -221,12 +221,19 @@ def test_a_checkpoint_evaluates_on_another_layout_with_as_many_classes_only(tmp_
 
 
 def test_load_pretrained_and_torch_hub():
-    model = load_pretrained("segnet_basic_camvid")
-    assert not model.training and model.dataset.name == "camvid" and model.dataset.classes[3] == "Road"
     x = torch.randn(1, 3, 32, 48)
-    hub = torch.hub.load(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "segnet_basic_camvid", source="local")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outputs = []
+    for name in ("segnet_basic_camvid_v2", "segnet_basic_camvid"):
+        model = load_pretrained(name)
+        assert not model.training and model.dataset.name == "camvid" and model.dataset.classes[3] == "Road"
+        hub = torch.hub.load(repo, name, source="local")
+        with torch.no_grad():
+            outputs.append(model(x))
+            torch.testing.assert_close(hub(x), outputs[-1])
+    assert not torch.allclose(outputs[0], outputs[1])  # two different models
     with torch.no_grad():
-        torch.testing.assert_close(hub(x), model(x))
+        torch.testing.assert_close(load_pretrained()(x), outputs[0])  # the default is v2
     with pytest.raises(ValueError, match="no bundled model 'segnet_vgg'; bundled: segnet_basic_camvid"):
         load_pretrained("segnet_vgg")
 

@@ -17,6 +17,8 @@ from .model import build_model
 
 # Trained models shipped with the package, loadable by name (see pretrained/README.md).
 PRETRAINED = Path(__file__).parent / "pretrained"
+# The default: trained with the recipe chosen on a held-out street (README: Choosing settings).
+DEFAULT_PRETRAINED = "segnet_basic_camvid_v2"
 
 
 def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> Path:
@@ -125,7 +127,7 @@ def pretrained_names() -> List[str]:
 
 
 def resolve_checkpoint(name_or_path: Union[str, Path]) -> Path:
-    """A checkpoint file, or the bundled model of that name (``segnet_basic_camvid``)."""
+    """A checkpoint file, or the bundled model of that name (``segnet_basic_camvid_v2``)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
@@ -185,7 +187,7 @@ def load_model(
     return model, config
 
 
-def load_pretrained(name: str = "segnet_basic_camvid", device: Union[str, torch.device] = "cpu",
+def load_pretrained(name: str = DEFAULT_PRETRAINED, device: Union[str, torch.device] = "cpu",
                     backend: Optional[str] = None) -> nn.Module:
     """A model shipped with the package (``pretrained_names()``), in eval mode on ``device``,
     float32; ``model.dataset`` is its dataset description (class names, colours, ignore index).

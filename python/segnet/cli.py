@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import malloc
+from .checkpoint import pretrained_names
 from .description import preset_names
 from .train import TrainConfig, TrainingInterrupted
 
@@ -116,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         shown = "x".join(map(str, default)) if name == "crop" and default else default
         train.add_argument(flag, dest=name, default=SUPPRESS, help=f"{text} (default: {shown})", **kwargs)
 
+    checkpoint_help = f"a .pt file written by segnet train, or a bundled model's name: {', '.join(pretrained_names())}"
     ev = commands.add_parser("eval", help="evaluate a checkpoint (G, C, per-class IoU, mIoU)",
                              description="Evaluate a checkpoint on a split with one confusion matrix (the dataset's ignore "
                                          "index is left out); writes the metrics JSON and NAME_confusion.png beside it.")
-    ev.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train, or a bundled model's name (segnet_basic_camvid)")
+    ev.add_argument("--checkpoint", required=True, help=checkpoint_help)
     ev.add_argument("--data", default="sample", help="the dataset's root folder, or 'sample' (default: sample)")
     ev.add_argument("--split", default="val", help="split to evaluate; '+' joins splits, '@SEQ' keeps one sequence "
                                                    "(train@0006R0: the held-out sequence of --holdout-sequence) (default: val)")
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "map) and NAME_overlay.png (photo | blend), both with a legend of the classes present. For each "
                              "video: NAME_overlay.mp4 and NAME_side_by_side.mp4 (photo | colour map, legend below); needs the "
                              "video extra (pip install 'segnet-ext[video]').")
-    pr.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train, or a bundled model's name (segnet_basic_camvid)")
+    pr.add_argument("--checkpoint", required=True, help=checkpoint_help)
     pr.add_argument("--input", required=True, help="an image, a video, a folder of them, or 'sample' (the bundled val images)")
     pr.add_argument("--output", required=True, help="folder for the PNGs and MP4s")
     pr.add_argument("--batch-size", type=int, default=4, help="video frames per batch (default: 4)")
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = commands.add_parser("export", help="export to TorchScript or ONNX (plain-PyTorch layers), or float16 weights",
                              description="Export a checkpoint with the plain-PyTorch backend, for use without segnet_ext "
                                          "(torchscript, onnx), or as a small float16 weights file for eval and predict (fp16).")
-    ex.add_argument("--checkpoint", required=True, help="a .pt file written by segnet train, or a bundled model's name (segnet_basic_camvid)")
+    ex.add_argument("--checkpoint", required=True, help=checkpoint_help)
     ex.add_argument("--format", choices=["torchscript", "onnx", "fp16"], default="torchscript", help="(default: torchscript)")
     ex.add_argument("--output", required=True, help="file to write (.pt for TorchScript and fp16, .onnx)")
     ex.add_argument("--size", type=_hw, default=(360, 480), help="example input HxW (default: 360x480)")

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import malloc
+from .checkpoint import DEFAULT_PRETRAINED as SHIPPED
 from .cli import main as segnet
-
-SHIPPED = "segnet_basic_camvid"
 
 
 def run(output: Path, epochs: int = 30) -> None:
@@ -60,12 +59,12 @@ def summary(output: Path, seconds: List[float]) -> str:
         f"   colour maps and class-id PNGs beside them in {shipped / 'predictions'}",
         f"2. The shipped model on the bundled val images: {_scores(shipped / 'eval_val.json')}",
         f"     confusion matrix {shipped / 'eval_val_confusion.png'}",
-        "     (on CamVid's full val split: G 80.3, C 76.1, mIoU 51.2; python/segnet/pretrained/README.md)",
+        "     (on CamVid's full val split: G 84.8, C 75.9, mIoU 55.4; python/segnet/pretrained/README.md)",
         f"3. Pipeline check, a model trained here in {seconds[2]:.0f} s on 4 images: {_scores(check / 'eval_val.json')}",
         f"     expected to be poor (4 images); its curves {check / 'curves.png'}, log {check / 'metrics.csv'}",
         "",
-        "Next: your own images: segnet predict --checkpoint segnet_basic_camvid --input FOLDER_OR_VIDEO --output OUT",
-        "      CamVid training:  segnet train --config camvid_segnet_basic --data PATH/TO/camvid --output runs/camvid",
+        f"Next: your own images: segnet predict --checkpoint {SHIPPED} --input FOLDER_OR_VIDEO --output OUT",
+        "      CamVid training:  segnet train --config camvid_segnet_basic_v2 --data PATH/TO/camvid --output runs/camvid",
         "      your dataset:     segnet train --dataset my_dataset.json --data ROOT ... (README: Your own dataset)",
         "=" * 78,
     ]
