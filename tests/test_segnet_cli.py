@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,27 @@ def test_recipes_by_name(tmp_path):
         config = train_config(build_parser().parse_args(["train", "--config", name, "--epochs", "3"]))
         assert config.epochs == 3 and config.model in ("segnet", "segnet_basic")  # flags override the recipe
     assert main(["train", "--config", "no_such_recipe"]) == 2
+
+
+def test_recipe_base_chain(tmp_path, capsys):
+    """A recipe changes the settings of its "base" (a bundled name or a file beside it)."""
+    from segnet.cli import read_recipe, train_config
+
+    v1, v2 = read_recipe(Path("camvid_segnet_basic")), read_recipe(Path("camvid_segnet_basic_v2"))
+    assert "base" not in v2 and {k for k in v1 if v1[k] != v2[k]} == {"class_weights", "epochs"}
+    (tmp_path / "mine.json").write_text(json.dumps({"base": "camvid_segnet_basic_v2", "lr": 0.005}))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "longer.json").write_text(json.dumps({"base": "../mine.json", "epochs": 120}))
+    config = train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "sub" / "longer.json"),
+                                                     "--lr", "0.003"]))
+    assert (config.epochs, config.lr, config.class_weights, config.crop) == (120, 0.003, "enet", (192, 256))
+    (tmp_path / "loop.json").write_text(json.dumps({"base": "loop.json"}))
+    (tmp_path / "missing.json").write_text(json.dumps({"base": "no_such_recipe"}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for name, says in [("loop", '"base" must name another recipe'), ("missing", "no_such_recipe"),
+                       ("list", "expected a JSON object of settings, got list")]:
+        assert main(["train", "--config", str(tmp_path / f"{name}.json")]) == 2
+        assert says in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["segnet_basic_camvid_v2", "segnet_basic_camvid"])

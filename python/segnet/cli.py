@@ -5,7 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import malloc
 from .checkpoint import pretrained_names
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the defaults, then --config, then the flags given; all are saved with each checkpoint. "
                                 "Run under torchrun for data parallelism.")
     train.add_argument("--config", type=Path, default=None,
-                       help="JSON file of settings (keys as the flags, with underscores), or a bundled recipe's name: "
+                       help="JSON file of settings (keys as the flags, with underscores; \"base\": a recipe it "
+                            "changes), or a bundled recipe's name: "
                             f"{', '.join(sorted(p.stem for p in RECIPES.glob('*.json')))}")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt exactly where it stopped")
     train.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint (only for files you trust)")
@@ -163,15 +164,29 @@ def _common_inference(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint (only for files you trust)")
 
 
+def read_recipe(config: Path, _within: Tuple[Path, ...] = ()) -> Dict:
+    """The settings of a JSON recipe file or a bundled recipe's name. A recipe's ``"base"`` is the
+    recipe (a bundled name, or a file relative to the recipe's folder) whose settings it changes."""
+    recipe = RECIPES / f"{config}.json"
+    path = recipe if not config.exists() and str(config) == config.name and recipe.is_file() else config
+    where = " > ".join(f"{p}" for p in (*_within, path))
+    try:
+        values = json.loads(path.read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object of settings, got {type(values).__name__}")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--config {where}: {e}") from None
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or path in _within:
+        raise ValueError(f"--config {where}: \"base\" must name another recipe, got {base!r}")
+    base_path = path.parent / base if (path.parent / base).is_file() else Path(base)
+    return {**read_recipe(base_path, (*_within, path)), **values}
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    values: Dict = {}
-    if args.config is not None:
-        recipe = RECIPES / f"{args.config}.json"
-        path = recipe if not args.config.exists() and str(args.config) == args.config.name and recipe.is_file() else args.config
-        try:
-            values.update(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--config {str(args.config)!r}: {e}") from None
+    values: Dict = read_recipe(args.config) if args.config is not None else {}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in fields})
     return TrainConfig.from_dict(values)
