@@ -169,7 +169,7 @@ def read_recipe(config: Path, _within: Tuple[Path, ...] = ()) -> Dict:
     recipe (a bundled name, or a file relative to the recipe's folder) whose settings it changes."""
     recipe = RECIPES / f"{config}.json"
     path = recipe if not config.exists() and str(config) == config.name and recipe.is_file() else config
-    where = " > ".join(f"{p}" for p in (*_within, path))
+    where = " > ".join(map(str, (*_within, path)))
     try:
         values = json.loads(path.read_text())
         if not isinstance(values, dict):
