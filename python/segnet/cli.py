@@ -179,7 +179,7 @@ def read_recipe(config: Path, _within: Tuple[Path, ...] = ()) -> Dict:
     base = values.pop("base", None)
     if base is None:
         return values
-    if not isinstance(base, str) or path in _within:
+    if not isinstance(base, str) or path.resolve() in {p.resolve() for p in _within}:
         raise ValueError(f"--config {where}: \"base\" must name another recipe, got {base!r}")
     base_path = path.parent / base if (path.parent / base).is_file() else Path(base)
     return {**read_recipe(base_path, (*_within, path)), **values}
