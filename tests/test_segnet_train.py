@@ -16,7 +16,7 @@ from segnet.checkpoint import load_checkpoint, save_checkpoint
 from segnet.data import Augment, CamVid, sample_root
 from segnet.evaluate import confusion_over
 from segnet.metrics import scores
-from segnet.train import TrainConfig, Trainer, train
+from segnet.train import TrainConfig, Trainer, plot_curves, train
 
 
 def tiny_config(root, output, **overrides):
@@ -82,6 +82,18 @@ def test_run_folder(camvid_root, tmp_path):
     best = load_checkpoint(out / "best.pt")
     assert best["best_miou"] == max(r["val_mean_iou"] for r in rows if r.get("val_mean_iou") is not None)
     assert json.loads((out / "config.json").read_text())["epochs"] == 3
+
+
+def test_curves_show_validation_only_when_there_is_some(tmp_path):
+    from PIL import Image
+
+    pytest.importorskip("matplotlib")
+    rows = [{"epoch": e, "train_loss": 2.0 / e} for e in (1, 2, 3)]
+    validated = [dict(r, val_global_accuracy=60.0 + e, val_class_accuracy=40.0, val_mean_iou=30.0 + e)
+                 for e, r in enumerate(rows)]
+    widths = {name: Image.open(plot_curves(history, tmp_path / f"{name}.png")).size[0]
+              for name, history in (("loss_only", rows), ("with_val", validated))}
+    assert widths["loss_only"] * 2 == widths["with_val"]  # one panel, not an empty validation one
 
 
 def test_resume_refuses_other_settings(camvid_root, tmp_path):

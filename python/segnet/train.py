@@ -488,7 +488,8 @@ def _normal(value):
 
 
 def plot_curves(history: List[Dict], path: Path) -> Optional[Path]:
-    """Training loss and validation G / mIoU per epoch, as a PNG."""
+    """Training loss and validation G / C / mIoU per epoch, as a PNG (the loss alone for a run
+    without validation)."""
     try:
         import matplotlib
 
@@ -496,17 +497,19 @@ def plot_curves(history: List[Dict], path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
     val = [r for r in history if r.get("val_mean_iou") is not None]
-    for key, label in (("val_global_accuracy", "global accuracy"), ("val_class_accuracy", "class accuracy"), ("val_mean_iou", "mIoU")):
-        ax_val.plot([r["epoch"] for r in val], [r[key] for r in val], marker=".", label=label)
-    ax_val.set(xlabel="epoch", ylabel="%", title="validation")
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10 if val else 5, 3.6), squeeze=False)
+    ax_loss = axes[0, 0]
+    ax_loss.plot([r["epoch"] for r in history], [r["train_loss"] for r in history], marker=".")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss" if val else "loss (no validation)")
     if val:
+        ax_val = axes[0, 1]
+        for key, label in (("val_global_accuracy", "global accuracy"), ("val_class_accuracy", "class accuracy"),
+                           ("val_mean_iou", "mIoU")):
+            ax_val.plot([r["epoch"] for r in val], [r[key] for r in val], marker=".", label=label)
+        ax_val.set(xlabel="epoch", ylabel="%", title="validation")
         ax_val.legend()
-    for ax in (ax_loss, ax_val):
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
