@@ -164,7 +164,7 @@ def test_recipe_base_chain(tmp_path, capsys):
         assert says in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["segnet_basic_camvid_v2", "segnet_basic_camvid"])
+@pytest.mark.parametrize("name", ["segnet_basic_camvid_v3", "segnet_basic_camvid_v2", "segnet_basic_camvid"])
 def test_bundled_model_by_name(name, tmp_path, capsys):
     from segnet.checkpoint import pretrained_names
 

@@ -1,5 +1,6 @@
 """Datasets beyond CamVid: descriptions, the four layouts, label encodings, any ignore index,
 through the command line; video prediction; loading the shipped model by name."""
+import itertools
 import json
 import os
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segnet import load_pretrained
+from segnet import load_pretrained, pretrained_names
 from segnet.checkpoint import load_checkpoint
 from segnet.cli import main
 from segnet.data import Augment, SegmentationDataset, class_weights, list_pairs, median_frequency_weights, read_label
@@ -223,17 +224,20 @@ def test_a_checkpoint_evaluates_on_another_layout_with_as_many_classes_only(tmp_
 def test_load_pretrained_and_torch_hub():
     x = torch.randn(1, 3, 32, 48)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    outputs = []
-    for name in ("segnet_basic_camvid_v2", "segnet_basic_camvid"):
+    outputs = {}
+    names = ["segnet_basic_camvid_v3", "segnet_basic_camvid_v2", "segnet_basic_camvid"]
+    assert sorted(pretrained_names()) == sorted(names)  # each bundled model has its torch.hub entry here
+    for name in names:
         model = load_pretrained(name)
         assert not model.training and model.dataset.name == "camvid" and model.dataset.classes[3] == "Road"
         hub = torch.hub.load(repo, name, source="local")
         with torch.no_grad():
-            outputs.append(model(x))
-            torch.testing.assert_close(hub(x), outputs[-1])
-    assert not torch.allclose(outputs[0], outputs[1])  # two different models
+            outputs[name] = model(x)
+            torch.testing.assert_close(hub(x), outputs[name])
+    for a, b in itertools.combinations(names, 2):
+        assert not torch.allclose(outputs[a], outputs[b]), (a, b)  # different models
     with torch.no_grad():
-        torch.testing.assert_close(load_pretrained()(x), outputs[0])  # the default is v2
+        torch.testing.assert_close(load_pretrained()(x), outputs["segnet_basic_camvid_v3"])  # the default
     with pytest.raises(ValueError, match="no bundled model 'segnet_vgg'; bundled: segnet_basic_camvid"):
         load_pretrained("segnet_vgg")
 
