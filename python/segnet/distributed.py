@@ -35,7 +35,26 @@ def init(device_type: str) -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def data_parallel(model: nn.Module, context: Context, device: torch.device) -> nn.Module:
+    """``model`` under DistributedDataParallel; ``model`` itself in a single process.
+
+    On gloo, DDP gets a process group of its own. DDP keeps the group it is given alive after
+    ``destroy_process_group`` (torch 2.13 and 2.14: its gloo threads outlive every Python
+    reference), so that group's threads are still running when the interpreter shuts down.
+    A gloo thread that then frees a finished collective whose tensor Python had created needs
+    the GIL, Python ends the thread, and the process aborts ("terminate called without an
+    active exception"). DDP's own collectives hold only its C++ gradient buckets; ours
+    (losses, batch statistics, barriers) run on the default group, which :func:`shutdown`
+    destroys and joins while Python is alive. NCCL's shutdown stops its threads itself."""
+    if not context.enabled:
+        return model
+    group = dist.new_group(backend="gloo") if dist.get_backend() == "gloo" else None
+    device_ids = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=group)
+
+
 def shutdown(context: Context) -> None:
+    """Leave the process group: the default group's threads are joined here."""
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

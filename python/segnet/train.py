@@ -199,10 +199,7 @@ class Trainer:
         self.model.to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.ddp = (
-            nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-            if self.context.enabled else self.model
-        )
+        self.ddp = distributed.data_parallel(self.model, self.context, self.device)
 
         self.description = load_description(config.dataset)
         augment = Augment(flip=config.flip, scale=config.scale, crop=config.crop, ignore_index=self.description.ignore_index,
