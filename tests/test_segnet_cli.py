@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segnet.checkpoint import load_checkpoint
+from segnet.checkpoint import load_checkpoint, pretrained_names
 from segnet.cli import build_parser, main
 
 COMMANDS = ["train", "eval", "predict", "export"]
@@ -164,11 +164,8 @@ def test_recipe_base_chain(tmp_path, capsys):
         assert says in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["segnet_basic_camvid_v3", "segnet_basic_camvid_v2", "segnet_basic_camvid"])
+@pytest.mark.parametrize("name", pretrained_names())
 def test_bundled_model_by_name(name, tmp_path, capsys):
-    from segnet.checkpoint import pretrained_names
-
-    assert name in pretrained_names()
     assert main(["eval", "--checkpoint", name, "--data", "sample", "--output", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["global_accuracy"] > 60  # a trained model (the demo's gets about 40)
