@@ -90,7 +90,11 @@ def test_export_torchscript(trained, tmp_path):
     assert main(["export", "--checkpoint", str(trained), "--output", str(path), "--size", "40x56"]) == 0
     from segnet.checkpoint import load_model
 
-    model, _ = load_model(trained, torch.device("cpu"))
+    # Compared with the backend it exports, plain PyTorch: against segnet_ext's kernels, float32
+    # rounding (~1e-6) flips a near-tie inside a pooling window on 3 random inputs in 100, and the
+    # unpooled value then lands elsewhere (0.04 apart, seen in CI). test_segnet_model.py checks
+    # in float64 that the two backends agree.
+    model, _ = load_model(trained, torch.device("cpu"), backend="torch")
     x = torch.randn(2, 3, 40, 56)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(path))(x), model(x), rtol=1e-4, atol=1e-4)
@@ -105,11 +109,11 @@ def test_export_onnx(trained, tmp_path):
     onnx.checker.check_model(onnx.load(str(path)))
     from segnet.checkpoint import load_model
 
-    model, _ = load_model(trained, torch.device("cpu"))
+    model, _ = load_model(trained, torch.device("cpu"), backend="torch")  # the exported backend
     # A fixed input: ONNX Runtime's float32 convolutions round differently from oneDNN's
     # (~1e-6), and on about one random input in a hundred that flips a near-tie inside a
     # pooling window, whose unpooled value then lands elsewhere (0.02 apart, seen with
-    # SEGNET_TEST_SEED=652423430 on torch 2.13; segnet_ext and plain torch agreed to 8e-7).
+    # SEGNET_TEST_SEED=652423430 on torch 2.13).
     x = torch.randn(2, 3, 20, 28, generator=torch.Generator().manual_seed(0))
     (got,) = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})
     with torch.no_grad():
