@@ -293,8 +293,10 @@ def test_chain_saves_one_activation_per_block_and_gradients_match(fmt):
 
 
 def test_recomputation_is_bit_identical_and_respects_in_place_changes():
-    a, b = ConvBNReLU2d(3, 4), ConvBNReLU2d(4, 4)
-    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    # float64: what is checked is which tensor the next block saves; in float32 the weight
+    # gradient's sum cancels to ~1e-2 on some seeds and differs by 2e-5 (SEGNET_TEST_SEED=391759250)
+    a, b = ConvBNReLU2d(3, 4).double(), ConvBNReLU2d(4, 4).double()
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
     y = a(x)
     assert torch.equal(getattr(y, RECIPE).recompute(), y)
     # modified in place after the block: the next block must save the modified tensor
@@ -307,7 +309,7 @@ def test_recomputation_is_bit_identical_and_respects_in_place_changes():
     yr = ref_a(xr)
     yr = yr * 2
     ref_b(yr).sum().backward()
-    torch.testing.assert_close(b.conv.weight.grad, ref_b[0].weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.conv.weight.grad, ref_b[0].weight.grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
