@@ -18,7 +18,7 @@ from .model import build_model
 # Trained models shipped with the package, loadable by name (see pretrained/README.md).
 PRETRAINED = Path(__file__).parent / "pretrained"
 # The default: trained with the recipe chosen on a held-out street (README: Choosing settings).
-DEFAULT_PRETRAINED = "segnet_basic_camvid_v4"
+DEFAULT_PRETRAINED = "segnet_basic_camvid_v5"
 
 
 def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> Path:
@@ -127,7 +127,7 @@ def pretrained_names() -> List[str]:
 
 
 def resolve_checkpoint(name_or_path: Union[str, Path]) -> Path:
-    """A checkpoint file, or the bundled model of that name (``segnet_basic_camvid_v4``)."""
+    """A checkpoint file, or the bundled model of that name (``segnet_basic_camvid_v5``)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
