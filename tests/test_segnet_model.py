@@ -38,9 +38,10 @@ def test_segnet_is_the_papers_network():
 
 @pytest.mark.parametrize("cls", MODELS)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_backends_agree_forward_and_backward(cls, channels_last):
-    ours = cls(num_classes=4, backend="segnet_ext").double()
-    theirs = cls(num_classes=4, backend="torch").double()
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_backends_agree_forward_and_backward(cls, channels_last, dropout):
+    ours = cls(num_classes=4, backend="segnet_ext", dropout=dropout).double()
+    theirs = cls(num_classes=4, backend="torch", dropout=dropout).double()
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 37, 45, dtype=torch.float64)
@@ -50,6 +51,7 @@ def test_backends_agree_forward_and_backward(cls, channels_last):
     target = torch.randint(0, 4, (2, 37, 45))
     losses = []
     for model in (ours, theirs):
+        torch.manual_seed(1)  # the same dropout masks
         loss = F.cross_entropy(model(x), target)
         loss.backward()
         losses.append(loss)
@@ -70,7 +72,36 @@ def test_checkpoint_moves_between_backends():
         torch.testing.assert_close(a(x), b(x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("cls, central", [(SegNetBasic, 2), (SegNet, 3)])
+def test_dropout_in_the_central_stages(cls, central):
+    """Bayesian SegNet's placement: after the deepest encoder pools and the deepest decoder
+    stages; no weights added; evaluation is the dropout-free network (weight averaging)."""
+    torch.manual_seed(0)
+    plain, dropped = cls(num_classes=3), cls(num_classes=3, dropout=0.5)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    dropped.load_state_dict(plain.state_dict())
+    stages = len(plain.pools)
+    kinds = lambda modules: [type(m).__name__ for m in modules]
+    assert kinds(dropped.encoder_dropout) == ["Identity"] * (stages - central) + ["Dropout"] * central
+    assert kinds(dropped.decoder_dropout) == ["Dropout"] * central + ["Identity"] * (stages - central)
+    assert kinds(plain.encoder_dropout) == kinds(plain.decoder_dropout) == ["Identity"] * stages
+    # the encoder's dropout sees the pooled values (not the map before pooling)
+    seen = {}
+    dropped.pools[-1].register_forward_hook(lambda m, i, o: seen.update(pooled=o[0]))
+    dropped.encoder_dropout[-1].register_forward_hook(lambda m, i, o: seen.update(dropout_in=i[0]))
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.eval()(x), plain.eval()(x), rtol=0, atol=0)
+        seen.clear()
+        a, b, c = dropped.train()(x), dropped(x), plain.train()(x)
+    assert seen["dropout_in"] is seen["pooled"]
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+
+
 def test_bad_arguments():
+    for p in (1.0, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match=f"dropout must be a probability in \\[0, 1\\), got {p!r}"):
+            SegNetBasic(dropout=p)
     with pytest.raises(ValueError, match="backend must be one of"):
         SegNet(backend="caffe")
     with pytest.raises(ValueError, match="model must be one of"):

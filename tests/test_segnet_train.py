@@ -47,7 +47,7 @@ def test_overfits_one_image(tmp_path):
     assert accuracy > 90
 
 
-@pytest.mark.parametrize("options", [dict(), dict(accumulate=2, schedule="step", step_epochs=1, optimizer="adam")])
+@pytest.mark.parametrize("options", [dict(), dict(accumulate=2, schedule="step", step_epochs=1, optimizer="adam", dropout=0.5)])
 def test_resume_is_bit_identical(camvid_root, tmp_path, options):
     whole = Trainer(tiny_config(camvid_root, tmp_path / "whole", **options))
     whole.fit()

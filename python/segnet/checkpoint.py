@@ -175,7 +175,8 @@ def load_model(
             raise ValueError(f"dataset {given.name!r} has {given.num_classes} classes but checkpoint {str(checkpoint)!r} "
                              f"was trained on {description.num_classes} ({description.name})")
         description = given
-    model = build_model(config["model"], config.get("num_classes") or description.num_classes, backend or config.get("backend", "segnet_ext"))
+    model = build_model(config["model"], config.get("num_classes") or description.num_classes,
+                        backend or config.get("backend", "segnet_ext"), config.get("dropout", 0.0))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

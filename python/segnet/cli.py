@@ -56,6 +56,8 @@ TRAIN_OPTIONS = [
     ("--model", "model", {"choices": ["segnet", "segnet_basic"]}, "network"),
     ("--backend", "backend", {"choices": ["segnet_ext", "torch"]}, "pooling layers: segnet_ext's 2-bit ones, or plain PyTorch"),
     ("--encoder-weights", "encoder_weights", {}, "torchvision vgg16_bn/vgg16 state dict file for the SegNet encoder"),
+    ("--dropout", "dropout", {"type": float}, "dropout probability in the central encoder and decoder stages "
+     "(Bayesian SegNet's placement; 0.5 in its paper); evaluation runs without"),
     ("--epochs", "epochs", {"type": int}, "epochs to train"),
     ("--max-steps", "max_steps", {"type": int}, "stop after this many optimiser steps in all (resumable, like an interruption)"),
     ("--batch-size", "batch_size", {"type": int}, "images per process per micro-batch"),

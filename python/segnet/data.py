@@ -367,6 +367,12 @@ def collate(batch: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
     return torch.stack([image for image, _ in batch]), torch.stack([label for _, label in batch])
 
 
+def derived_seed(*parts) -> int:
+    """A 63-bit seed hashed from ``parts`` (the run's seed, the epoch, a position...)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Yields ``(index, seed)`` for one epoch: a permutation drawn from (seed, epoch), the
     samples of one process (rank) of ``world_size``, starting after ``skip`` of them.
@@ -394,8 +400,7 @@ class EpochSampler(torch.utils.data.Sampler):
                 yield index, self._sample_seed(position * self.world_size + self.rank)
 
     def _sample_seed(self, global_position: int) -> int:
-        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{global_position}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") >> 1
+        return derived_seed(self.seed, self.epoch, global_position)
 
     def __len__(self) -> int:
         return max(0, math.ceil(self.size / self.world_size) - self.skip)

@@ -12,6 +12,12 @@ moves freely between them:
 
 Pooling uses ceil mode, so every input size >= 1x1 works and the logits always have the
 input's size (360x480 pools to 180x240, 90x120, 45x60, 23x30, 12x15).
+
+``dropout=p`` adds Bayesian SegNet's dropout (Kendall, Badrinarayanan, Cipolla, BMVC 2017) at
+its best placement, the central encoder and decoder stages: after the pools of the deepest
+encoder stages and after the deepest decoder stages (two each in SegNet-Basic, three in
+SegNet, as the authors' Bayesian SegNet releases). It trains with dropout and evaluates
+without (weight averaging); it adds no weights, so ``state_dict`` keys do not change.
 """
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
@@ -96,9 +102,20 @@ class _EncoderDecoder(nn.Module):
         _check_backend(backend)
         self.backend = backend
 
-    def _build_pools(self, stages: int) -> None:
+    def _build_pools(self, stages: int, dropout: float, central: int) -> None:
+        """Pools and unpools for ``stages`` stages; dropout ``p`` after the deepest ``central``
+        encoder pools and decoder stages (nn.Identity elsewhere, and everywhere when p is 0)."""
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
         self.pools = nn.ModuleList(_Pool(self.backend) for _ in range(stages))
         self.unpools = nn.ModuleList(_Unpool(self.backend) for _ in range(stages))
+
+        def drop(i: int) -> nn.Module:
+            return nn.Dropout(dropout) if dropout > 0 and i < central else nn.Identity()
+
+        self.encoder_dropout = nn.ModuleList(drop(stages - 1 - i) for i in range(stages))  # deepest last
+        self.decoder_dropout = nn.ModuleList(drop(i) for i in range(stages))  # deepest first
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
@@ -108,37 +125,40 @@ class _EncoderDecoder(nn.Module):
                 f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})"
             )
         skips = []
-        for stage, pool in zip(self.encoder, self.pools):
+        for stage, pool, drop in zip(self.encoder, self.pools, self.encoder_dropout):
             x = stage(x)
             size = x.shape
             x, indices = pool(x)
+            x = drop(x)
             skips.append((indices, size))
-        for stage, unpool in zip(self.decoder, self.unpools):
+        for stage, unpool, drop in zip(self.decoder, self.unpools, self.decoder_dropout):
             indices, size = skips.pop()
-            x = stage(unpool(x, indices, size))
+            x = drop(stage(unpool(x, indices, size)))
         return self.classifier(x)
 
 
 class SegNet(_EncoderDecoder):
     """The paper's SegNet: a VGG16-BN encoder (13 conv-BN-ReLU in 5 stages) and a mirrored
-    decoder (13 convolutions); the last one gives ``num_classes`` logits, without BN/ReLU."""
+    decoder (13 convolutions); the last one gives ``num_classes`` logits, without BN/ReLU.
+    ``dropout``: see the module's doc (three central stages)."""
 
-    def __init__(self, num_classes: int = 11, in_channels: int = 3, backend: str = "segnet_ext"):
+    def __init__(self, num_classes: int = 11, in_channels: int = 3, backend: str = "segnet_ext", dropout: float = 0.0):
         super().__init__(backend)
         self.num_classes, self.in_channels = num_classes, in_channels
         self.encoder = _stages(VGG16_STAGES, in_channels, backend)
         self.decoder = _stages(DECODER_STAGES, VGG16_STAGES[-1][-1], backend)
         self.classifier = _classifier(64, num_classes, 3, backend)
-        self._build_pools(len(VGG16_STAGES))
+        self._build_pools(len(VGG16_STAGES), dropout, central=3)
         _init_weights(self)
 
 
 class SegNetBasic(_EncoderDecoder):
     """The paper's SegNet-Basic: 4 encoder stages of one 7x7 conv-BN-ReLU (64 channels),
     4 decoder stages of unpool + 7x7 conv-BN (no ReLU, as the reference release), and a
-    1x1 classifier."""
+    1x1 classifier. ``dropout``: see the module's doc (two central stages)."""
 
-    def __init__(self, num_classes: int = 11, in_channels: int = 3, backend: str = "segnet_ext", width: int = 64):
+    def __init__(self, num_classes: int = 11, in_channels: int = 3, backend: str = "segnet_ext", width: int = 64,
+                 dropout: float = 0.0):
         super().__init__(backend)
         self.num_classes, self.in_channels = num_classes, in_channels
         self.encoder = nn.ModuleList(
@@ -146,7 +166,7 @@ class SegNetBasic(_EncoderDecoder):
         )
         self.decoder = nn.ModuleList(nn.Sequential(conv_bn_relu(width, width, 7, relu=False, backend=backend)) for _ in range(4))
         self.classifier = _classifier(width, num_classes, 1, backend)
-        self._build_pools(4)
+        self._build_pools(4, dropout, central=2)
         _init_weights(self)
 
 
@@ -175,12 +195,12 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_model(name: str, num_classes: int = 11, backend: str = "segnet_ext") -> _EncoderDecoder:
+def build_model(name: str, num_classes: int = 11, backend: str = "segnet_ext", dropout: float = 0.0) -> _EncoderDecoder:
     """``segnet`` or ``segnet_basic``."""
     if name == "segnet":
-        return SegNet(num_classes, backend=backend)
+        return SegNet(num_classes, backend=backend, dropout=dropout)
     if name == "segnet_basic":
-        return SegNetBasic(num_classes, backend=backend)
+        return SegNetBasic(num_classes, backend=backend, dropout=dropout)
     raise ValueError(f"model must be one of {MODELS}, got {name!r}")
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import ensure_writable, load_checkpoint, remove_partial_writes, save_checkpoint
-from .data import Augment, EpochSampler, SegmentationDataset, class_weights, collate
+from .data import Augment, EpochSampler, SegmentationDataset, class_weights, collate, derived_seed
 from .description import load_description
 from .evaluate import autocast, confusion_over, resolve_device
 from .metrics import scores
@@ -43,6 +43,7 @@ class TrainConfig:
     backend: str = "segnet_ext"               # segnet_ext | torch
     num_classes: Optional[int] = None         # the description's class count
     encoder_weights: Optional[str] = None     # torchvision vgg16_bn / vgg16 state dict
+    dropout: float = 0.0                      # Bayesian SegNet's dropout in the central stages (model.py)
     epochs: int = 100
     max_steps: Optional[int] = None           # stop (resumably) after this many optimiser steps
     batch_size: int = 4                       # per process
@@ -191,7 +192,7 @@ class Trainer:
         resume_state = self._resume_state(trust_checkpoint) if resume else None
 
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, config.num_classes, config.backend)
+        self.model = build_model(config.model, config.num_classes, config.backend, config.dropout)
         if config.encoder_weights and resume_state is None:
             load_encoder_weights(self.model, config.encoder_weights)
         if config.sync_bn:
@@ -374,6 +375,10 @@ class Trainer:
             denominator += _pixel_weight(labels, self.class_weights, self.description.ignore_index).double().cpu()
         distributed.all_reduce(denominator, self.context)
         denominator = max(float(denominator), 1e-12)
+        if self.config.dropout:
+            # Dropout draws from the global generator, which the DataLoader also draws from:
+            # seeded per step (as augmentation is per sample), a resumed run draws the same masks.
+            torch.manual_seed(derived_seed("dropout", self.config.seed, self.step, self.context.rank))
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for i, (images, labels) in enumerate(batches):
