@@ -378,6 +378,7 @@ class Trainer:
         if self.config.dropout:
             # Dropout draws from the global generator, which the DataLoader also draws from:
             # seeded per step (as augmentation is per sample), a resumed run draws the same masks.
+            # Only with dropout: runs without it keep the generator's stream they always had.
             torch.manual_seed(derived_seed("dropout", self.config.seed, self.step, self.context.rank))
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
