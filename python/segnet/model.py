@@ -107,7 +107,6 @@ class _EncoderDecoder(nn.Module):
         encoder pools and decoder stages (nn.Identity elsewhere, and everywhere when p is 0)."""
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-        self.dropout = float(dropout)
         self.pools = nn.ModuleList(_Pool(self.backend) for _ in range(stages))
         self.unpools = nn.ModuleList(_Unpool(self.backend) for _ in range(stages))
 
