@@ -232,6 +232,53 @@ def test_flip_tta_in_eval_and_predict(tmp_path):
     assert len(list((tmp_path / "p").glob("*_overlay.png"))) == 2
 
 
+def test_scale_tta_in_eval_and_predict(tmp_path, capsys):
+    import torch.nn.functional as F
+
+    from segnet.checkpoint import load_model
+    from segnet.evaluate import predict_logits
+
+    model, _ = load_model("segnet_basic_camvid", torch.device("cpu"))
+    x = torch.randn(1, 3, 30, 44)  # sizes the scales round: 30 * 0.75 = 22.5, 44 * 1.3 = 57.2
+    scales = (0.75, 1.0, 1.3)
+
+    def view(s, mirror):
+        image = F.interpolate(x, size=(round(30 * s), round(44 * s)), mode="bilinear", align_corners=False, antialias=s < 1)
+        image = image.flip(-1) if mirror else image
+        with torch.no_grad():
+            p = model(image)
+        p = (p.flip(-1) if mirror else p).softmax(1)
+        return F.interpolate(p, size=(30, 44), mode="bilinear", align_corners=False, antialias=s > 1)
+
+    want = sum(view(s, m) for s in scales for m in (False, True)) / 6
+    got = predict_logits(model, x, flip=True, scales=scales)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got.sum(1), torch.ones(1, 30, 44))
+    torch.testing.assert_close(predict_logits(model, x, scales=scales), sum(view(s, False) for s in scales) / 3)
+    torch.testing.assert_close(predict_logits(model, x, scales=[0.75]), view(0.75, False))  # not the unscaled image's
+    assert not torch.allclose(view(0.75, False), view(1.0, False), atol=1e-3)
+    torch.testing.assert_close(predict_logits(model, x, channels_last=True, flip=True, scales=scales), want)
+    torch.testing.assert_close(predict_logits(model, x.flip(-1), flip=True, scales=scales), got.flip(-1))
+    with torch.no_grad():
+        assert torch.equal(predict_logits(model, x, scales=[1]), model(x))  # no augmentation: the logits
+    for bad in ([], [0.0], [-1.0], [float("nan")], [float("inf")], 1.0, "0.5", [None]):
+        with pytest.raises(ValueError, match="scale_tta"):
+            predict_logits(model, x, scales=bad)
+
+    assert main(["eval", "--checkpoint", "segnet_basic_camvid", "--scale-tta", "0.75,1,1.25", "--flip-tta",
+                 "--output", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["scale_tta"] == [0.75, 1.0, 1.25] and metrics["flip_tta"] is True and metrics["mean_iou"] > 40
+    assert main(["predict", "--checkpoint", "segnet_basic_camvid", "--scale-tta", "0.75,1.25", "--input", "sample",
+                 "--output", str(tmp_path / "p")]) == 0
+    assert len(list((tmp_path / "p").glob("*_overlay.png"))) == 2
+    for bad in ("0", "1,-0.5", "a", "", "nan"):
+        with pytest.raises(SystemExit):
+            main(["eval", "--checkpoint", "segnet_basic_camvid", "--scale-tta", bad])
+        assert f"argument --scale-tta: expected comma-separated scale factors > 0 (e.g. 0.75,1,1.25), got {bad!r}" \
+            in capsys.readouterr().err
+
+
 def test_generalisation_flags_reach_the_config(capsys):
     from segnet.cli import build_parser, train_config
 

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 from . import malloc
 from .checkpoint import pretrained_names
 from .description import preset_names
+from .evaluate import tta_scales
 from .train import TrainConfig, TrainingInterrupted
 
 DEFAULTS = TrainConfig()
@@ -45,6 +46,13 @@ def _scale(text: str):
     if len(values) not in (1, 2) or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected a scale S or a range LOW,HIGH (e.g. 0.5,1.0), got {text!r}")
     return (values[0], values[-1])
+
+
+def _scales(text: str):
+    try:
+        return tta_scales(text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated scale factors > 0 (e.g. 0.75,1,1.25), got {text!r}") from None
 
 
 # (flag, TrainConfig field, argparse keywords, help). Each default is TrainConfig's.
@@ -161,6 +169,9 @@ def _common_inference(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--backend", choices=["segnet_ext", "torch"], default=None, help="override the checkpoint's backend")
     sub.add_argument("--flip-tta", action="store_true", help="flip test-time augmentation: average the softmax of each "
                                                               "image and of its mirror (twice the compute)")
+    sub.add_argument("--scale-tta", type=_scales, default=(1.0,), metavar="S,S,...",
+                     help="multi-scale test-time augmentation: average the softmax of the image rescaled by each factor "
+                          "(e.g. 0.75,1,1.25: three times the compute; with --flip-tta, six) (default: 1)")
     sub.add_argument("--dataset", default=None, help="dataset description (JSON file or preset) to use instead of the one "
                                                      "the checkpoint was trained with; same number of classes")
     sub.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint (only for files you trust)")
@@ -226,13 +237,13 @@ def _run(args: argparse.Namespace) -> int:
 
         output = args.output if args.output is not None else Path(args.checkpoint).parent / f"eval_{args.split}.json"
         evaluate_checkpoint(args.checkpoint, args.data, args.split, output, args.device, args.batch_size, args.amp,
-                            args.backend, args.workers, args.trust_checkpoint, args.dataset, args.flip_tta)
+                            args.backend, args.workers, args.trust_checkpoint, args.dataset, args.flip_tta, args.scale_tta)
         return 0
     if args.command == "predict":
         from .predict import predict
 
         written = predict(args.checkpoint, args.input, args.output, args.device, args.amp, args.backend, args.trust_checkpoint,
-                          args.batch_size, args.dataset, args.flip_tta)
+                          args.batch_size, args.dataset, args.flip_tta, args.scale_tta)
         videos = sum("frames" in w for w in written)
         print(f"{len(written) - videos} image(s) and {videos} video(s) segmented into {args.output}: "
               "*_overlay.png / *_overlay.mp4 (photo and blend, legend), *_color.png, *_side_by_side.mp4, *_labels.png (class ids)")

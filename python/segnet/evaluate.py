@@ -2,12 +2,14 @@
 import contextlib
 import functools
 import json
+import math
 import warnings
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from . import distributed
@@ -42,19 +44,48 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def tta_scales(scales: Sequence[float]) -> Tuple[float, ...]:
+    """``scales`` checked: one or more finite factors > 0 (1.0: the image as it is)."""
+    try:
+        if isinstance(scales, (str, bytes)):
+            raise TypeError
+        values = tuple(float(s) for s in scales)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale_tta must be a sequence of numbers, got {scales!r}") from None
+    if not values or not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"scale_tta must be one or more finite factors > 0 (e.g. 0.75, 1, 1.25), got {scales!r}")
+    return values
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: Tensor, amp: str = "none", channels_last: bool = False,
-                   flip: bool = False) -> Tensor:
+                   flip: bool = False, scales: Sequence[float] = (1.0,)) -> Tensor:
     """Class scores [N, classes, H, W] whose argmax is the prediction: the logits, or with
-    ``flip`` (test-time augmentation) the mean of the softmax of the image and of its mirror."""
+    test-time augmentation the mean of the softmax of every view, each resized back to H x W.
+    The views: the image rescaled by each factor of ``scales`` (bilinear, antialiased when
+    shrinking, as training's scale jitter), and with ``flip`` the mirror of each."""
+    scales = tta_scales(scales)
+    if not flip and scales == (1.0,):
+        return _forward(model, images, amp, channels_last)
+    size = images.shape[-2:]
+    views = [(s, mirror) for s in scales for mirror in ((False, True) if flip else (False,))]
+    total = 0
+    for s, mirror in views:
+        x = images if s == 1 else F.interpolate(images, size=[max(1, round(n * s)) for n in size], mode="bilinear",
+                                                 align_corners=False, antialias=s < 1)
+        scores = _forward(model, x.flip(-1) if mirror else x, amp, channels_last)
+        scores = (scores.flip(-1) if mirror else scores).softmax(1)
+        if s != 1:
+            scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False, antialias=s > 1)
+        total = total + scores
+    return total / len(views)
+
+
+def _forward(model: nn.Module, images: Tensor, amp: str, channels_last: bool) -> Tensor:
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast(images.device, amp):
-        logits = model(images).float()
-        if not flip:
-            return logits
-        mirrored = model(images.flip(-1)).float().flip(-1)
-    return (logits.softmax(1) + mirrored.softmax(1)) / 2
+        return model(images).float()
 
 
 @torch.no_grad()
@@ -69,11 +100,13 @@ def confusion_over(
     context: Optional[distributed.Context] = None,
     progress: bool = True,
     flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> Tensor:
     """The confusion matrix of ``model`` (in eval mode) over ``dataset``; under torchrun
-    each process takes every world_size-th image and the matrices are summed. ``flip``:
-    flip test-time augmentation (see :func:`predict_logits`)."""
+    each process takes every world_size-th image and the matrices are summed. ``flip``,
+    ``scales``: test-time augmentation (see :func:`predict_logits`)."""
     context = context or distributed.Context()
+    scales = tta_scales(scales)
     was_training = model.training
     model.eval()
     indices = list(range(context.rank, len(dataset), context.world_size))
@@ -83,7 +116,7 @@ def confusion_over(
     num_classes = getattr(model, "num_classes", None) or getattr(getattr(model, "module", None), "num_classes")
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for images, labels in tqdm(loader, desc=f"eval {dataset.split}", unit="batch", disable=not (progress and context.is_main), leave=False):
-        logits = predict_logits(model, images.to(device), amp, channels_last, flip)
+        logits = predict_logits(model, images.to(device), amp, channels_last, flip, scales)
         confusion += confusion_matrix(logits.argmax(1).cpu(), labels, num_classes, dataset.description.ignore_index)
     model.train(was_training)
     return distributed.all_reduce(confusion, context)
@@ -102,20 +135,23 @@ def evaluate_checkpoint(
     trust: bool = False,
     dataset: Union[str, Path, DatasetDescription, None] = None,
     flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> Dict:
     """Evaluate a checkpoint on a split of the dataset it was trained on (or ``dataset``, a
     description with as many classes; ``split`` as :func:`data.list_pairs` takes it, e.g.
     ``train@0006R0``); prints the table, writes JSON to ``output`` and the row-normalised
-    confusion matrix beside it (``NAME_confusion.png``). ``flip``: flip test-time augmentation."""
+    confusion matrix beside it (``NAME_confusion.png``). ``flip``, ``scales``: test-time
+    augmentation (see :func:`predict_logits`)."""
+    scales = tta_scales(scales)
     torch_device = resolve_device(device)
     model, config = load_model(checkpoint, torch_device, backend=backend, trust=trust, dataset=dataset)
     description = model.dataset
     data_split = SegmentationDataset(data, split, None, description)
     confusion = confusion_over(model, data_split, torch_device, batch_size, amp, config.get("channels_last", False), workers,
-                               flip=flip)
+                               flip=flip, scales=scales)
     result = scores(confusion, description.classes, description.ignore_index)
     result.update(checkpoint=str(checkpoint), dataset=description.name, data=str(data_split.root), split=split,
-                  images=len(data_split), flip_tta=flip, confusion_matrix=confusion.tolist())
+                  images=len(data_split), flip_tta=flip, scale_tta=list(scales), confusion_matrix=confusion.tolist())
     print(format_scores(result))
     if output is not None:
         output = Path(output)

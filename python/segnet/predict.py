@@ -14,7 +14,7 @@ from tqdm import tqdm
 from .checkpoint import load_model
 from .data import CAMVID, IMAGE_SUFFIXES, normalize, read_image, sample_root
 from .description import DatasetDescription, class_names_present
-from .evaluate import predict_logits, resolve_device
+from .evaluate import predict_logits, resolve_device, tta_scales
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -84,10 +84,11 @@ def list_inputs(path: Union[str, Path]) -> List[Path]:
 
 
 def segment(model: nn.Module, images: torch.Tensor, amp: str = "none", channels_last: bool = False,
-            flip: bool = False) -> np.ndarray:
-    """uint8 [N, 3, H, W] photos -> uint8 [N, H, W] class ids (``flip``: flip test-time augmentation)."""
+            flip: bool = False, scales: Sequence[float] = (1.0,)) -> np.ndarray:
+    """uint8 [N, 3, H, W] photos -> uint8 [N, H, W] class ids (``flip``, ``scales``: test-time
+    augmentation, see :func:`segnet.evaluate.predict_logits`)."""
     device = next(model.parameters()).device
-    logits = predict_logits(model, normalize(images).to(device), amp, channels_last, flip)
+    logits = predict_logits(model, normalize(images).to(device), amp, channels_last, flip, scales)
     return logits.argmax(1).to(torch.uint8).cpu().numpy()
 
 
@@ -102,12 +103,15 @@ def predict(
     batch_size: int = 4,
     dataset: Union[str, Path, DatasetDescription, None] = None,
     flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> List[Dict[str, str]]:
     """Segment every input into ``output``. For an image: ``NAME_labels.png`` (class ids),
     ``NAME_color.png`` (colour map with a legend) and ``NAME_overlay.png`` (photo | blend,
     with a legend). For a video: ``NAME_overlay.mp4`` (the blend) and ``NAME_side_by_side.mp4``
     (photo | colour map, legend below), frames segmented ``batch_size`` at a time. ``flip``:
-    flip test-time augmentation (twice the compute)."""
+    flip test-time augmentation (twice the compute); ``scales``: multi-scale test-time
+    augmentation, the image rescaled by each factor (see :func:`segnet.evaluate.predict_logits`)."""
+    scales = tta_scales(scales)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     torch_device = resolve_device(device)
@@ -120,7 +124,7 @@ def predict(
     images = [p for p in files if p.suffix.lower() not in VIDEO_SUFFIXES]
     for path in tqdm(images, desc="predict", unit="image", disable=len(images) <= 1):
         image = read_image(path)
-        classes = segment(model, image[None], amp, channels_last, flip)[0]
+        classes = segment(model, image[None], amp, channels_last, flip, scales)[0]
         colour, photo = colorize(classes, model.dataset), image.permute(1, 2, 0).numpy()
         present = np.unique(classes)
         names = {kind: output / f"{path.stem}_{kind}.png" for kind in ("labels", "color", "overlay")}
@@ -129,7 +133,7 @@ def predict(
         Image.fromarray(with_legend(overlay(photo, colour), model.dataset, present)).save(names["overlay"])
         written.append({"input": str(path), **{k: str(v) for k, v in names.items()}})
     for path in (p for p in files if p.suffix.lower() in VIDEO_SUFFIXES):
-        written.append(predict_video(model, path, output, amp, channels_last, batch_size, flip))
+        written.append(predict_video(model, path, output, amp, channels_last, batch_size, flip, scales))
     return written
 
 
@@ -190,7 +194,8 @@ class VideoWriter:
 
 
 def predict_video(model: nn.Module, path: Path, output: Path, amp: str = "none", channels_last: bool = False,
-                  batch_size: int = 4, flip: bool = False) -> Dict[str, str]:
+                  batch_size: int = 4, flip: bool = False,
+                  scales: Sequence[float] = (1.0,)) -> Dict[str, str]:
     """Segment a video's frames ``batch_size`` at a time into ``NAME_overlay.mp4`` and
     ``NAME_side_by_side.mp4`` (photo | colour map, the legend of all classes below), at its frame rate."""
     frames, fps, count = read_video(path)
@@ -206,7 +211,7 @@ def predict_video(model: nn.Module, path: Path, output: Path, amp: str = "none",
                     batch.append(frame)
                 if batch and (len(batch) == batch_size or frame is None):
                     photos = np.stack(batch)
-                    classes = segment(model, torch.from_numpy(photos).permute(0, 3, 1, 2), amp, channels_last, flip)
+                    classes = segment(model, torch.from_numpy(photos).permute(0, 3, 1, 2), amp, channels_last, flip, scales)
                     for photo, ids in zip(photos, classes):
                         colour = colorize(ids, model.dataset)
                         writers["overlay"].write(blend(photo, colour))
