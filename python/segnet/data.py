@@ -240,6 +240,13 @@ def normalize(image: Tensor) -> Tensor:
     return (image.float() / 255 - mean) / std
 
 
+def rescale(images: Tensor, s: float) -> Tensor:
+    """Float images [N, C, H, W] rescaled by ``s`` (each side rounded, at least 1 pixel):
+    bilinear, antialiased when shrinking. Training's scale jitter and test-time scales share it."""
+    size = [max(1, round(n * s)) for n in images.shape[-2:]]
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
+
+
 class Augment:
     """Random left-right flip (the paper's), then optional random scale and random crop
     (labels resized by nearest neighbour; crops past the border padded with ``ignore_index``),
@@ -269,11 +276,9 @@ class Augment:
         low, high = self.scale
         s = low + (high - low) * torch.rand((), generator=generator).item()
         if s != 1.0:
-            H, W = label.shape
-            size = (max(1, round(H * s)), max(1, round(W * s)))
-            image = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=s < 1)
-            image = image[0].round().clamp(0, 255).to(torch.uint8)
-            label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+            image = rescale(image[None].float(), s)[0]
+            label = F.interpolate(label[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0].long()
+            image = image.round().clamp(0, 255).to(torch.uint8)
         if self.crop is not None:
             image, label = _random_crop(image, label, self.crop, generator, self.ignore_index)
         if any(self.color) or self.blur:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import load_model
-from .data import SegmentationDataset, collate
+from .data import SegmentationDataset, collate, rescale
 from .description import DatasetDescription
 from .metrics import confusion_matrix, format_scores, plot_confusion, scores
 
@@ -71,8 +71,7 @@ def predict_logits(model: nn.Module, images: Tensor, amp: str = "none", channels
     views = [(s, mirror) for s in scales for mirror in ((False, True) if flip else (False,))]
     total = 0
     for s, mirror in views:
-        x = images if s == 1 else F.interpolate(images, size=[max(1, round(n * s)) for n in size], mode="bilinear",
-                                                 align_corners=False, antialias=s < 1)
+        x = images if s == 1 else rescale(images, s)
         scores = _forward(model, x.flip(-1) if mirror else x, amp, channels_last)
         scores = (scores.flip(-1) if mirror else scores).softmax(1)
         if s != 1:
