@@ -84,6 +84,26 @@ def test_run_folder(camvid_root, tmp_path):
     assert json.loads((out / "config.json").read_text())["epochs"] == 3
 
 
+def test_resume_rewrites_the_logs_to_what_the_checkpoint_says(camvid_root, tmp_path):
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    Trainer(tiny_config(camvid_root, whole, epochs=2)).fit()
+    Trainer(tiny_config(camvid_root, out, epochs=2, max_steps=1)).fit()  # checkpoint mid-epoch 1: no rows
+    Trainer(tiny_config(camvid_root, out, epochs=2), resume=True).fit()
+    # as a run killed after logging epoch 3 but before its checkpoint, and one killed mid-rewrite
+    for name, row in (("metrics.jsonl", '{"epoch": 3}\n'), ("metrics.csv", "3,,,,,,,,\n")):
+        with open(out / name, "a") as f:
+            f.write(row)
+        (out / f".{name}.tmp").write_text("half a log")
+    Trainer(tiny_config(camvid_root, out, epochs=3), resume=True).fit()
+    Trainer(tiny_config(camvid_root, whole, epochs=3), resume=True).fit()
+    untimed = lambda text: [re.sub(r'"(images_per_s|epoch_s)": [0-9.e+-]+', "", line) for line in text.splitlines()]  # noqa: E731
+    assert untimed((out / "metrics.jsonl").read_text()) == untimed((whole / "metrics.jsonl").read_text())
+    assert [line.split(",")[:4] for line in (out / "metrics.csv").read_text().splitlines()] == \
+        [line.split(",")[:4] for line in (whole / "metrics.csv").read_text().splitlines()]  # one header, epochs 1-3
+    assert len((out / "metrics.csv").read_text().splitlines()) == 4
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_curves_show_validation_only_when_there_is_some(tmp_path):
     from PIL import Image
 

@@ -49,8 +49,9 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> Path:
 
 
 def remove_partial_writes(folder: Union[str, Path]) -> None:
-    """Delete the temporary files of saves that a killed process never finished."""
-    for tmp in Path(folder).glob(".*.pt.*.tmp"):
+    """Delete the temporary files of writes (checkpoints, rewritten logs) that a killed
+    process never finished."""
+    for tmp in Path(folder).glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
 
 

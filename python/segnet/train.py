@@ -9,6 +9,7 @@ and TensorBoard events in ``tensorboard/`` when tensorboard is installed.
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -443,11 +444,13 @@ class Trainer:
 
     def _rewrite_logs(self) -> None:
         """On resume, the logs say what the checkpoint says: rows written after it (a run
-        killed between its log and its checkpoint) are dropped, missing ones restored."""
-        for name in ("metrics.jsonl", "metrics.csv"):
-            (self.output / name).unlink(missing_ok=True)
-        for row in self.history:
-            self._write_row(row)
+        killed between its log and its checkpoint) are dropped, missing ones restored. Each
+        file is written beside itself, then renamed over: a reader never finds it missing."""
+        for name, text in (("metrics.jsonl", _jsonl(self.history)), ("metrics.csv", _csv(self.history, header=True))):
+            tmp = self.output / f".{name}.tmp"
+            with open(tmp, "w", newline="") as f:
+                f.write(text)
+            os.replace(tmp, self.output / name)
 
     def _log(self, row: Dict, board) -> None:
         self._write_row(row)
@@ -459,15 +462,11 @@ class Trainer:
 
     def _write_row(self, row: Dict) -> None:
         with open(self.output / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        columns = ["epoch", "step", "lr", "train_loss", "images_per_s", "epoch_s", "val_global_accuracy", "val_class_accuracy", "val_mean_iou"]
+            f.write(_jsonl([row]))
         csv_path = self.output / "metrics.csv"
-        new = not csv_path.exists()
+        header = not csv_path.exists()
         with open(csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: row.get(k) for k in columns})
+            f.write(_csv([row], header))
 
     def _tensorboard(self):
         if not self.context.is_main:
@@ -488,6 +487,23 @@ def _pixel_weight(labels: Tensor, weights: Optional[Tensor], ignore_index: int) 
 
 def _normal(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+_LOG_COLUMNS = ["epoch", "step", "lr", "train_loss", "images_per_s", "epoch_s", "val_global_accuracy",
+                "val_class_accuracy", "val_mean_iou"]
+
+
+def _jsonl(rows: List[Dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def _csv(rows: List[Dict], header: bool) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=_LOG_COLUMNS)
+    if header:
+        writer.writeheader()
+    writer.writerows({k: row.get(k) for k in _LOG_COLUMNS} for row in rows)
+    return out.getvalue()
 
 
 def plot_curves(history: List[Dict], path: Path) -> Optional[Path]:
