@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segnet.checkpoint import load_checkpoint, pretrained_names
+from segnet.checkpoint import DEFAULT_PRETRAINED, DEFAULT_RECIPE, PRETRAINED, load_checkpoint, pretrained_names
 from segnet.cli import build_parser, main
 
 COMMANDS = ["train", "eval", "predict", "export"]
@@ -166,6 +166,27 @@ def test_recipe_base_chain(tmp_path, capsys):
                        ("list", "expected a JSON object of settings, got list")]:
         assert main(["train", "--config", str(tmp_path / f"{name}.json")]) == 2
         assert says in capsys.readouterr().err
+
+
+# The bundled recipe that trained each bundled model (pretrained/README.md says the same).
+RECIPE_OF = {"segnet_basic_camvid": "camvid_segnet_basic", **{f"segnet_basic_camvid_v{v}": f"camvid_segnet_basic_v{v}"
+                                                               for v in range(2, 6)}}
+
+
+def test_each_bundled_model_was_trained_by_its_recipe():
+    """A recipe edited after its model shipped (or a base it inherits from) no longer reproduces it."""
+    from segnet.cli import train_config
+
+    assert sorted(RECIPE_OF) == pretrained_names() and RECIPE_OF[DEFAULT_PRETRAINED] == DEFAULT_RECIPE
+    run_specific = {"data", "output", "progress", "device", "workers"}
+    for name, recipe in RECIPE_OF.items():
+        trained = torch.load(PRETRAINED / f"{name}.pt", weights_only=True)["config"]
+        config = vars(train_config(build_parser().parse_args(["train", "--config", recipe])))
+        plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (a record may hold lists)
+        # settings added after a model shipped are absent from its record; None there means the default then
+        differ = {k: (v, config[k]) for k, v in trained.items()
+                  if k not in run_specific and v is not None and plain(v) != plain(config[k])}
+        assert not differ, (name, recipe, differ)
 
 
 @pytest.mark.parametrize("name", pretrained_names())

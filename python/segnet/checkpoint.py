@@ -19,6 +19,7 @@ from .model import build_model
 PRETRAINED = Path(__file__).parent / "pretrained"
 # The default: trained with the recipe chosen on a held-out street (README: Choosing settings).
 DEFAULT_PRETRAINED = "segnet_basic_camvid_v5"
+DEFAULT_RECIPE = "camvid_segnet_basic_v5"  # the bundled recipe that trained it (--config NAME)
 
 
 def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> Path:

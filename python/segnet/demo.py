@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import malloc
-from .checkpoint import DEFAULT_PRETRAINED as SHIPPED
+from .checkpoint import DEFAULT_PRETRAINED as SHIPPED, DEFAULT_RECIPE
 from .cli import main as segnet
 
 
@@ -65,7 +65,7 @@ def summary(output: Path, seconds: List[float]) -> str:
         f"     expected to be poor (4 images); its curves {check / 'curves.png'}, log {check / 'metrics.csv'}",
         "",
         f"Next: your own images: segnet predict --checkpoint {SHIPPED} --input FOLDER_OR_VIDEO --output OUT",
-        "      CamVid training:  segnet train --config camvid_segnet_basic_v5 --data PATH/TO/camvid --output runs/camvid",
+        f"      CamVid training:  segnet train --config {DEFAULT_RECIPE} --data PATH/TO/camvid --output runs/camvid",
         "      your dataset:     segnet train --dataset my_dataset.json --data ROOT ... (README: Your own dataset)",
         "=" * 78,
     ]
