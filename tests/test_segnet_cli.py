@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -260,8 +261,7 @@ def test_scale_tta_in_eval_and_predict(tmp_path, capsys):
     from segnet.evaluate import predict_logits
 
     # float64: a mirrored or channels_last view runs other kernels, whose float32 rounding can
-    # flip a near-tie inside a pooling window and move a whole unpooled value (~1 draw in 10);
-    # predict_logits returns float32, so the float64 reference is compared after rounding
+    # flip a near-tie inside a pooling window and move a whole unpooled value (~1 draw in 10)
     model, _ = load_model("segnet_basic_camvid", torch.device("cpu"))
     model = model.double()
     x = torch.randn(1, 3, 30, 44, dtype=torch.float64)  # sizes the scales round: 30 * 0.75 = 22.5, 44 * 1.3 = 57.2
@@ -273,22 +273,25 @@ def test_scale_tta_in_eval_and_predict(tmp_path, capsys):
         with torch.no_grad():
             p = model(image)
         p = (p.flip(-1) if mirror else p).softmax(1)
-        return F.interpolate(p, size=(30, 44), mode="bilinear", align_corners=False, antialias=s > 1).float()
+        return F.interpolate(p, size=(30, 44), mode="bilinear", align_corners=False, antialias=s > 1)
 
     want = sum(view(s, m) for s in scales for m in (False, True)) / 6
     got = predict_logits(model, x, flip=True, scales=scales)
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(got.sum(1), torch.ones(1, 30, 44))
+    torch.testing.assert_close(got.sum(1), torch.ones(1, 30, 44, dtype=torch.float64))
     torch.testing.assert_close(predict_logits(model, x, scales=scales), sum(view(s, False) for s in scales) / 3)
     torch.testing.assert_close(predict_logits(model, x, scales=[0.75]), view(0.75, False))  # not the unscaled image's
     assert not torch.allclose(view(0.75, False), view(1.0, False), atol=1e-3)
     torch.testing.assert_close(predict_logits(model, x, channels_last=True, flip=True, scales=scales), want)
     torch.testing.assert_close(predict_logits(model, x.flip(-1), flip=True, scales=scales), got.flip(-1))
     with torch.no_grad():
-        assert torch.equal(predict_logits(model, x, scales=[1]), model(x).float())  # no augmentation: the logits
+        assert torch.equal(predict_logits(model, x, scales=[1]), model(x))  # no augmentation: the logits, in its dtype
     for bad in ([], [0.0], [-1.0], [float("nan")], [float("inf")], 1.0, "0.5", [None]):
         with pytest.raises(ValueError, match="scale_tta"):
             predict_logits(model, x, scales=bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 on a CPU without AVX-512 warns that it is slow
+        assert predict_logits(model.float(), x.float(), amp="bf16").dtype == torch.float32  # autocast's, widened
 
     assert main(["eval", "--checkpoint", "segnet_basic_camvid", "--scale-tta", "0.75,1,1.25", "--flip-tta",
                  "--output", str(tmp_path / "m.json")]) == 0
