@@ -63,8 +63,8 @@ def predict_logits(model: nn.Module, images: Tensor, amp: str = "none", channels
     """Class scores [N, classes, H, W] whose argmax is the prediction: the logits, or with
     test-time augmentation the mean of the softmax of every view, each resized back to H x W.
     The views: the image rescaled by each factor of ``scales`` (bilinear, antialiased when
-    shrinking, as training's scale jitter), and with ``flip`` the mirror of each. In the
-    model's dtype; float32 under ``amp``."""
+    shrinking, as training's scale jitter), and with ``flip`` the mirror of each. Float32,
+    or float64 for a float64 model."""
     scales = tta_scales(scales)
     if not flip and scales == (1.0,):
         return _forward(model, images, amp, channels_last)
@@ -86,7 +86,7 @@ def _forward(model: nn.Module, images: Tensor, amp: str, channels_last: bool) ->
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast(images.device, amp):
         scores = model(images)
-    return scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores  # autocast's, not float64
+    return scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores  # keeps float64
 
 
 @torch.no_grad()
