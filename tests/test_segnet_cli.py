@@ -180,10 +180,10 @@ def test_each_bundled_model_was_trained_by_its_recipe():
 
     assert sorted(RECIPE_OF) == pretrained_names() and RECIPE_OF[DEFAULT_PRETRAINED] == DEFAULT_RECIPE
     run_specific = {"data", "output", "progress", "device", "workers"}
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (a record may hold lists)
     for name, recipe in RECIPE_OF.items():
-        trained = torch.load(PRETRAINED / f"{name}.pt", weights_only=True)["config"]
+        trained = load_checkpoint(PRETRAINED / f"{name}.pt")["config"]
         config = vars(train_config(build_parser().parse_args(["train", "--config", recipe])))
-        plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (a record may hold lists)
         # settings added after a model shipped are absent from its record; None there means the default then
         differ = {k: (v, config[k]) for k, v in trained.items()
                   if k not in run_specific and v is not None and plain(v) != plain(config[k])}
