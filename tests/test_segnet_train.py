@@ -47,7 +47,7 @@ def test_overfits_one_image(tmp_path):
     assert accuracy > 90
 
 
-@pytest.mark.parametrize("options", [dict(), dict(accumulate=2, schedule="step", step_epochs=1, optimizer="adam", dropout=0.5)])
+@pytest.mark.parametrize("options", [dict(), dict(accumulate=2, schedule="step", step_epochs=1, optimizer="adam", dropout=0.5, ema=0.9)])
 def test_resume_is_bit_identical(camvid_root, tmp_path, options):
     whole = Trainer(tiny_config(camvid_root, tmp_path / "whole", **options))
     whole.fit()
@@ -58,6 +58,10 @@ def test_resume_is_bit_identical(camvid_root, tmp_path, options):
     resumed.fit()
     for key, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+    if options.get("ema"):
+        assert torch.equal(whole.average.n_averaged, resumed.average.n_averaged)
+        for key, value in whole.average.module.state_dict().items():
+            assert torch.equal(value, resumed.average.module.state_dict()[key]), key
     a, b = whole.optimizer.state_dict(), resumed.optimizer.state_dict()
     for i in a["state"]:
         for k in a["state"][i]:
@@ -82,6 +86,54 @@ def test_run_folder(camvid_root, tmp_path):
     best = load_checkpoint(out / "best.pt")
     assert best["best_miou"] == max(r["val_mean_iou"] for r in rows if r.get("val_mean_iou") is not None)
     assert json.loads((out / "config.json").read_text())["epochs"] == 3
+
+
+def test_weight_average_follows_its_formula():
+    """The average after each update, against the formula written out: decay warmed up as
+    min(decay, (1 + n) / (10 + n)), BN statistics averaged too, batch counters copied."""
+    from segnet.train import weight_average
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    average = weight_average(model, decay=0.95)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for n in range(40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(2, 3, 6, 6))  # moves BN's running statistics and counter
+        average.update_parameters(model)
+        d = min(0.95, (1 + n) / (10 + n)) if n else 0.0  # n updates before this one; the first copies
+        for k, v in model.state_dict().items():
+            expected[k] = v.clone() if not v.is_floating_point() else d * expected[k] + (1 - d) * v
+    got = average.module.state_dict()
+    assert int(average.n_averaged) == 40
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.allclose(got["0.weight"], model[0].weight)  # an average, not a copy
+    assert int(got["1.num_batches_tracked"]) == 40
+
+
+def test_ema_run_validates_and_ships_the_average(camvid_root, tmp_path):
+    from segnet.checkpoint import load_model
+
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(camvid_root, out, epochs=1, ema=0.9))
+    trainer.fit()
+    state = load_checkpoint(out / "last.pt")
+    for key, value in trainer.average.module.state_dict().items():
+        assert torch.equal(state["model"][key], value), key                 # what eval, predict and export read
+        assert torch.equal(state["trained_model"][key], trainer.model.state_dict()[key]), key
+    assert state["averages"] == trainer.step
+    assert not torch.equal(state["model"]["encoder.0.0.0.weight"], state["trained_model"]["encoder.0.0.0.weight"])
+    model, _ = load_model(out / "last.pt", torch.device("cpu"))
+    assert torch.equal(model.state_dict()["encoder.0.0.0.weight"], trainer.average.module.state_dict()["encoder.0.0.0.weight"])
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    val = CamVid(camvid_root, "val")
+    for weights, prefix in ((trainer.average.module, "val_"), (trainer.model, "val_trained_")):
+        assert row[prefix + "mean_iou"] == scores(confusion_over(weights, val, torch.device("cpu"), progress=False))["mean_iou"]
+    assert row["val_mean_iou"] != row["val_trained_mean_iou"]
+    assert "val_trained_mean_iou" in (out / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_resume_rewrites_the_logs_to_what_the_checkpoint_says(camvid_root, tmp_path):
@@ -287,6 +339,8 @@ def test_bad_settings(camvid_root, tmp_path):
         tiny_config(camvid_root, tmp_path, batch_size=0)
     with pytest.raises(ValueError, match="optimizer must be one of .* got 'lbfgs'"):
         tiny_config(camvid_root, tmp_path, optimizer="lbfgs")
+    with pytest.raises(ValueError, match=r"ema must be a decay in \[0, 1\) .* got 1.0"):
+        tiny_config(camvid_root, tmp_path, ema=1.0)
     with pytest.raises(ValueError, match=r"unknown training settings \['learning_rate'\]"):
         TrainConfig.from_dict({"learning_rate": 0.1})
     with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):

@@ -98,6 +98,8 @@ TRAIN_OPTIONS = [
      "a proxy for streets never seen"),
     ("--val-every", "val_every", {"type": int}, "validate every N epochs (and after the last); 0 = never"),
     ("--device", "device", {}, "auto, cpu, cuda or cuda:N"),
+    ("--ema", "ema", {"type": float}, "keep an exponential moving average of the weights with this decay (e.g. 0.999; "
+     "0 = off): validation, best.pt and last.pt's weights are the average's (README: Training)"),
     ("--sync-bn", "sync_bn", {"action": argparse.BooleanOptionalAction}, "synchronise BN statistics across torchrun processes"),
     ("--progress", "progress", {"action": argparse.BooleanOptionalAction}, "progress bars"),
 ]

@@ -1,6 +1,7 @@
 """Training: SGD (the paper's) or Adam, step/poly schedules, class-weighted cross-entropy,
-mixed precision, channels_last, gradient accumulation, torchrun data parallelism, and
-checkpoints from which a resumed run ends bit-identical to an uninterrupted one.
+mixed precision, channels_last, gradient accumulation, torchrun data parallelism, a moving
+average of the weights, and checkpoints from which a resumed run ends bit-identical to an
+uninterrupted one.
 
 Output folder: ``last.pt`` (after every epoch and on interruption), ``best.pt`` (best val
 mIoU), ``metrics.csv`` / ``metrics.jsonl`` (one row per epoch), ``curves.png``, ``config.json``,
@@ -74,6 +75,7 @@ class TrainConfig:
     val_every: int = 1                        # epochs; 0 = never
     device: str = "auto"
     sync_bn: bool = False
+    ema: float = 0.0                          # decay of a moving average of the weights, validated and saved; 0 = off
     progress: bool = True
 
     def __post_init__(self):
@@ -91,6 +93,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.lr is None:
             self.lr = 0.01 if self.optimizer == "sgd" else 0.001
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be a decay in [0, 1) (0 = off, 0.999 typical), got {self.ema}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         classes = load_description(self.dataset).num_classes
@@ -154,6 +158,24 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
+def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``model``'s weights and BN statistics (Polyak
+    averaging, as timm's ModelEma and mmengine's EMAHook keep), updated after each optimiser
+    step. Its decay warms up as TensorFlow's ExponentialMovingAverage with num_updates,
+    min(decay, (1 + n) / (10 + n)) after n updates, so that the first weights, random ones,
+    fade from it within the first few hundred steps whatever the decay."""
+
+    @torch.no_grad()
+    def update(averaged: List[Tensor], current: List[Tensor], n: Tensor) -> None:
+        if not torch.is_floating_point(averaged[0]):  # BN's batch counters: the model's own
+            torch._foreach_copy_(averaged, current)
+            return
+        updates = float(n)
+        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + updates) / (10 + updates)))
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
 def lr_factor(config: TrainConfig, steps_per_epoch: int):
     """The schedule as a function of the optimiser step (for LambdaLR)."""
     total = config.epochs * steps_per_epoch
@@ -202,6 +224,7 @@ class Trainer:
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.ddp = distributed.data_parallel(self.model, self.context, self.device)
+        self.average = weight_average(self.model, config.ema) if config.ema else None
 
         self.description = load_description(config.dataset)
         augment = Augment(flip=config.flip, scale=config.scale, crop=config.crop, ignore_index=self.description.ignore_index,
@@ -249,7 +272,7 @@ class Trainer:
         return state
 
     def _state(self) -> Dict:
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -265,6 +288,12 @@ class Trainer:
             "config": dataclasses.asdict(self.config),
             "dataset": self.description.to_dict(),
         }
+        if self.average is not None:
+            # "model" holds the weights to evaluate and ship, the average; "trained_model" the
+            # optimiser's own, which a resumed run continues from.
+            state.update(model=self.average.module.state_dict(), trained_model=self.model.state_dict(),
+                         averages=int(self.average.n_averaged))
+        return state
 
     def _load_state(self, state: Dict) -> None:
         if state.get("world_size", 1) != self.context.world_size and state.get("samples_done", 0):
@@ -272,7 +301,10 @@ class Trainer:
                 f"--resume: last.pt stopped mid-epoch with {state['world_size']} processes; resume it with the same number "
                 f"(now {self.context.world_size})"
             )
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state.get("trained_model", state["model"]))
+        if self.average is not None:
+            self.average.module.load_state_dict(state["model"])
+            self.average.n_averaged.fill_(state["averages"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -398,6 +430,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update_parameters(self.model)
         reduced = distributed.all_reduce(torch.tensor([total], dtype=torch.float64), self.context)
         return float(reduced)
 
@@ -414,12 +448,11 @@ class Trainer:
         validate = self.val_set is not None and ((self.epoch + 1) % self.config.val_every == 0 or self.epoch + 1 == self.config.epochs)
         result = None
         if validate:
-            confusion = confusion_over(
-                self.model, self.val_set, self.device, self.config.batch_size, self.config.amp,
-                self.config.channels_last, self.config.workers, self.context, self.config.progress,
-            )
-            result = scores(confusion, self.description.classes, self.description.ignore_index)
+            result = self._validate(self.model if self.average is None else self.average.module)
             row.update(val_global_accuracy=result["global_accuracy"], val_class_accuracy=result["class_accuracy"], val_mean_iou=result["mean_iou"])
+            if self.average is not None:  # the trained weights too, to show what averaging adds
+                trained = self._validate(self.model)
+                row.update(val_trained_global_accuracy=trained["global_accuracy"], val_trained_mean_iou=trained["mean_iou"])
         self.history.append(row)
         self.epoch, self.samples_done = self.epoch + 1, 0
         improved = result is not None and result["mean_iou"] is not None and (self.best_miou is None or result["mean_iou"] > self.best_miou)
@@ -433,12 +466,20 @@ class Trainer:
             summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
             print(f"epoch {row['epoch']}: {summary}" + (" (best)" if improved else ""), flush=True)
 
+    def _validate(self, model: nn.Module) -> Dict:
+        confusion = confusion_over(
+            model, self.val_set, self.device, self.config.batch_size, self.config.amp,
+            self.config.channels_last, self.config.workers, self.context, self.config.progress,
+        )
+        return scores(confusion, self.description.classes, self.description.ignore_index)
+
     def _checkpoint_bytes(self) -> int:
-        """About the size of a checkpoint: the model, and the optimiser's state per parameter."""
-        slots = {"adam": 2, "sgd": 1}[self.config.optimizer]
+        """About the size of a checkpoint: the model (twice with an average), and the
+        optimiser's state per parameter."""
+        slots = {"adam": 2, "sgd": 1}[self.config.optimizer] + (self.average is not None)
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
         buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
-        return params * (1 + slots) + buffers + 2**20
+        return params * (1 + slots) + buffers * (1 + (self.average is not None)) + 2**20
 
     # ---- logs --------------------------------------------------------------------------
 
@@ -490,7 +531,7 @@ def _normal(value):
 
 
 _LOG_COLUMNS = ["epoch", "step", "lr", "train_loss", "images_per_s", "epoch_s", "val_global_accuracy",
-                "val_class_accuracy", "val_mean_iou"]
+                "val_class_accuracy", "val_mean_iou", "val_trained_global_accuracy", "val_trained_mean_iou"]
 
 
 def _jsonl(rows: List[Dict]) -> str:
@@ -526,6 +567,9 @@ def plot_curves(history: List[Dict], path: Path) -> Optional[Path]:
         for key, label in (("val_global_accuracy", "global accuracy"), ("val_class_accuracy", "class accuracy"),
                            ("val_mean_iou", "mIoU")):
             ax_val.plot([r["epoch"] for r in val], [r[key] for r in val], marker=".", label=label)
+        if val[-1].get("val_trained_mean_iou") is not None:  # --ema: the curves above are the average's
+            ax_val.plot([r["epoch"] for r in val], [r.get("val_trained_mean_iou") for r in val], ls="--", color="grey",
+                        label="mIoU, trained weights")
         ax_val.set(xlabel="epoch", ylabel="%", title="validation")
         ax_val.legend()
     for ax in axes.flat:
