@@ -225,6 +225,7 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.ddp = distributed.data_parallel(self.model, self.context, self.device)
         self.average = weight_average(self.model, config.ema) if config.ema else None
+        self.shipped = self.model if self.average is None else self.average.module  # validated and saved as "model"
 
         self.description = load_description(config.dataset)
         augment = Augment(flip=config.flip, scale=config.scale, crop=config.crop, ignore_index=self.description.ignore_index,
@@ -273,7 +274,7 @@ class Trainer:
 
     def _state(self) -> Dict:
         state = {
-            "model": self.model.state_dict(),
+            "model": self.shipped.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -288,11 +289,8 @@ class Trainer:
             "config": dataclasses.asdict(self.config),
             "dataset": self.description.to_dict(),
         }
-        if self.average is not None:
-            # "model" holds the weights to evaluate and ship, the average; "trained_model" the
-            # optimiser's own, which a resumed run continues from.
-            state.update(model=self.average.module.state_dict(), trained_model=self.model.state_dict(),
-                         averages=int(self.average.n_averaged))
+        if self.average is not None:  # the optimiser's own weights, which a resumed run continues from
+            state.update(trained_model=self.model.state_dict(), averages=int(self.average.n_averaged))
         return state
 
     def _load_state(self, state: Dict) -> None:
@@ -448,7 +446,7 @@ class Trainer:
         validate = self.val_set is not None and ((self.epoch + 1) % self.config.val_every == 0 or self.epoch + 1 == self.config.epochs)
         result = None
         if validate:
-            result = self._validate(self.model if self.average is None else self.average.module)
+            result = self._validate(self.shipped)
             row.update(val_global_accuracy=result["global_accuracy"], val_class_accuracy=result["class_accuracy"], val_mean_iou=result["mean_iou"])
             if self.average is not None:  # the trained weights too, to show what averaging adds
                 trained = self._validate(self.model)
