@@ -565,10 +565,11 @@ def plot_curves(history: List[Dict], path: Path) -> Optional[Path]:
         for key, label in (("val_global_accuracy", "global accuracy"), ("val_class_accuracy", "class accuracy"),
                            ("val_mean_iou", "mIoU")):
             ax_val.plot([r["epoch"] for r in val], [r[key] for r in val], marker=".", label=label)
-        if val[-1].get("val_trained_mean_iou") is not None:  # --ema: the curves above are the average's
+        averaged = val[-1].get("val_trained_mean_iou") is not None  # --ema: the curves above are the average's
+        if averaged:
             ax_val.plot([r["epoch"] for r in val], [r.get("val_trained_mean_iou") for r in val], ls="--", color="grey",
                         label="mIoU, trained weights")
-        ax_val.set(xlabel="epoch", ylabel="%", title="validation")
+        ax_val.set(xlabel="epoch", ylabel="%", title="validation, weight average" if averaged else "validation")
         ax_val.legend()
     for ax in axes.flat:
         ax.grid(alpha=0.3)
