@@ -474,10 +474,11 @@ class Trainer:
     def _checkpoint_bytes(self) -> int:
         """About the size of a checkpoint: the model (twice with an average), and the
         optimiser's state per parameter."""
-        slots = {"adam": 2, "sgd": 1}[self.config.optimizer] + (self.average is not None)
+        copies = 1 if self.average is None else 2
+        slots = {"adam": 2, "sgd": 1}[self.config.optimizer]
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
         buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
-        return params * (1 + slots) + buffers * (1 + (self.average is not None)) + 2**20
+        return (params + buffers) * copies + params * slots + 2**20
 
     # ---- logs --------------------------------------------------------------------------
 
