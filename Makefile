@@ -7,10 +7,12 @@
 #   make test-isa        the op and layer tests as a CPU with AVX2 but no AVX-512 runs them,
 #                        then as one without AVX2 (ATen, oneDNN and segnet_ext held to that level)
 #   make test-cpu-only   the laptop install: torch's CPU build at the oldest version
-#                        pyproject.toml admits, so the build skips CUDA; the whole suite
+#                        pyproject.toml admits, so the build skips CUDA; the whole suite but
+#                        the sanitizer builds, which check this package's C++ whatever torch it
+#                        meets, and ran in `make test`
 # Variables: PYTHON (the interpreter that creates the venv), TORCH (the torch requirement),
-# EXTRAS (the package's extras to install), SEGNET_EXT_CUDA / TORCH_CUDA_ARCH_LIST / MAX_JOBS
-# (passed to the build, see setup.py).
+# EXTRAS (the package's extras to install), PYTEST_ARGS (more arguments to `make test`'s pytest),
+# SEGNET_EXT_CUDA / TORCH_CUDA_ARCH_LIST / MAX_JOBS (passed to the build, see setup.py).
 
 PYTHON ?= python3
 TORCH ?= torch==2.14.1
@@ -39,7 +41,7 @@ demo: install
 	$(PY) -m segnet.demo --output $(DEMO)
 
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 OP_TESTS := tests/test_pool.py tests/test_pool_torch_conventions.py tests/test_conv_bn_relu.py tests/test_recompute.py tests/test_fuzz.py
 
@@ -54,7 +56,7 @@ CPU_ONLY_TORCH ?= torch==2.13.0
 test-cpu-only:
 	rm -rf $(CPU_ONLY_TREE) && mkdir -p $(CPU_ONLY_TREE)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(CPU_ONLY_TREE)
-	$(MAKE) -C $(CPU_ONLY_TREE) test TORCH=$(CPU_ONLY_TORCH) EXTRAS=test VENV=.venv
+	$(MAKE) -C $(CPU_ONLY_TREE) test TORCH=$(CPU_ONLY_TORCH) EXTRAS=test VENV=.venv PYTEST_ARGS="-m 'not sanitizers'"
 
 # The day a GPU is lent: builds for it, runs the CUDA tests, compute-sanitizer and the
 # bandwidth and cuDNN comparisons, writes bench/RESULTS-gpu.md (bench/gpu_check.py). It uses

@@ -28,6 +28,7 @@ OP_TESTS = [
 CXX = shutil.which("g++")
 
 pytestmark = [
+    pytest.mark.sanitizers,
     pytest.mark.skipif(CXX is None, reason="needs g++ and its sanitizer runtimes"),
     pytest.mark.skipif(os.environ.get("SEGNET_EXT_SANITIZE") == "1", reason="this is the sanitized run itself"),
 ]

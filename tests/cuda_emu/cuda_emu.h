@@ -2,7 +2,8 @@
 //
 // Include this before a kernel header (csrc/kernels/*.cuh) in a host build (C++20).
 // A launch runs the grid's blocks one after another; within a block, every CUDA
-// thread is a std::thread, so the kernel code runs truly concurrently:
+// thread is a std::thread of its own (kept from one launch to the next), so the kernel code
+// runs truly concurrently:
 //   - threadIdx / blockIdx / blockDim / gridDim are thread_local;
 //   - __syncthreads() is a std::barrier over the block's live threads (a thread that
 //     returns stops counting, as on the GPU);
@@ -42,6 +43,7 @@
 #include <barrier>
 #include <cstdint>
 #include <cctype>
+#include <condition_variable>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -49,6 +51,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <semaphore>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -141,6 +144,53 @@ struct ThreadState {
 };
 
 inline thread_local ThreadState tls;
+
+// The threads that run launches, one per CUDA thread of a block: started as a launch first
+// needs them and kept for the next one. (Starting 256 threads for every launch cost more than
+// the kernels on small inputs: about 60 us a thread, several times that under the sanitizers.)
+class Workers {
+ public:
+  // Never destroyed: at exit its threads wait for work that will not come.
+  static Workers& get() {
+    static Workers* workers = new Workers;
+    return *workers;
+  }
+
+  // Runs job(t) for every t < n, each on its own thread, all at once; returns when all are done.
+  void run(unsigned n, const std::function<void(unsigned)>& job) {
+    std::lock_guard<std::mutex> one_at_a_time(launch_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (go_.size() < n) {
+      go_.push_back(std::make_unique<std::binary_semaphore>(0));
+      std::thread(&Workers::serve, this, unsigned(go_.size() - 1)).detach();
+    }
+    job_ = &job;
+    running_ = n;
+    for (unsigned t = 0; t < n; ++t) go_[t]->release();
+    done_.wait(lock, [this] { return running_ == 0; });
+  }
+
+ private:
+  void serve(unsigned t) {
+    std::binary_semaphore* go;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      go = go_[t].get();
+    }
+    for (;;) {
+      go->acquire();
+      (*job_)(t);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--running_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex launch_, mutex_;
+  std::condition_variable done_;
+  std::vector<std::unique_ptr<std::binary_semaphore>> go_;  // per worker: work is there
+  const std::function<void(unsigned)>* job_ = nullptr;
+  unsigned running_ = 0;
+};
 
 class Launch {
  public:
@@ -248,10 +298,7 @@ class Launch {
   }
 
   void run(const std::function<void()>& body) {
-    std::vector<std::thread> pool;
-    pool.reserve(threads_);
-    for (unsigned t = 0; t < threads_; ++t) pool.emplace_back([this, t, &body] { thread_main(t, body); });
-    for (auto& th : pool) th.join();
+    Workers::get().run(threads_, [this, &body](unsigned t) { thread_main(t, body); });
     if (error_) std::rethrow_exception(error_);
   }
 

@@ -13,7 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CXX = shutil.which("g++") or shutil.which("c++")
 
-pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+pytestmark = [pytest.mark.sanitizers, pytest.mark.skipif(CXX is None, reason="no C++ compiler")]
 
 
 def build(tmp_path, sanitizer):
