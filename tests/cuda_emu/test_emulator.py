@@ -1,6 +1,13 @@
-"""The CUDA emulator's own tests: barriers, shared memory, shuffles, atomics, partial warps."""
+"""The CUDA emulator's own tests: barriers, shared memory, shuffles, atomics, partial warps,
+and its build."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+
+from tests.cuda_emu.build import ROOT, build_directory
 
 SCHEDULES = ["free", "warps_forward", "warps_reverse"]
 
@@ -65,6 +72,17 @@ def test_shuffle_from_a_lane_a_partial_warp_lacks_is_an_error(emu):
     with pytest.raises(RuntimeError, match="partial warp that has only 20 lanes"):
         emu.shuffle_past_partial_warp(20)
     emu.shuffle_past_partial_warp(32)  # a full warp has the lane
+
+
+def test_launches_after_a_failed_one_run_as_before(emu):
+    # Launches reuse their threads: one that failed midway leaves none of them stuck or
+    # holding state, for launches of more threads, fewer or as many.
+    for threads in (64, 256, 96, 64):
+        with pytest.raises(RuntimeError, match="partial warp that has only 20 lanes"):
+            emu.shuffle_past_partial_warp(20)
+        x = torch.randn(1000)
+        got = emu.block_sum(x, True, threads, 3).item()
+        assert got == pytest.approx(x.double().sum().item(), rel=1e-5, abs=1e-4), threads
 
 
 @pytest.mark.parametrize("threads,returning,mask", [(32, 0, 0xFFFFFFFF), (20, 0, 0xFFFFF), (32, 8, 0xFFFFFF00),
@@ -163,3 +181,14 @@ def test_a_missing_cp_async_wait_or_barrier_reads_garbage(emu):
         finally:
             emu.set_schedule("free")
     assert any(results)
+
+
+def test_a_build_killed_midway_does_not_stop_the_next(emu):
+    # torch's load() before 2.14 waits for as long as its "lock" file exists, and a build
+    # killed midway (a session's end, ^C) leaves one: the next build must not hang on it.
+    # (torch 2.14 locks with flock, which dies with its process; test-cpu-only runs 2.13.)
+    lock = os.path.join(build_directory("segnet_cuda_emu"), "lock")
+    open(lock, "w").close()
+    code = "from tests.cuda_emu.build import build_emulator; build_emulator()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
