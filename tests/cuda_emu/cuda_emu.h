@@ -57,6 +57,7 @@
 #include <thread>
 #include <tuple>
 #include <type_traits>
+#include <unistd.h>
 #include <vector>
 
 #define __global__
@@ -150,9 +151,17 @@ inline thread_local ThreadState tls;
 // the kernels on small inputs: about 60 us a thread, several times that under the sanitizers.)
 class Workers {
  public:
-  // Never destroyed: at exit its threads wait for work that will not come.
+  // Never destroyed: at exit its threads wait for work that will not come. A forked child,
+  // which has none of its parent's threads, starts its own.
   static Workers& get() {
-    static Workers* workers = new Workers;
+    static std::mutex mutex;
+    static Workers* workers = nullptr;
+    static pid_t owner = 0;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (workers == nullptr || owner != getpid()) {
+      workers = new Workers;
+      owner = getpid();
+    }
     return *workers;
   }
 

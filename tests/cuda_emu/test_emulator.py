@@ -3,6 +3,7 @@ and its build."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -181,6 +182,23 @@ def test_a_missing_cp_async_wait_or_barrier_reads_garbage(emu):
         finally:
             emu.set_schedule("free")
     assert any(results)
+
+
+def test_a_forked_process_launches_on_threads_of_its_own(emu):
+    x = torch.ones(100)
+    assert emu.block_sum(x, True, 64, 1).item() == 100  # the parent's threads exist now
+    pid = os.fork()
+    if pid == 0:  # the child: its launches must not wait for the parent's threads
+        os._exit(0 if emu.block_sum(x, True, 64, 1).item() == 100 else 1)
+    for _ in range(600):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's launch did not return within 60 s")
 
 
 def test_a_build_killed_midway_does_not_stop_the_next(emu):
