@@ -202,8 +202,9 @@ def test_bundled_model_by_name(name, tmp_path, capsys):
 
 
 def test_ddp_with_sync_bn_matches_one_process(camvid_root, tmp_path):
-    """2 gloo processes x batch 1 with --sync-bn end with the weights of 1 process x batch 2."""
-    common = ["--data", str(camvid_root), "--model", "segnet_basic", "--epochs", "2", "--sync-bn", "--val-every", "0",
+    """2 gloo processes x batch 1 with --sync-bn end with the weights of 1 process x batch 2,
+    both the trained ones and their moving average (--ema)."""
+    common = ["--data", str(camvid_root), "--model", "segnet_basic", "--epochs", "2", "--sync-bn", "--val-every", "0", "--ema", "0.5",
               "--no-progress", "--class-weights", "median", "--scale", "0.75,1.25", "--crop", "16x24"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -214,9 +215,11 @@ def test_ddp_with_sync_bn_matches_one_process(camvid_root, tmp_path):
                          capture_output=True, text=True, env=env, timeout=180)
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = (load_checkpoint(tmp_path / run / "last.pt") for run in ("one", "two"))
-    assert b["world_size"] == 2 and b["step"] == a["step"] == 4
-    for key, value in a["model"].items():
-        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert b["world_size"] == 2 and b["step"] == a["step"] == b["averages"] == 4
+    for weights in ("trained_model", "model"):  # the average: what is saved as the model
+        for key, value in a[weights].items():
+            torch.testing.assert_close(b[weights][key], value, rtol=1e-4, atol=1e-5, msg=f"{weights}: {key}")
+    assert not torch.equal(a["model"]["encoder.0.0.0.weight"], a["trained_model"]["encoder.0.0.0.weight"])
     assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=1e-5)
 
 
