@@ -378,6 +378,8 @@ def _thp_mode():
 
 
 @pytest.mark.skipif(_thp_mode() != "madvise", reason="needs transparent huge pages in madvise mode")
+@pytest.mark.skipif(os.environ.get("SEGNET_EXT_SANITIZE") == "1",
+                    reason="under tests/test_sanitizers.py, ASan's allocator places large blocks, not glibc's")
 def test_new_outputs_ask_for_huge_pages():
     # under glibc's defaults a 64 MB output is new memory: ours asks for 2 MB pages for it
     # (csrc/cpu/outputs.h), an equally large torch.empty filled by torch does not
