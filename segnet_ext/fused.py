@@ -12,11 +12,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from . import reference
+from . import aten_conv, reference
 from .ops import cuda_kernels_available
 from .recompute import RECIPE, SavedInput, ScaleShiftReLU, attach  # noqa: F401  (RECIPE: for tests)
 from .recompute import autocast_operands, dtypes, grads_as
@@ -104,7 +103,7 @@ class ConvBNReLUFunction(torch.autograd.Function):
             if group is None and not isinstance(padding, str):  # the statistics with the convolution
                 z, *stats = _ops.conv2d_bn_stats(x_c, w_c, b_c, _pair(stride), _pair(padding), _pair(dilation), groups)
             else:
-                z, stats = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups), None
+                z, stats = aten_conv.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups), None
         y, scale, shift, mean, var, invstd, count = bn_relu_forward(z, bn_weight, bn_bias, eps, relu, group, residual,
                                                                     stats)
 
@@ -132,10 +131,9 @@ class ConvBNReLUFunction(torch.autograd.Function):
             grad_y, z, scale, shift, mean, invstd, ctx.count, relu, ctx.group)
         stride, padding, dilation, groups = ctx.conv_args
         needs = ctx.needs_input_grad
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_z, x, w_c, [w_c.shape[0]] if ctx.has_bias else None, list(stride), list(padding), list(dilation),
-            False, [0, 0], groups, [needs[0], needs[1], needs[2] and ctx.has_bias],
-        )
+        grad_x, grad_w, grad_b = aten_conv.convolution_backward(
+            grad_z, x, w_c, [w_c.shape[0]] if ctx.has_bias else None, stride, padding, dilation, groups,
+            [needs[0], needs[1], needs[2] and ctx.has_bias])
         grad_bn = (grad_bn_weight if needs[3] else None, grad_bn_bias if needs[4] else None)
         grad_residual = grad_y if residual is not None and needs[5] else None
         return (*grads_as((grad_x, grad_w, grad_b, *grad_bn, grad_residual), ctx.dtypes), None, None, None, None)
@@ -148,7 +146,7 @@ def conv_bn_relu_traced(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
     :func:`~segnet_ext.recompute.compiled_region`): Inductor fuses the statistics, the
     normalisation, the residual and the ReLU (``scale_shift_relu``'s reference) forward and
     backward, and the policy recomputes y in the backward instead of saving it."""
-    z = F.conv2d(x, weight, bias, *conv_args)
+    z = aten_conv.conv2d(x, weight, bias, *conv_args)
     count = z.numel() // max(z.shape[1], 1)
     var, mean = torch.var_mean(z.to(_acc_dtype(z)), dim=(0, 2, 3), correction=0)
     _, scale, shift = _normalisation(z, mean, var, count, bn_weight, bn_bias, eps)
@@ -212,8 +210,9 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, conv_args, relu: boo
             scale = torch.ones_like(bias, dtype=_acc_dtype(x))
             return _ops.conv2d_scale_shift_relu(x, weight, scale, bias.to(scale.dtype), list(stride), list(padding),
                                                 list(dilation), groups, relu)
-        if relu and x.device.type == "cpu" and x.dtype in _MKLDNN_CONV_RELU:
+        if (relu and x.device.type == "cpu" and x.dtype in _MKLDNN_CONV_RELU
+                and aten_conv.blind_padding(x, weight, stride, padding, dilation) is None):
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, bias, list(padding), list(stride), list(dilation), groups, "relu", [None], "")
-    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    y = aten_conv.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return torch.relu_(y) if relu else y

@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import fused, ops, recompute
+from . import aten_conv, fused, ops, recompute
 
 
 def _only(name: str, value, allowed, layer: str) -> None:
@@ -94,7 +94,13 @@ class MaxUnpool2x2(nn.Module):
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` that, in training, saves a recomputable input (the output of a
     ConvBNReLU2d or MaxUnpool2x2) as its recipe instead of storing it. Same parameters and
-    state_dict keys as ``nn.Conv2d``."""
+    state_dict keys as ``nn.Conv2d``. With zero padding it convolves through
+    :mod:`segnet_ext.aten_conv` (where ``nn.Conv2d`` can crash the process on a CPU)."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if self.padding_mode != "zeros":
+            return super()._conv_forward(x, weight, bias)
+        return aten_conv.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.padding_mode != "zeros" or isinstance(self.padding, str) or not torch.is_grad_enabled()

@@ -43,9 +43,10 @@ import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from . import aten_conv
 
 _ops = torch.ops.segnet_ext
 RECIPE = "_segnet_recompute"
@@ -279,14 +280,14 @@ class Conv2dFunction(torch.autograd.Function):
         x, weight, bias = autocast_operands(device, x, weight, bias)
         SavedInput.save(ctx, [x], weight)
         with torch.autocast(device, enabled=False):
-            return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+            return aten_conv.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         (x,), (weight,) = SavedInput.load(ctx)
         stride, padding, dilation, groups, has_bias = ctx.conv
         needs = ctx.needs_input_grad
-        grads = torch.ops.aten.convolution_backward(
-            grad.to(x.dtype), x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False,
-            [0, 0], groups, [needs[0], needs[1], needs[2] and has_bias])
+        grads = aten_conv.convolution_backward(
+            grad.to(x.dtype), x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, groups,
+            [needs[0], needs[1], needs[2] and has_bias])
         return (*grads_as(grads, ctx.dtypes), None, None, None, None)

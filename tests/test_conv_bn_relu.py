@@ -1,5 +1,6 @@
 """The BN+ReLU ops, ConvBNReLU2d against the unfused Sequential, memory (fuse / unfuse: test_fusion.py)."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import segnet_ext
-from segnet_ext import ConvBNReLU2d, fuse, reference, unfuse
+from segnet_ext import ConvBNReLU2d, aten_conv, fuse, reference, unfuse
 from segnet_ext.fused import RECIPE
 from bench.common import saved_bytes
 from tests.conftest import DEVICES
@@ -355,6 +356,85 @@ def test_conv_bn_stats_op(fmt, dtype, geometry):
         ops.conv2d_bn_stats(x, w, b[:5], *args)
     with pytest.raises(TypeError, match="bias must have the dtype of x"):
         ops.conv2d_bn_stats(x, w, b.to(torch.float16), *args)
+
+
+# ---- convolutions in which no output sees the input ----
+
+# (H, W, kernel, stride, padding, dilation) where, along one dimension, every tap of every
+# output falls in the zero padding. Each of these killed the process in torch's own
+# bfloat16 or float16 F.conv2d, forward or backward (oneDNN reads through a null pointer;
+# torch 2.14 on a Xeon with AMX): segnet_ext pads them explicitly (segnet_ext/aten_conv.py,
+# aten_conv2d in csrc/cpu/conv_bn_relu.cpp). Found by test_fuzz.py under the sanitizers.
+BLIND = [(5, 1, 1, 2, 1, 2), (3, 1, 1, 2, 1, 3), (1, 5, 2, 1, 2, 3), (1, 8, 2, 2, 2, 3), (2, 3, 2, 1, 1, 3)]
+
+
+def test_blind_padding_finds_exactly_the_geometries_where_no_output_sees_the_input():
+    blind_ones = 0
+    for size, k, s, p, d in itertools.product(range(1, 6), range(1, 4), range(1, 3), range(3), range(1, 4)):
+        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if out < 1:
+            continue
+        blind = not any(0 <= o * s - p + j * d < size for o in range(out) for j in range(k))
+        blind_ones += blind
+        for dim in (0, 1):  # along the height, then the width (the other dimension sees its input)
+            def along(v, other):
+                return (v, other) if dim == 0 else (other, v)
+            x, w = torch.empty(1, 1, *along(size, 4)), torch.empty(1, 1, *along(k, 1))
+            got = aten_conv.blind_padding(x, w, along(s, 1), along(p, 0), along(d, 1))
+            assert got == (along(p, 0) if blind else None), (size, k, s, p, d, dim)
+    assert blind_ones >= 5  # the sweep has some
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("geometry", BLIND)
+def test_convolutions_where_no_output_sees_the_input(fmt, dtype, geometry):
+    H, W, k, s, p, d = geometry
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    x = torch.randn(2, 4, H, W).to(dtype).contiguous(memory_format=fmt)
+    w, b = torch.randn(3, 4, k, k).to(dtype), torch.randn(3).to(dtype)
+    args = [[s, s], [p, p], [d, d], 1]
+    want = F.conv2d(x.double(), w.double(), b.double(), *args)  # float64: ATen's own kernel, not oneDNN
+    # the ops
+    z, mean, var = ops.conv2d_bn_stats(x, w, b, *args)
+    torch.testing.assert_close(z.double(), want, rtol=tol, atol=tol)
+    assert z.is_contiguous(memory_format=fmt)
+    scale, shift = torch.rand(3) + 0.5, torch.randn(3)
+    y = ops.conv2d_scale_shift_relu(x, w, scale, shift, *args, True)
+    torch.testing.assert_close(y.double(), (want.sub(b.double().view(1, -1, 1, 1)) * scale.double().view(1, -1, 1, 1)
+                                            + shift.double().view(1, -1, 1, 1)).clamp_min(0), rtol=tol, atol=tol)
+    # the layers, training (forward and backward) and inference (BN folded into the convolution,
+    # ReLU fused), against torch's in float64:
+    # a ConvBNReLU2d of this geometry, and an nn.Conv2d of it behind one of 3x3 (so that its
+    # input has a recipe and it takes segnet_ext's own backward)
+    # (The blind convolution's output is constant per channel: eps=1 keeps its BN's backward,
+    # which divides by sqrt(var + eps), well conditioned; BN shifts keep the ReLU off its kink.)
+    theirs = nn.ModuleList([nn.Sequential(nn.Conv2d(4, 3, k, s, p, d), nn.BatchNorm2d(3, eps=1.0), nn.ReLU()),
+                            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                          nn.Conv2d(4, 3, k, s, p, d))]).double()
+    with torch.no_grad():
+        for bn in (theirs[0][1], theirs[1][1]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(0.1, 0.5).mul_(torch.randint(0, 2, bn.bias.shape) * 2 - 1)
+    ours = segnet_ext.nn.Conv2d(4, 3, k, s, p, d)
+    ours.load_state_dict(theirs[1][3].state_dict())
+    ours = nn.ModuleList([ConvBNReLU2d.from_modules(*copy.deepcopy(theirs[0][:2])),
+                          nn.Sequential(ConvBNReLU2d.from_modules(*copy.deepcopy(theirs[1][:2])), ours)])
+    ours = ours.to(dtype).to(memory_format=fmt)
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        xo, xt = x.clone().requires_grad_(train), x.double().requires_grad_(train)
+        with torch.set_grad_enabled(train):
+            got, want = [m(xo) for m in ours], [m(xt) for m in theirs]
+        for g, t in zip(got, want):
+            torch.testing.assert_close(g.double(), t, rtol=tol, atol=tol)
+        if train:
+            weights = [torch.randn_like(t) for t in want]
+            sum((g.double() * r).sum() for g, r in zip(got, weights)).backward()
+            sum((t * r).sum() for t, r in zip(want, weights)).backward()
+            torch.testing.assert_close(xo.grad.double(), xt.grad, rtol=tol, atol=tol)
+            for q, r in zip(ours.parameters(), theirs.parameters()):
+                torch.testing.assert_close(q.grad.double(), r.grad, rtol=tol, atol=tol)
 
 
 # ---- the CPU's Winograd F(2x2, 3x3) path of conv2d_scale_shift_relu ----

@@ -409,13 +409,50 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_y_in, const at::Ten
   return dx;
 }
 
+// ---- ATen's convolution ------------------------------------------------------------------
+
+// Whether no output position along one dimension has a tap inside the input (of `size`):
+// every tap of every output falls in the zero padding. Assumes a valid geometry.
+bool sees_no_input(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  const int64_t out = (size + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
+  for (int64_t o = 0; o < out && o * stride - padding < size; ++o)
+    for (int64_t j = 0; j < kernel; ++j)
+      if (const int64_t at = o * stride - padding + j * dilation; at >= 0 && at < size) return false;
+  return true;
+}
+
+// at::conv2d, except where no output sees the input along a dimension (a 1-wide input with
+// padding 1 under a 1x1 kernel at stride 2; a 1-high input with padding 2 under 2 taps at
+// dilation 3): oneDNN's bfloat16 and float16 convolutions (torch 2.13 and 2.14, on CPUs with
+// AVX-512 BF16 or AMX) read through a null pointer there and kill the process. The padding is then
+// made explicit, which gives the same values through a path that does not crash
+// (segnet_ext/aten_conv.py does the same for the layers, forward and backward).
+at::Tensor aten_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto valid = [](at::IntArrayRef v, int64_t least) {
+    return v.size() == 2 && std::all_of(v.begin(), v.end(), [&](int64_t e) { return e >= least; });
+  };
+  if (valid(stride, 1) && valid(padding, 0) && valid(dilation, 1)) {
+    bool blind = false;
+    for (int d = 0; d < 2; ++d) {
+      const int64_t size = x.size(2 + d), kernel = weight.size(2 + d);
+      const bool fits = size + 2 * padding[d] >= dilation[d] * (kernel - 1) + 1;
+      blind = blind || (fits && kernel >= 1 && sees_no_input(size, kernel, stride[d], padding[d], dilation[d]));
+    }
+    if (blind)
+      return at::conv2d(at::constant_pad_nd(x, {padding[1], padding[1], padding[0], padding[0]}), weight, bias, stride,
+                        at::IntArrayRef({0, 0}), dilation, groups);
+  }
+  return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+}
+
 at::Tensor conv2d_scale_shift_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                                        const at::Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups, bool relu) {
   check_conv_epilogue("conv2d_scale_shift_relu", x, weight, scale, shift, groups);
   if (winograd3x3_applies(x, weight, stride, padding, dilation, groups))
     return winograd3x3_scale_shift_relu(x, weight, scale, shift, relu);
-  const at::Tensor z = at::conv2d(x, weight, {}, stride, padding, dilation, groups);
+  const at::Tensor z = aten_conv2d(x, weight, {}, stride, padding, dilation, groups);
   return scale_shift_relu_cpu(z.contiguous(x.suggest_memory_format()), scale, shift, relu, std::nullopt);
 }
 
@@ -424,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bn_stats_cpu(const at::Ten
                                                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                                                    at::IntArrayRef dilation, int64_t groups) {
   check_conv("conv2d_bn_stats", x, weight, bias ? &*bias : nullptr, groups);
-  at::Tensor z = at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+  at::Tensor z = aten_conv2d(x, weight, bias, stride, padding, dilation, groups);
   auto [mean, var] = bn_stats_cpu(z);
   return {z, mean, var};
 }
