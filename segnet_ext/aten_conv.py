@@ -1,13 +1,23 @@
-"""ATen's convolution, forward and backward, as segnet_ext's layers call it: with the zero
-padding made explicit where no output sees the input along a dimension (every tap of
-every output position falls in the padding: a 1-wide input with padding 1 under a 1x1
-kernel at stride 2; a 1-high input with padding 2 under 2 taps at dilation 3). There,
-oneDNN's bfloat16 and float16 convolutions (torch 2.13 and 2.14, on CPUs with AVX-512 BF16
-or AMX) read through a null pointer, forward and backward, and kill the process; explicit
-zeros give the same values through a path that does not. csrc/cpu/conv_bn_relu.cpp does the
-same for the native ops. Everywhere else these are F.conv2d and
+"""ATen's convolution, forward and backward, as segnet_ext's layers call it, with the CPU
+geometries that oneDNN gets wrong rewritten into equivalent ones it gets right:
+
+- **no output sees the input** along a dimension (every tap of every output position falls
+  in the zero padding: a 1-wide input with padding 1 under a 1x1 kernel at stride 2; a
+  1-high input with padding 2 under 2 taps at dilation 3). oneDNN's bfloat16 and float16
+  convolutions (on CPUs with AVX-512 BF16 or AMX) read through a null pointer there, forward
+  and backward, and kill the process. Rewritten: the padding made explicit (zeros in the
+  input, padding 0);
+- **one output along a strided dimension** (a 3x3 kernel at stride 2 over 3 or 4 columns,
+  or over 1 or 2 with padding 1). oneDNN's bfloat16 convolution on AMX returns garbage
+  there (values of 1e19) when the other dimension is long or the channels many, and
+  garbage weight gradients. Rewritten: stride 1 along that dimension (at most one more
+  output), then the first output kept (in the backward, the gradient extended with zeros).
+
+Both found in torch 2.13 and 2.14 (tests/test_conv_bn_relu.py has the cases).
+csrc/cpu/conv_bn_relu.cpp rewrites the native ops' forward convolutions the same way.
+Everywhere else (other geometries, other devices) these are F.conv2d and
 aten.convolution_backward unchanged."""
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +25,12 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 
+def _extent(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def _sees_no_input(size: int, kernel: int, stride: int, padding: int, dilation: int) -> bool:
-    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    for o in range(out):
+    for o in range(_extent(size, kernel, stride, padding, dilation)):
         if o * stride - padding >= size:  # this and later outputs start past the input
             break
         if any(0 <= o * stride - padding + j * dilation < size for j in range(kernel)):
@@ -25,41 +38,72 @@ def _sees_no_input(size: int, kernel: int, stride: int, padding: int, dilation: 
     return True
 
 
-def blind_padding(x: Tensor, weight: Tensor, stride, padding, dilation) -> Optional[Tuple[int, int]]:
-    """The (height, width) padding to make explicit when no output sees the input along a
-    dimension; None otherwise (and for padding given as a string, or a geometry that
-    F.conv2d refuses: its error stays its own)."""
-    if isinstance(padding, str) or x.dim() != 4 or weight.dim() != 4:
+class Rewrite(NamedTuple):
+    explicit_padding: Optional[Tuple[int, int]]  # (height, width) to pad x with, then padding 0
+    stride: Tuple[int, int]
+    output_size: Tuple[int, int]  # the original's: the first outputs of the rewritten one
+
+
+def rewrite(x: Tensor, weight: Tensor, stride, padding, dilation) -> Optional[Rewrite]:
+    """How to convolve x on the CPU where the geometry as given is one of oneDNN's bad ones;
+    None where it is not (and for padding given as a string, or a geometry that F.conv2d
+    refuses: its error stays its own)."""
+    if x.device.type != "cpu" or isinstance(padding, str) or x.dim() != 4 or weight.dim() != 4:
         return None
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     if len(stride + padding + dilation) != 6 or min(stride) < 1 or min(padding) < 0 or min(dilation) < 1:
         return None
-    for d in range(2):
-        size, kernel = x.shape[2 + d], weight.shape[2 + d]
-        if kernel >= 1 and size + 2 * padding[d] >= dilation[d] * (kernel - 1) + 1 and _sees_no_input(
-                size, kernel, stride[d], padding[d], dilation[d]):
-            return padding
-    return None
+    sizes, kernels = x.shape[2:], weight.shape[2:]
+    if min(kernels) < 1 or any(n + 2 * p < d * (k - 1) + 1 for n, k, p, d in zip(sizes, kernels, padding, dilation)):
+        return None
+    out = tuple(_extent(*g) for g in zip(sizes, kernels, stride, padding, dilation))
+    blind = any(_sees_no_input(*g) for g in zip(sizes, kernels, stride, padding, dilation))
+    strides = tuple(1 if o == 1 else s for o, s in zip(out, stride))
+    if not blind and strides == stride:
+        return None
+    return Rewrite(padding if blind else None, strides, out)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _padded(x: Tensor, explicit: Tuple[int, int]) -> Tensor:
+    return F.pad(x, [explicit[1], explicit[1], explicit[0], explicit[0]])
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
     """F.conv2d (differentiable)."""
-    explicit = blind_padding(x, weight, stride, padding, dilation)
-    if explicit is not None:
-        (ph, pw), padding = explicit, 0
-        x = F.pad(x, [pw, pw, ph, ph])
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    r = rewrite(x, weight, stride, padding, dilation)
+    if r is None:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if r.explicit_padding is not None:
+        x, padding = _padded(x, r.explicit_padding), 0
+    y = F.conv2d(x, weight, bias, r.stride, padding, dilation, groups)
+    (H, W), fmt = r.output_size, _memory_format(y)
+    return y if y.shape[2:] == (H, W) else y[..., :H, :W].contiguous(memory_format=fmt)
 
 
 def convolution_backward(grad: Tensor, x: Tensor, weight: Tensor, bias_sizes: Optional[List[int]], stride, padding,
                          dilation, groups: int, output_mask: List[bool]) -> Tuple[Optional[Tensor], ...]:
     """aten.convolution_backward of a (not transposed) convolution."""
-    explicit = blind_padding(x, weight, stride, padding, dilation)
-    args = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), False, [0, 0], groups, output_mask)
-    if explicit is None:
-        return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, *args)
-    (ph, pw), (H, W) = explicit, x.shape[2:]
-    args = (args[0], [0, 0], *args[2:])
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(grad, F.pad(x, [pw, pw, ph, ph]), weight, bias_sizes,
-                                                                 *args)
-    return (None if grad_x is None else grad_x[..., ph:ph + H, pw:pw + W]), grad_w, grad_b
+    r = rewrite(x, weight, stride, padding, dilation)
+    stride, padding, dilation = list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
+    if r is None:
+        return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, False,
+                                                   [0, 0], groups, output_mask)
+    x_in = x if r.explicit_padding is None else _padded(x, r.explicit_padding)
+    if r.explicit_padding is not None:
+        padding = [0, 0]
+    full = [_extent(n, k, s, p, d) for n, k, s, p, d in zip(x_in.shape[2:], weight.shape[2:], r.stride, padding, dilation)]
+    if list(grad.shape[2:]) != full:  # the outputs the rewritten convolution adds get no gradient
+        extended = grad.new_zeros((*grad.shape[:2], *full)).contiguous(memory_format=_memory_format(grad))
+        extended[..., :grad.shape[2], :grad.shape[3]] = grad
+        grad = extended
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(grad, x_in, weight, bias_sizes, list(r.stride), padding,
+                                                                 dilation, False, [0, 0], groups, output_mask)
+    if grad_x is not None and r.explicit_padding is not None:
+        (ph, pw), (H, W) = r.explicit_padding, x.shape[2:]
+        grad_x = grad_x[..., ph:ph + H, pw:pw + W]
+    return grad_x, grad_w, grad_b

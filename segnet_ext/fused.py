@@ -211,7 +211,7 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, conv_args, relu: boo
             return _ops.conv2d_scale_shift_relu(x, weight, scale, bias.to(scale.dtype), list(stride), list(padding),
                                                 list(dilation), groups, relu)
         if (relu and x.device.type == "cpu" and x.dtype in _MKLDNN_CONV_RELU
-                and aten_conv.blind_padding(x, weight, stride, padding, dilation) is None):
+                and aten_conv.rewrite(x, weight, stride, padding, dilation) is None):
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, bias, list(padding), list(stride), list(dilation), groups, "relu", [None], "")
     y = aten_conv.conv2d(x, weight, bias, stride, padding, dilation, groups)

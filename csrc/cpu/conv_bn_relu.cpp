@@ -411,39 +411,52 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_y_in, const at::Ten
 
 // ---- ATen's convolution ------------------------------------------------------------------
 
+// Outputs along one dimension of a convolution (of a valid geometry).
+int64_t extent(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  return (size + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
+}
+
 // Whether no output position along one dimension has a tap inside the input (of `size`):
-// every tap of every output falls in the zero padding. Assumes a valid geometry.
+// every tap of every output falls in the zero padding.
 bool sees_no_input(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
-  const int64_t out = (size + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
-  for (int64_t o = 0; o < out && o * stride - padding < size; ++o)
+  for (int64_t o = 0, out = extent(size, kernel, stride, padding, dilation); o < out && o * stride - padding < size; ++o)
     for (int64_t j = 0; j < kernel; ++j)
       if (const int64_t at = o * stride - padding + j * dilation; at >= 0 && at < size) return false;
   return true;
 }
 
-// at::conv2d, except where no output sees the input along a dimension (a 1-wide input with
-// padding 1 under a 1x1 kernel at stride 2; a 1-high input with padding 2 under 2 taps at
-// dilation 3): oneDNN's bfloat16 and float16 convolutions (torch 2.13 and 2.14, on CPUs with
-// AVX-512 BF16 or AMX) read through a null pointer there and kill the process. The padding is then
-// made explicit, which gives the same values through a path that does not crash
-// (segnet_ext/aten_conv.py does the same for the layers, forward and backward).
+// at::conv2d, with the geometries that oneDNN gets wrong (torch 2.13 and 2.14) rewritten
+// into equivalent ones, as segnet_ext/aten_conv.py does for the layers (where the cases are
+// described): where no output sees the input along a dimension (bfloat16 and float16 read
+// through a null pointer on CPUs with AVX-512 BF16 or AMX), the padding made explicit; where
+// a strided dimension has one output (bfloat16 on AMX returns garbage), stride 1 along it
+// and the first output kept.
 at::Tensor aten_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const auto valid = [](at::IntArrayRef v, int64_t least) {
     return v.size() == 2 && std::all_of(v.begin(), v.end(), [&](int64_t e) { return e >= least; });
   };
-  if (valid(stride, 1) && valid(padding, 0) && valid(dilation, 1)) {
-    bool blind = false;
-    for (int d = 0; d < 2; ++d) {
-      const int64_t size = x.size(2 + d), kernel = weight.size(2 + d);
-      const bool fits = size + 2 * padding[d] >= dilation[d] * (kernel - 1) + 1;
-      blind = blind || (fits && kernel >= 1 && sees_no_input(size, kernel, stride[d], padding[d], dilation[d]));
-    }
-    if (blind)
-      return at::conv2d(at::constant_pad_nd(x, {padding[1], padding[1], padding[0], padding[0]}), weight, bias, stride,
-                        at::IntArrayRef({0, 0}), dilation, groups);
+  if (!valid(stride, 1) || !valid(padding, 0) || !valid(dilation, 1))
+    return at::conv2d(x, weight, bias, stride, padding, dilation, groups);  // its error
+  bool blind = false, restrided = false;
+  int64_t out[2], strides[2];
+  for (int d = 0; d < 2; ++d) {
+    const int64_t size = x.size(2 + d), kernel = weight.size(2 + d);
+    if (kernel < 1 || size + 2 * padding[d] < dilation[d] * (kernel - 1) + 1)
+      return at::conv2d(x, weight, bias, stride, padding, dilation, groups);  // its error
+    out[d] = extent(size, kernel, stride[d], padding[d], dilation[d]);
+    blind = blind || sees_no_input(size, kernel, stride[d], padding[d], dilation[d]);
+    strides[d] = out[d] == 1 ? 1 : stride[d];
+    restrided = restrided || strides[d] != stride[d];
   }
-  return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+  if (!blind && !restrided) return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+  const int64_t zeros[2] = {0, 0};
+  const at::Tensor y =
+      blind ? at::conv2d(at::constant_pad_nd(x, {padding[1], padding[1], padding[0], padding[0]}), weight, bias,
+                         strides, zeros, dilation, groups)
+            : at::conv2d(x, weight, bias, strides, padding, dilation, groups);
+  if (y.size(2) == out[0] && y.size(3) == out[1]) return y;
+  return y.slice(2, 0, out[0]).slice(3, 0, out[1]).contiguous(x.suggest_memory_format());
 }
 
 at::Tensor conv2d_scale_shift_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
