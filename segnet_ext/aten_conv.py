@@ -22,6 +22,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 from torch.nn.modules.utils import _pair
 
 
@@ -64,11 +65,6 @@ def rewrite(x: Tensor, weight: Tensor, stride, padding, dilation) -> Optional[Re
     return Rewrite(padding if blind else None, strides, out)
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 def _padded(x: Tensor, explicit: Tuple[int, int]) -> Tensor:
     return F.pad(x, [explicit[1], explicit[1], explicit[0], explicit[0]])
 
@@ -81,8 +77,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, d
     if r.explicit_padding is not None:
         x, padding = _padded(x, r.explicit_padding), 0
     y = F.conv2d(x, weight, bias, r.stride, padding, dilation, groups)
-    (H, W), fmt = r.output_size, _memory_format(y)
-    return y if y.shape[2:] == (H, W) else y[..., :H, :W].contiguous(memory_format=fmt)
+    H, W = r.output_size
+    return y if y.shape[2:] == (H, W) else y[..., :H, :W].contiguous(memory_format=suggest_memory_format(y))
 
 
 def convolution_backward(grad: Tensor, x: Tensor, weight: Tensor, bias_sizes: Optional[List[int]], stride, padding,
@@ -96,13 +92,13 @@ def convolution_backward(grad: Tensor, x: Tensor, weight: Tensor, bias_sizes: Op
     x_in = x if r.explicit_padding is None else _padded(x, r.explicit_padding)
     if r.explicit_padding is not None:
         padding = [0, 0]
-    full = [_extent(n, k, s, p, d) for n, k, s, p, d in zip(x_in.shape[2:], weight.shape[2:], r.stride, padding, dilation)]
+    full = [_extent(*g) for g in zip(x_in.shape[2:], weight.shape[2:], r.stride, padding, dilation)]
     if list(grad.shape[2:]) != full:  # the outputs the rewritten convolution adds get no gradient
-        extended = grad.new_zeros((*grad.shape[:2], *full)).contiguous(memory_format=_memory_format(grad))
+        extended = grad.new_zeros((*grad.shape[:2], *full)).contiguous(memory_format=suggest_memory_format(grad))
         extended[..., :grad.shape[2], :grad.shape[3]] = grad
         grad = extended
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(grad, x_in, weight, bias_sizes, list(r.stride), padding,
-                                                                 dilation, False, [0, 0], groups, output_mask)
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad, x_in, weight, bias_sizes, list(r.stride), padding, dilation, False, [0, 0], groups, output_mask)
     if grad_x is not None and r.explicit_padding is not None:
         (ph, pw), (H, W) = r.explicit_padding, x.shape[2:]
         grad_x = grad_x[..., ph:ph + H, pw:pw + W]

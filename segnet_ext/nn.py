@@ -95,7 +95,7 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` that, in training, saves a recomputable input (the output of a
     ConvBNReLU2d or MaxUnpool2x2) as its recipe instead of storing it. Same parameters and
     state_dict keys as ``nn.Conv2d``. With zero padding it convolves through
-    :mod:`segnet_ext.aten_conv` (where ``nn.Conv2d`` can crash the process on a CPU)."""
+    :mod:`segnet_ext.aten_conv`, which avoids two oneDNN bugs of ``nn.Conv2d`` on the CPU."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         if self.padding_mode != "zeros":

@@ -413,8 +413,8 @@ def test_geometries_that_onednn_gets_wrong(fmt, dtype, geometry):
     assert z.is_contiguous(memory_format=fmt)
     scale, shift = torch.rand(8) + 0.5, torch.randn(8)
     y = ops.conv2d_scale_shift_relu(x, w, scale, shift, *args, False)
-    check(y, (want - b.double().view(1, -1, 1, 1)) * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1),
-          magnitude * 2 + shift.double().abs().view(1, -1, 1, 1))
+    per_channel = [v.double().view(1, -1, 1, 1) for v in (b, scale, shift)]
+    check(y, (want - per_channel[0]) * per_channel[1] + per_channel[2], magnitude * 2 + per_channel[2].abs())
     assert y.is_contiguous(memory_format=fmt)
     # the layers, training (forward and backward) and inference (BN folded into the convolution,
     # ReLU fused), against torch's in float64: a ConvBNReLU2d of this geometry, and an
@@ -447,7 +447,8 @@ def test_geometries_that_onednn_gets_wrong(fmt, dtype, geometry):
             sum((t * r).sum() for t, r in zip(want, weights)).backward()
             torch.testing.assert_close(xo.grad.double(), xt.grad, rtol=tol * 10, atol=tol * 10)
             for q, r in zip(ours.parameters(), theirs.parameters()):
-                torch.testing.assert_close(q.grad.double(), r.grad, rtol=tol * 10, atol=tol * 10 * (1 + r.grad.abs().max()))
+                atol = tol * 10 * (1 + r.grad.abs().max())
+                torch.testing.assert_close(q.grad.double(), r.grad, rtol=tol * 10, atol=atol)
 
 
 # ---- the CPU's Winograd F(2x2, 3x3) path of conv2d_scale_shift_relu ----

@@ -419,7 +419,8 @@ int64_t extent(int64_t size, int64_t kernel, int64_t stride, int64_t padding, in
 // Whether no output position along one dimension has a tap inside the input (of `size`):
 // every tap of every output falls in the zero padding.
 bool sees_no_input(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
-  for (int64_t o = 0, out = extent(size, kernel, stride, padding, dilation); o < out && o * stride - padding < size; ++o)
+  const int64_t out = extent(size, kernel, stride, padding, dilation);
+  for (int64_t o = 0; o < out && o * stride - padding < size; ++o)
     for (int64_t j = 0; j < kernel; ++j)
       if (const int64_t at = o * stride - padding + j * dilation; at >= 0 && at < size) return false;
   return true;
