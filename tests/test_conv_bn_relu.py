@@ -364,8 +364,9 @@ def test_conv_bn_stats_op(fmt, dtype, geometry):
 # every output falls in the zero padding; each killed the process in torch's own bfloat16
 # or float16 F.conv2d, forward or backward (oneDNN reads through a null pointer). ONE_OUTPUT:
 # a strided dimension with one output; torch's bfloat16 F.conv2d returned garbage (1e19) for
-# each, and garbage weight gradients for some. Both in torch 2.14 on a Xeon with AMX; the
-# first found by test_fuzz.py under the sanitizers, the second by a sweep against float64.
+# each of the first four (along the width), and garbage weight gradients for some; the last
+# checks the rewrite along the height. Both in torch 2.14 on a Xeon with AMX; the first
+# found by test_fuzz.py under the sanitizers, the second by a sweep against float64.
 BLIND = [(4, 5, 1, 1, 2, 1, 2), (4, 3, 1, 1, 2, 1, 3), (4, 1, 5, 2, 1, 2, 3), (4, 1, 8, 2, 2, 2, 3),
          (4, 2, 3, 2, 1, 1, 3)]
 ONE_OUTPUT = [(16, 8, 1, 2, 2, 1, 1), (16, 24, 1, 3, 2, 1, 1), (16, 64, 3, 3, 2, 0, 1), (64, 24, 2, 3, 2, 2, 2),
