@@ -26,12 +26,13 @@ from torch._prims_common import suggest_memory_format
 from torch.nn.modules.utils import _pair
 
 
-def _extent(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+def extent(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Outputs along one dimension of a convolution."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _sees_no_input(size: int, kernel: int, stride: int, padding: int, dilation: int) -> bool:
-    for o in range(_extent(size, kernel, stride, padding, dilation)):
+    for o in range(extent(size, kernel, stride, padding, dilation)):
         if o * stride - padding >= size:  # this and later outputs start past the input
             break
         if any(0 <= o * stride - padding + j * dilation < size for j in range(kernel)):
@@ -57,7 +58,7 @@ def rewrite(x: Tensor, weight: Tensor, stride, padding, dilation) -> Optional[Re
     sizes, kernels = x.shape[2:], weight.shape[2:]
     if min(kernels) < 1 or any(n + 2 * p < d * (k - 1) + 1 for n, k, p, d in zip(sizes, kernels, padding, dilation)):
         return None
-    out = tuple(_extent(*g) for g in zip(sizes, kernels, stride, padding, dilation))
+    out = tuple(extent(*g) for g in zip(sizes, kernels, stride, padding, dilation))
     blind = any(_sees_no_input(*g) for g in zip(sizes, kernels, stride, padding, dilation))
     strides = tuple(1 if o == 1 else s for o, s in zip(out, stride))
     if not blind and strides == stride:
@@ -92,7 +93,7 @@ def convolution_backward(grad: Tensor, x: Tensor, weight: Tensor, bias_sizes: Op
     x_in = x if r.explicit_padding is None else _padded(x, r.explicit_padding)
     if r.explicit_padding is not None:
         padding = [0, 0]
-    full = [_extent(*g) for g in zip(x_in.shape[2:], weight.shape[2:], r.stride, padding, dilation)]
+    full = [extent(*g) for g in zip(x_in.shape[2:], weight.shape[2:], r.stride, padding, dilation)]
     if list(grad.shape[2:]) != full:  # the outputs the rewritten convolution adds get no gradient
         extended = grad.new_zeros((*grad.shape[:2], *full)).contiguous(memory_format=suggest_memory_format(grad))
         extended[..., :grad.shape[2], :grad.shape[3]] = grad

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from .aten_conv import extent
 from .reference import pack_codes, unpack_codes
 
 _ops = torch.ops.segnet_ext
@@ -319,11 +320,8 @@ def _bn_relu_backward_apply_fake(grad_y, x, scale, shift, mean, k1, k2, k3, relu
 
 
 def _conv_output_like(x, weight, stride, padding, dilation):
-    N, _, H, W = x.shape
-    kh, kw = weight.shape[-2:]
-    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return torch.empty((N, weight.shape[0], Ho, Wo), dtype=x.dtype, device=x.device,
+    Ho, Wo = (extent(*g) for g in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
+    return torch.empty((x.shape[0], weight.shape[0], Ho, Wo), dtype=x.dtype, device=x.device,
                        memory_format=suggest_memory_format(x))
 
 
