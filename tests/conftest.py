@@ -1,9 +1,19 @@
+import getpass
 import os
 import random
+import tempfile
 import zlib
 
 import pytest
 import torch
+
+# Inductor's on-disk cache does not key on ATEN_CPU_CAPABILITY (torch 2.14.1): C++ kernels
+# generated for the machine's AVX-512 and reloaded under avx2 compute NaN, even for plain nn
+# layers. A run that overrides the capability (make test-isa) gets a cache of its own, and
+# leaves the machine's cache alone.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 
 # Fresh random inputs every run; the seed is printed in the header, and
 # SEGNET_TEST_SEED=<seed> replays a run.

@@ -1,6 +1,5 @@
 """Recomputed activations: a SegNet-like stage stores less and computes the same gradients."""
 import copy
-import os
 
 import pytest
 import torch
@@ -119,14 +118,6 @@ def test_stage_under_autocast_matches_the_plain_layers(dtype, onednn, fmt):
 
 # ---- under torch.compile: the partitioner recomputes what the recipes would ----
 
-def compile_backend() -> str:
-    # Inductor's C++ code needs ATen's vector ISA as the machine has it: it fails to build at
-    # ATEN_CPU_CAPABILITY=default, and at avx2 on an AVX-512 machine it computes NaN even for
-    # plain nn layers (torch 2.14.1); under such an override, the same AOTAutograd partitioner
-    # without Inductor's code generation
-    return "aot_eager_decomp_partition" if os.environ.get("ATEN_CPU_CAPABILITY") else "inductor"
-
-
 @pytest.mark.parametrize("stage", [Stage, DecoderStage])
 def test_compiled_stage_computes_the_eager_gradients_and_stores_as_little(stage):
     """In float64: in float32, compiled and eager rounding differ by ~1e-7, enough to flip a
@@ -134,7 +125,6 @@ def test_compiled_stage_computes_the_eager_gradients_and_stores_as_little(stage)
     (a CI run saw one element's gradient move 4.6e-4 of the largest); in float64 such a flip
     needs values within ~1e-16 of each other."""
     torch._dynamo.reset()
-    backend = compile_backend()
     ours, plain = stage(True).double(), stage(False).double()
     plain.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
@@ -142,8 +132,8 @@ def test_compiled_stage_computes_the_eager_gradients_and_stores_as_little(stage)
     weights = sum(p.numel() * 8 for p in ours.parameters())
     results = {}
     for name, model in (("eager", copy.deepcopy(ours)),
-                        ("compiled", torch.compile(copy.deepcopy(ours), fullgraph=True, backend=backend)),
-                        ("compiled plain", torch.compile(copy.deepcopy(plain), backend=backend))):
+                        ("compiled", torch.compile(copy.deepcopy(ours), fullgraph=True)),
+                        ("compiled plain", torch.compile(copy.deepcopy(plain)))):
         xi = x.clone().requires_grad_()
         saved, out = saved_bytes(lambda: model(xi))
         out.square().mean().backward()
@@ -172,7 +162,6 @@ def test_a_compiled_residual_chain_stores_no_more_than_eager_mode():
     from tests.test_fusion import BasicBlock, randomise_bn
 
     torch._dynamo.reset()
-    backend = compile_backend()
     torch.manual_seed(0)
     ours = segnet_ext.fuse(randomise_bn(nn.Sequential(*(BasicBlock(8) for _ in range(6))))).double()
     marks = [block.conv2.recompute_residual for block in ours]
@@ -184,8 +173,8 @@ def test_a_compiled_residual_chain_stores_no_more_than_eager_mode():
     activation = x.numel() * 8
     results = {}
     for name, model in (("eager", copy.deepcopy(ours)),
-                        ("compiled", torch.compile(copy.deepcopy(ours), fullgraph=True, backend=backend)),
-                        ("compiled unmarked", torch.compile(unmarked, fullgraph=True, backend=backend))):
+                        ("compiled", torch.compile(copy.deepcopy(ours), fullgraph=True)),
+                        ("compiled unmarked", torch.compile(unmarked, fullgraph=True))):
         xi = x.clone().requires_grad_()
         saved, out = saved_bytes(lambda: model(xi))
         out.square().mean().backward()
