@@ -228,7 +228,7 @@ def test_load_pretrained_and_torch_hub():
     outputs = {}
     names = pretrained_names()
     shipped_before = {"segnet_basic_camvid", "segnet_basic_camvid_v2", "segnet_basic_camvid_v3",
-                     "segnet_basic_camvid_v4"}
+                     "segnet_basic_camvid_v4", "segnet_basic_camvid_v5"}
     assert shipped_before < set(names) and DEFAULT_PRETRAINED in names  # names users may hold keep loading
     spec = importlib.util.spec_from_file_location("hubconf", os.path.join(repo, "hubconf.py"))
     hubconf = importlib.util.module_from_spec(spec)  # the checkout's torch.hub entry points: one per bundled model
