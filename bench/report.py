@@ -35,6 +35,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from bench.common import interleaved_ms, machine_description, median_ratio, replace_section, saved_storages
 from segnet import malloc
+from segnet_ext.aten_conv import extent
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -64,8 +65,7 @@ class _SacCounter:
         self.storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
 
     def conv_output(self, x, weight, bias, stride, padding, dilation, *rest):
-        H = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
-        W = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+        H, W = (extent(*g) for g in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
         self.storages[("conv", len(self.storages))] = x.shape[0] * weight.shape[0] * H * W * x.element_size()
 
 

@@ -187,9 +187,8 @@ class _ConvBN:
 def _fusable_residual(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> bool:
     """Whether the residual has the convolution output's shape, dtype (under autocast too)
     and device."""
-    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    shape = (x.shape[0], conv.out_channels) + tuple((x.shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1
-                                                   for i in range(2))
+    shape = (x.shape[0], conv.out_channels) + tuple(
+        aten_conv.extent(*g) for g in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation))
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) and x.dtype != torch.float64 \
         else x.dtype
