@@ -223,6 +223,27 @@ def test_ddp_with_sync_bn_matches_one_process(camvid_root, tmp_path):
     assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=1e-5)
 
 
+def test_ddp_lovasz_matches_accumulation(camvid_root, tmp_path):
+    """The Lovász term is a mean over micro-batches, not over pixels: 2 gloo processes x batch 1
+    end where 1 process x batch 1 x 2 accumulated micro-batches ends (not batch 2: the term
+    of a batch of two images is not the mean of theirs), the logged loss included."""
+    common = ["--data", str(camvid_root), "--model", "segnet_basic", "--epochs", "2", "--val-every", "0", "--lovasz", "1",
+              "--no-progress", "--class-weights", "enet", "--crop", "16x24", "--batch-size", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {"two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "segnet", "train"],
+            "one": [sys.executable, "-m", "segnet", "train", "--accumulate", "2"]}
+    for name, command in runs.items():
+        done = subprocess.run([*command, *common, "--output", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (load_checkpoint(tmp_path / run / "last.pt") for run in runs)
+    assert a["config"]["lovasz"] == 1.0 and a["step"] == b["step"] == 4
+    # the weights; not BN's running statistics (DDP without --sync-bn keeps process 0's, accumulation both micro-batches')
+    for key, value in b["model"].items():
+        if "running_" not in key and "num_batches" not in key:
+            torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=1e-5)
+
+
 def test_the_demo_shows_the_shipped_model_first(tmp_path, capsys):
     from segnet import demo
 
@@ -314,9 +335,9 @@ def test_generalisation_flags_reach_the_config(capsys):
     from segnet.cli import build_parser, train_config
 
     args = build_parser().parse_args(["train", "--color-jitter", "0.3,0.3,0.2,0.03", "--blur", "0.2", "--holdout-sequence",
-                                      "0006R0", "--train-split", "train+val", "--dropout", "0.5"])
+                                      "0006R0", "--train-split", "train+val", "--dropout", "0.5", "--lovasz", "0.5"])
     config = train_config(args)
-    assert config.dropout == 0.5
+    assert config.dropout == 0.5 and config.lovasz == 0.5
     assert config.color_jitter == (0.3, 0.3, 0.2, 0.03) and config.blur == 0.2
     assert config.holdout_sequence == "0006R0" and config.train_split == "train+val"
     with pytest.raises(SystemExit):

@@ -47,7 +47,8 @@ def test_overfits_one_image(tmp_path):
     assert accuracy > 90
 
 
-@pytest.mark.parametrize("options", [dict(), dict(accumulate=2, schedule="step", step_epochs=1, optimizer="adam", dropout=0.5, ema=0.9)])
+@pytest.mark.parametrize("options", [dict(), dict(accumulate=2, schedule="step", step_epochs=1, optimizer="adam", dropout=0.5, ema=0.9,
+                                                       lovasz=1.0)])
 def test_resume_is_bit_identical(camvid_root, tmp_path, options):
     whole = Trainer(tiny_config(camvid_root, tmp_path / "whole", **options))
     whole.fit()
@@ -341,6 +342,9 @@ def test_bad_settings(camvid_root, tmp_path):
         tiny_config(camvid_root, tmp_path, optimizer="lbfgs")
     with pytest.raises(ValueError, match=r"ema must be a decay in \[0, 1\) .* got 1.0"):
         tiny_config(camvid_root, tmp_path, ema=1.0)
+    for weight in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=rf"lovasz must be a finite weight >= 0 .* got {weight}"):
+            tiny_config(camvid_root, tmp_path, lovasz=weight)
     with pytest.raises(ValueError, match=r"unknown training settings \['learning_rate'\]"):
         TrainConfig.from_dict({"learning_rate": 0.1})
     with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):

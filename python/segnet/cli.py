@@ -79,6 +79,8 @@ TRAIN_OPTIONS = [
     ("--step-epochs", "step_epochs", {"type": int}, "step schedule: multiply the lr by --gamma every this many epochs"),
     ("--gamma", "gamma", {"type": float}, "step schedule factor"),
     ("--class-weights", "class_weights", {"choices": ["median", "enet", "paper", "none"]}, "loss weights: median frequency balancing of the training labels, ENet's 1 / ln(1.02 + share) (milder on the large classes), the paper's, or none"),
+    ("--lovasz", "lovasz", {"type": float, "metavar": "WEIGHT"}, "add the Lovász-softmax loss (a surrogate of 1 - IoU, "
+     "averaged over the classes present in each batch) times WEIGHT to the cross-entropy (e.g. 1; 0 = off)"),
     ("--flip", "flip", {"action": argparse.BooleanOptionalAction}, "random left-right flips"),
     ("--scale", "scale", {"type": _scale}, "random rescale S or LOW,HIGH (0.5 trains at half resolution)"),
     ("--crop", "crop", {"type": _hw}, "random crop HxW after scaling"),

@@ -1,7 +1,7 @@
-"""Training: SGD (the paper's) or Adam, step/poly schedules, class-weighted cross-entropy,
-mixed precision, channels_last, gradient accumulation, torchrun data parallelism, a moving
-average of the weights, and checkpoints from which a resumed run ends bit-identical to an
-uninterrupted one.
+"""Training: SGD (the paper's) or Adam, step/poly schedules, class-weighted cross-entropy
+(optionally plus the Lovász-softmax surrogate of 1 - IoU), mixed precision, channels_last,
+gradient accumulation, torchrun data parallelism, a moving average of the weights, and
+checkpoints from which a resumed run ends bit-identical to an uninterrupted one.
 
 Output folder: ``last.pt`` (after every epoch and on interruption), ``best.pt`` (best val
 mIoU), ``metrics.csv`` / ``metrics.jsonl`` (one row per epoch), ``curves.png``, ``config.json``,
@@ -30,6 +30,7 @@ from .checkpoint import ensure_writable, load_checkpoint, remove_partial_writes,
 from .data import Augment, EpochSampler, SegmentationDataset, class_weights, collate, derived_seed
 from .description import load_description
 from .evaluate import autocast, confusion_over, resolve_device
+from .losses import lovasz_softmax
 from .metrics import scores
 from .model import build_model, load_encoder_weights
 
@@ -59,6 +60,7 @@ class TrainConfig:
     step_epochs: int = 30                     # step schedule: multiply by gamma every step_epochs
     gamma: float = 0.1
     class_weights: str = "median"             # median | enet | paper | none
+    lovasz: float = 0.0                       # weight of the Lovász-softmax term added to the cross-entropy; 0 = off
     flip: bool = True
     scale: Tuple[float, float] = (1.0, 1.0)   # random rescale range
     crop: Optional[Tuple[int, int]] = None    # random crop H, W
@@ -95,6 +97,8 @@ class TrainConfig:
             self.lr = 0.01 if self.optimizer == "sgd" else 0.001
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be a decay in [0, 1) (0 = off, 0.999 typical), got {self.ema}")
+        if not (math.isfinite(self.lovasz) and self.lovasz >= 0.0):
+            raise ValueError(f"lovasz must be a finite weight >= 0 (0 = off, 1 typical), got {self.lovasz}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         classes = load_description(self.dataset).num_classes
@@ -397,9 +401,10 @@ class Trainer:
         return math.ceil(self.samples_done / (self.config.batch_size * self.config.accumulate))
 
     def _step(self, batches: List[Tuple[Tensor, Tensor]]) -> float:
-        """One optimiser step over ``batches`` (the accumulated micro-batches). The loss is
-        normalised by the class weight of every valid pixel of the whole global step, so
-        accumulation and data parallelism give the gradient of one big batch."""
+        """One optimiser step over ``batches`` (the accumulated micro-batches). The
+        cross-entropy is normalised by the class weight of every valid pixel of the whole
+        global step, so accumulation and data parallelism give the gradient of one big batch;
+        the Lovász term (not a sum over pixels) is the mean of its micro-batches' values."""
         batches = [(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)) for images, labels in batches]
         denominator = torch.zeros((), dtype=torch.float64)
         for _, labels in batches:
@@ -423,6 +428,11 @@ class Trainer:
                 loss_sum = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
                                            ignore_index=self.description.ignore_index, reduction="sum")
                 loss = loss_sum * (self.context.world_size / denominator)
+                if self.config.lovasz:
+                    # DDP averages the processes' gradients: no world_size factor here
+                    lovasz = lovasz_softmax(logits, labels, self.description.ignore_index) * (self.config.lovasz / len(batches))
+                    loss = loss + lovasz
+                    total += lovasz.item() / self.context.world_size
                 self.scaler.scale(loss).backward()
             total += loss_sum.item() / denominator
         self.scaler.step(self.optimizer)

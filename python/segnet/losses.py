@@ -1,0 +1,43 @@
+"""The Lovász-softmax loss (Berman, Rannen Triki, Blaschko, CVPR 2018): a convex surrogate of
+1 - IoU, the Lovász extension of each class's Jaccard loss evaluated at the per-pixel errors
+|[label == c] - p_c|, averaged over the classes present. On one-hot probabilities it *is*
+1 - IoU (of the batch's pixels, as ``metrics.scores`` counts them); training adds it to the
+cross-entropy with ``--lovasz WEIGHT``.
+
+Sorting is the cost: one sort of the batch's pixels per class (of the 0.5 s that forward and
+backward take for four 360x480 images on two Xeon cores, 0.3 s).
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def lovasz_softmax(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """Mean over the classes present in ``labels`` of the Lovász-softmax loss of float
+    ``logits`` [N, C, H, W] against int64 ``labels`` [N, H, W]; pixels labelled
+    ``ignore_index`` do not count. A scalar in [0, 1], computed in float32 (or float64 for
+    float64 logits); zero, with a gradient, when every pixel is ignored."""
+    if logits.dim() != 4 or labels.shape != (logits.shape[0],) + logits.shape[2:]:
+        raise ValueError(f"logits must be [N, C, H, W] and labels [N, H, W] of the same N, H, W; got logits "
+                         f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
+    classes = logits.shape[1]
+    probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)
+    probs = probs.movedim(1, 0).reshape(classes, -1)                      # [C, P]
+    labels = labels.reshape(-1)
+    valid = labels != ignore_index
+    if not bool(valid.all()):
+        probs, labels = probs[:, valid], labels[valid]
+    if labels.numel() == 0:
+        return probs.sum() * 0.0
+    if int(labels.min()) < 0 or int(labels.max()) >= classes:
+        raise ValueError(f"labels must be class ids in [0, {classes}) or ignore_index {ignore_index}; "
+                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+    foreground = F.one_hot(labels, classes).T.to(probs.dtype)            # [C, P]
+    errors, order = (foreground - probs).abs().sort(1, descending=True)
+    foreground = foreground.gather(1, order)
+    pixels = foreground.sum(1, keepdim=True)
+    # The Jaccard loss of the k largest errors, k = 1..P; its increments weight the sorted errors.
+    jaccard = 1.0 - (pixels - foreground.cumsum(1)) / (pixels + (1.0 - foreground).cumsum(1))
+    increments = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], 1)
+    per_class = (errors * increments).sum(1)
+    return per_class[pixels[:, 0] > 0].mean()

@@ -1,0 +1,108 @@
+"""The Lovász-softmax loss against Berman et al.'s per-class reference, against 1 - IoU on
+hard predictions, and its gradient."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segnet.losses import lovasz_softmax
+
+IGNORE = 255
+
+
+def reference(logits, labels, ignore_index):
+    """Berman et al.'s lovasz_softmax_flat (classes='present'), one class at a time, float64."""
+    probs = logits.double().softmax(1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    labels = labels.reshape(-1)
+    probs, labels = probs[labels != ignore_index], labels[labels != ignore_index]
+    losses = []
+    for c in range(probs.shape[1]):
+        fg = (labels == c).double()
+        if fg.sum() == 0:
+            continue
+        errors, perm = (fg - probs[:, c]).abs().sort(descending=True)
+        fg_sorted = fg[perm]
+        gts = fg_sorted.sum()
+        jaccard = 1.0 - (gts - fg_sorted.cumsum(0)) / (gts + (1.0 - fg_sorted).cumsum(0))
+        jaccard[1:] = jaccard[1:] - jaccard[:-1].clone()
+        losses.append(torch.dot(errors, jaccard))
+    return torch.stack(losses).mean()
+
+
+def random_case(n, c, h, w, ignored=0.2, generator=None):
+    logits = torch.randn(n, c, h, w, generator=generator, dtype=torch.float64) * 3
+    labels = torch.randint(0, c, (n, h, w), generator=generator)
+    labels[torch.rand(n, h, w, generator=generator) < ignored] = IGNORE
+    return logits, labels
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (2, 11, 7, 9), (3, 5, 1, 13), (1, 3, 16, 1)])
+def test_matches_the_per_class_reference(shape):
+    logits, labels = random_case(*shape)
+    if (labels == IGNORE).all():
+        labels[0, 0, 0] = 1
+    torch.testing.assert_close(lovasz_softmax(logits, labels, IGNORE), reference(logits, labels, IGNORE))
+    torch.testing.assert_close(lovasz_softmax(logits.float(), labels, IGNORE), reference(logits, labels, IGNORE).float())
+
+
+def test_ties_and_saturated_probabilities():
+    """Equal errors (the value does not depend on their order) and probabilities of exactly
+    0 and 1 (logits of +-inf in effect)."""
+    logits = torch.randint(-1, 2, (2, 4, 6, 6)).double() * 40
+    labels = torch.randint(0, 4, (2, 6, 6))
+    torch.testing.assert_close(lovasz_softmax(logits, labels, IGNORE), reference(logits, labels, IGNORE))
+
+
+def test_on_hard_predictions_it_is_one_minus_the_iou_of_the_present_classes():
+    generator = torch.Generator().manual_seed(torch.seed() % 2**32)
+    labels = torch.randint(0, 6, (3, 10, 12), generator=generator)
+    labels[:, :, 0] = IGNORE
+    labels[labels == 4] = 5                                               # class 4 absent from the labels
+    predicted = torch.randint(0, 6, (3, 10, 12), generator=generator)  # ... but predicted
+    logits = F.one_hot(predicted, 6).permute(0, 3, 1, 2).double() * 100.0
+    valid = labels != IGNORE
+    ious = []
+    for c in labels[valid].unique().tolist():
+        inter = ((predicted == c) & (labels == c) & valid).sum()
+        union = (((predicted == c) | (labels == c)) & valid).sum()
+        ious.append(inter / union)
+    expected = 1.0 - torch.stack(ious).double().mean()
+    torch.testing.assert_close(lovasz_softmax(logits, labels, IGNORE), expected)
+    # a perfect prediction costs nothing
+    perfect = F.one_hot(labels.clamp(max=5), 6).permute(0, 3, 1, 2).double() * 100.0
+    assert lovasz_softmax(perfect, labels, IGNORE).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ignored_pixels_do_not_count():
+    logits, labels = random_case(2, 5, 8, 8, ignored=0.0)
+    hidden = labels.clone()
+    hidden[:, :, 4:] = IGNORE
+    other = logits.clone()
+    other[:, :, :, 4:] = torch.randn_like(other[:, :, :, 4:]) * 10       # anything behind the ignored pixels
+    torch.testing.assert_close(lovasz_softmax(other, hidden, IGNORE), lovasz_softmax(logits[..., :4], labels[..., :4], IGNORE))
+    everything = torch.full_like(labels, IGNORE)
+    logits.requires_grad_(True)
+    loss = lovasz_softmax(logits, everything, IGNORE)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_gradcheck():
+    logits, labels = random_case(2, 4, 3, 5)
+    logits.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: lovasz_softmax(x, labels, IGNORE), (logits,), eps=1e-7, atol=1e-6)
+
+
+def test_channels_last_and_nan():
+    logits, labels = random_case(2, 5, 6, 7)
+    expected = lovasz_softmax(logits, labels, IGNORE)
+    torch.testing.assert_close(lovasz_softmax(logits.contiguous(memory_format=torch.channels_last), labels, IGNORE), expected)
+    logits[0, 1, 2, 3] = float("nan")
+    assert lovasz_softmax(logits, labels, IGNORE).isnan()                # a diverged network shows, it is not hidden
+
+
+def test_bad_input_names_what_is_wrong():
+    logits, labels = random_case(2, 5, 6, 7, ignored=0.0)
+    with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 5\) or ignore_index 255; got values in \[0, 7\]"):
+        lovasz_softmax(logits, labels.clamp(max=3).index_fill(1, torch.tensor([0]), 7), IGNORE)
+    with pytest.raises(ValueError, match=r"got logits \(2, 5, 6, 7\) and labels \(2, 6, 6\)"):
+        lovasz_softmax(logits, labels[:, :, :6], IGNORE)
