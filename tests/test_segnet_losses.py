@@ -95,7 +95,7 @@ def test_channels_last_and_nan():
     logits, labels = random_case(2, 5, 6, 7)
     expected = lovasz_softmax(logits, labels, IGNORE)
     torch.testing.assert_close(lovasz_softmax(logits.contiguous(memory_format=torch.channels_last), labels, IGNORE), expected)
-    logits[0, 1, 2, 3] = float("nan")
+    logits[0, 1, 2, 3], labels[0, 2, 3] = float("nan"), 1              # at a counted pixel
     assert lovasz_softmax(logits, labels, IGNORE).isnan()                # a diverged network shows, it is not hidden
 
 
