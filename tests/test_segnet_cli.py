@@ -335,9 +335,10 @@ def test_generalisation_flags_reach_the_config(capsys):
     from segnet.cli import build_parser, train_config
 
     args = build_parser().parse_args(["train", "--color-jitter", "0.3,0.3,0.2,0.03", "--blur", "0.2", "--holdout-sequence",
-                                      "0006R0", "--train-split", "train+val", "--dropout", "0.5", "--lovasz", "0.5"])
+                                      "0006R0", "--train-split", "train+val", "--dropout", "0.5", "--lovasz", "0.5",
+                                      "--copy-paste", "0.25"])
     config = train_config(args)
-    assert config.dropout == 0.5 and config.lovasz == 0.5
+    assert config.dropout == 0.5 and config.lovasz == 0.5 and config.copy_paste == 0.25
     assert config.color_jitter == (0.3, 0.3, 0.2, 0.03) and config.blur == 0.2
     assert config.holdout_sequence == "0006R0" and config.train_split == "train+val"
     with pytest.raises(SystemExit):

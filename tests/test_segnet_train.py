@@ -48,7 +48,7 @@ def test_overfits_one_image(tmp_path):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(accumulate=2, schedule="step", step_epochs=1, optimizer="adam", dropout=0.5, ema=0.9,
-                                                       lovasz=1.0)])
+                                                       lovasz=1.0, copy_paste=0.5)])
 def test_resume_is_bit_identical(camvid_root, tmp_path, options):
     whole = Trainer(tiny_config(camvid_root, tmp_path / "whole", **options))
     whole.fit()
@@ -345,6 +345,9 @@ def test_bad_settings(camvid_root, tmp_path):
     for weight in (-1.0, float("nan")):
         with pytest.raises(ValueError, match=rf"lovasz must be a finite weight >= 0 .* got {weight}"):
             tiny_config(camvid_root, tmp_path, lovasz=weight)
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"copy_paste must be a probability in \[0, 1\] .* got {p}"):
+            tiny_config(camvid_root, tmp_path, copy_paste=p)
     with pytest.raises(ValueError, match=r"unknown training settings \['learning_rate'\]"):
         TrainConfig.from_dict({"learning_rate": 0.1})
     with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):

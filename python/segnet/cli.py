@@ -87,6 +87,8 @@ TRAIN_OPTIONS = [
     ("--color-jitter", "color_jitter", {"type": _floats(4, "B,C,S,H")},
      "random brightness, contrast, saturation (factors 1 +- each) and hue (+- turns of the colour wheel), e.g. 0.3,0.3,0.3,0.03"),
     ("--blur", "blur", {"type": float}, "probability of a random Gaussian blur (sigma 0.3-1.5 px)"),
+    ("--copy-paste", "copy_paste", {"type": float, "metavar": "P"}, "with probability P, paste over a training image the "
+     "pixels of the rare classes (rarer than the median class) of another, augmented on its own (Simple Copy-Paste)"),
     ("--channels-last", "channels_last", {"action": argparse.BooleanOptionalAction}, "channels_last memory format"),
     ("--amp", "amp", {"choices": ["none", "bf16", "fp16"]}, "autocast: bf16 (CPU or CUDA) or fp16 (CUDA)"),
     ("--seed", "seed", {"type": int}, "seed of initialisation, shuffling and augmentation"),

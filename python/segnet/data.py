@@ -332,24 +332,57 @@ def _random_crop(image: Tensor, label: Tensor, crop: Tuple[int, int], generator:
     return image[:, top:top + ch, left:left + cw], label[top:top + ch, left:left + cw]
 
 
+class CopyPaste:
+    """Simple Copy-Paste (Ghiasi et al., CVPR 2021) for semantic labels: the pixels of
+    ``classes`` in another image (a donor) are pasted over a sample, image and label, where
+    they are in the donor (the top-left overlap when the two differ in size). The dataset
+    draws whether to paste (``probability``), the donor and its own augmentation."""
+
+    def __init__(self, probability: float, classes: Sequence[int]):
+        if not 0 <= probability <= 1:
+            raise ValueError(f"copy-paste probability must be in [0, 1], got {probability}")
+        self.probability, self.classes = float(probability), torch.tensor(sorted(set(classes)), dtype=torch.long)
+
+    def __call__(self, image: Tensor, label: Tensor, donor_image: Tensor, donor_label: Tensor) -> Tuple[Tensor, Tensor]:
+        h, w = min(label.shape[0], donor_label.shape[0]), min(label.shape[1], donor_label.shape[1])
+        pasted = torch.isin(donor_label[:h, :w], self.classes)
+        image, label = image.clone(), label.clone()
+        image[:, :h, :w] = torch.where(pasted, donor_image[:, :h, :w], image[:, :h, :w])
+        label[:h, :w] = torch.where(pasted, donor_label[:h, :w], label[:h, :w])
+        return image, label
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """One split of a dataset (CamVid unless ``description`` says otherwise: a description,
     a preset's name or a JSON file). Items are (normalised float image [3, H, W], int64
-    label [H, W]). Index with an int, or with ``(index, seed)`` to augment reproducibly."""
+    label [H, W]). Index with an int, or with ``(index, seed)`` to augment reproducibly;
+    with ``copy_paste``, a sample drawn to get one is pasted over by another, augmented
+    with a seed drawn from its own."""
 
     def __init__(self, root: Union[str, Path], split: str, augment: Optional[Augment] = None,
-                 description: Union[DatasetDescription, str, Path, None] = None, exclude_sequences: Sequence[str] = ()):
+                 description: Union[DatasetDescription, str, Path, None] = None, exclude_sequences: Sequence[str] = (),
+                 copy_paste: Optional[CopyPaste] = None):
         self.description = load_description(description)
         self.root = resolve_root(root)
         self.split = split
         self.pairs = list_pairs(self.root, split, self.description.layout, exclude_sequences)
         self.augment = augment
+        self.copy_paste = copy_paste
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, key) -> Tuple[Tensor, Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, 0)
+        generator = torch.Generator().manual_seed(seed)
+        image, label = self._augmented(index, generator)
+        if self.copy_paste is not None and torch.rand((), generator=generator) < self.copy_paste.probability:
+            donor = int(torch.randint(len(self.pairs), (), generator=generator))
+            donor_seed = int(torch.randint(2**62, (), generator=generator))
+            image, label = self.copy_paste(image, label, *self._augmented(donor, torch.Generator().manual_seed(donor_seed)))
+        return normalize(image), label
+
+    def _augmented(self, index: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
         image_path, label_path = self.pairs[index]
         image, label = read_image(image_path), read_label(label_path, self.description)
         if image.shape[-2:] != label.shape:
@@ -358,8 +391,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 f"{str(label_path)!r} is {tuple(label.shape)}"
             )
         if self.augment is not None:
-            image, label = self.augment(image, label, torch.Generator().manual_seed(seed))
-        return normalize(image), label
+            image, label = self.augment(image, label, generator)
+        return image, label
 
 
 CamVid = SegmentationDataset  # the default description is CamVid's
@@ -481,6 +514,21 @@ def enet_weights(root: Union[str, Path], split: str = "train", cache_dir: Option
     class of a third of the pixels), so the large classes keep more weight than under median
     frequency balancing; cached as that."""
     return _weights_from_labels("enet", _enet, root, split, cache_dir, description, exclude_sequences)
+
+
+def rare_classes(root: Union[str, Path], split: str = "train", cache_dir: Optional[Path] = None,
+                 description: Union[DatasetDescription, str, Path, None] = None,
+                 exclude_sequences: Sequence[str] = ()) -> List[int]:
+    """The classes with fewer labelled pixels in ``split`` than the median class (of those
+    present): CamVid's Pole, SignSymbol, Fence, Pedestrian and Bicyclist. Cached as the
+    class weights (see :func:`_weights_from_labels`)."""
+    flags = _weights_from_labels("rare_classes", _rarer_than_median, root, split, cache_dir, description, exclude_sequences)
+    return [c for c, flag in enumerate(flags) if flag]
+
+
+def _rarer_than_median(counts: np.ndarray, image_pixels: np.ndarray) -> List[float]:
+    median = float(np.median(counts[counts > 0])) if (counts > 0).any() else 0.0
+    return [1.0 if 0 < c < median else 0.0 for c in counts]
 
 
 def class_weights(kind: str, root: Union[str, Path], description: Union[DatasetDescription, str, Path, None] = None,

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import ensure_writable, load_checkpoint, remove_partial_writes, save_checkpoint
-from .data import Augment, EpochSampler, SegmentationDataset, class_weights, collate, derived_seed
+from .data import Augment, CopyPaste, EpochSampler, SegmentationDataset, class_weights, collate, derived_seed, rare_classes
 from .description import load_description
 from .evaluate import autocast, confusion_over, resolve_device
 from .losses import lovasz_softmax
@@ -66,6 +66,7 @@ class TrainConfig:
     crop: Optional[Tuple[int, int]] = None    # random crop H, W
     color_jitter: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
     blur: float = 0.0                         # probability of a random Gaussian blur
+    copy_paste: float = 0.0                   # probability of pasting another image's rare classes (data.CopyPaste)
     channels_last: bool = False
     amp: str = "none"                         # none | bf16 | fp16 (CUDA)
     seed: int = 0
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"ema must be a decay in [0, 1) (0 = off, 0.999 typical), got {self.ema}")
         if not (math.isfinite(self.lovasz) and self.lovasz >= 0.0):
             raise ValueError(f"lovasz must be a finite weight >= 0 (0 = off, 1 typical), got {self.lovasz}")
+        if not 0.0 <= self.copy_paste <= 1.0:
+            raise ValueError(f"copy_paste must be a probability in [0, 1] (0 = off, 0.5 typical), got {self.copy_paste}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         classes = load_description(self.dataset).num_classes
@@ -235,7 +238,14 @@ class Trainer:
         augment = Augment(flip=config.flip, scale=config.scale, crop=config.crop, ignore_index=self.description.ignore_index,
                           color=config.color_jitter, blur=config.blur)
         holdout = [config.holdout_sequence] if config.holdout_sequence else []
-        self.train_set = SegmentationDataset(config.data, config.train_split, augment, self.description, holdout)
+        paste = None
+        if config.copy_paste:
+            rare = rare_classes(config.data, config.train_split, description=self.description, exclude_sequences=holdout)
+            paste = CopyPaste(config.copy_paste, rare)
+            if self.context.is_main:
+                print(f"copy-paste (p={config.copy_paste}): the pixels of {', '.join(self.description.classes[c] for c in rare)}"
+                      " (the classes rarer than the median one in the training labels)", flush=True)
+        self.train_set = SegmentationDataset(config.data, config.train_split, augment, self.description, holdout, paste)
         val_split = f"{config.train_split}@{config.holdout_sequence}" if holdout else config.val_split
         self.val_set = SegmentationDataset(config.data, val_split, None, self.description) if config.val_every else None
         weights = class_weights(config.class_weights, config.data, self.description, config.train_split, holdout)
