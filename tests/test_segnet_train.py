@@ -9,8 +9,10 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from segnet.checkpoint import load_checkpoint, save_checkpoint
 from segnet.data import Augment, CamVid, sample_root
@@ -333,6 +335,21 @@ def test_bf16_autocast_and_channels_last(camvid_root, tmp_path, onednn):
             losses[name] = trainer._step([(batch[0][None], batch[1][None])])
     assert losses["channels_last"] == pytest.approx(losses["fp32"], rel=1e-4)
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_copy_paste_takes_the_rare_classes_of_the_training_labels(camvid_root, tmp_path, capsys):
+    from segnet.data import CLASSES, rare_classes
+
+    rare = rare_classes(camvid_root, "train")
+    assert 0 < len(rare) < len(CLASSES)
+    trainer = Trainer(tiny_config(camvid_root, tmp_path / "run", copy_paste=0.5))
+    assert trainer.train_set.copy_paste.classes.tolist() == rare and trainer.train_set.copy_paste.probability == 0.5
+    assert ", ".join(CLASSES[c] for c in rare) in capsys.readouterr().out
+    for folder in ("trainannot", "valannot"):                             # one class everywhere: none is rarer
+        for label in (camvid_root / folder).iterdir():
+            Image.fromarray(np.full((24, 32), 3, np.uint8)).save(label)
+    assert Trainer(tiny_config(camvid_root, tmp_path / "one", copy_paste=0.5, class_weights="none")).train_set.copy_paste is None
+    assert "rarer than the median one in the training labels: none, so it is off" in capsys.readouterr().out
 
 
 def test_bad_settings(camvid_root, tmp_path):

@@ -241,10 +241,11 @@ class Trainer:
         paste = None
         if config.copy_paste:
             rare = rare_classes(config.data, config.train_split, description=self.description, exclude_sequences=holdout)
-            paste = CopyPaste(config.copy_paste, rare)
+            paste = CopyPaste(config.copy_paste, rare) if rare else None
             if self.context.is_main:
-                print(f"copy-paste (p={config.copy_paste}): the pixels of {', '.join(self.description.classes[c] for c in rare)}"
-                      " (the classes rarer than the median one in the training labels)", flush=True)
+                names = ", ".join(self.description.classes[c] for c in rare) or "none, so it is off"
+                print(f"copy-paste (p={config.copy_paste}) of the classes rarer than the median one in the training labels: {names}",
+                      flush=True)
         self.train_set = SegmentationDataset(config.data, config.train_split, augment, self.description, holdout, paste)
         val_split = f"{config.train_split}@{config.holdout_sequence}" if holdout else config.val_split
         self.val_set = SegmentationDataset(config.data, val_split, None, self.description) if config.val_every else None
