@@ -78,12 +78,21 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "expected HxW" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture(scope="module", params=["none", "lcn"])
+def trained(tmp_path_factory, request):
+    """A checkpoint of one step, plain and with the input's local contrast normalisation."""
     run = tmp_path_factory.mktemp("export")
     assert main(["train", "--data", "sample", "--output", str(run), "--model", "segnet_basic", "--max-steps", "1",
-                 "--batch-size", "1", "--val-every", "0", "--no-progress"]) == 0
+                 "--batch-size", "1", "--val-every", "0", "--no-progress", "--input-norm", request.param]) == 0
     return run / "last.pt"
+
+
+def test_checkpoints_remember_the_input_norm(trained):
+    from segnet.checkpoint import load_model
+    from segnet.model import LocalContrastNorm
+
+    model, config = load_model(trained, torch.device("cpu"))
+    assert isinstance(model.input_norm, LocalContrastNorm) == (config["input_norm"] == "lcn")
 
 
 def test_export_torchscript(trained, tmp_path):
@@ -336,9 +345,9 @@ def test_generalisation_flags_reach_the_config(capsys):
 
     args = build_parser().parse_args(["train", "--color-jitter", "0.3,0.3,0.2,0.03", "--blur", "0.2", "--holdout-sequence",
                                       "0006R0", "--train-split", "train+val", "--dropout", "0.5", "--lovasz", "0.5",
-                                      "--copy-paste", "0.25"])
+                                      "--copy-paste", "0.25", "--input-norm", "lcn"])
     config = train_config(args)
-    assert config.dropout == 0.5 and config.lovasz == 0.5 and config.copy_paste == 0.25
+    assert config.dropout == 0.5 and config.lovasz == 0.5 and config.copy_paste == 0.25 and config.input_norm == "lcn"
     assert config.color_jitter == (0.3, 0.3, 0.2, 0.03) and config.blur == 0.2
     assert config.holdout_sequence == "0006R0" and config.train_split == "train+val"
     with pytest.raises(SystemExit):

@@ -2,10 +2,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from segnet import SegNet, SegNetBasic, build_model, load_encoder_weights
-from segnet.model import DECODER_STAGES, VGG16_STAGES
+from segnet.model import DECODER_STAGES, VGG16_STAGES, LocalContrastNorm
 
 MODELS = [SegNet, SegNetBasic]
 
@@ -38,10 +38,10 @@ def test_segnet_is_the_papers_network():
 
 @pytest.mark.parametrize("cls", MODELS)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_backends_agree_forward_and_backward(cls, channels_last, dropout):
-    ours = cls(num_classes=4, backend="segnet_ext", dropout=dropout).double()
-    theirs = cls(num_classes=4, backend="torch", dropout=dropout).double()
+@pytest.mark.parametrize("dropout, input_norm", [(0.0, "none"), (0.5, "none"), (0.0, "lcn")])
+def test_backends_agree_forward_and_backward(cls, channels_last, dropout, input_norm):
+    ours = cls(num_classes=4, backend="segnet_ext", dropout=dropout, input_norm=input_norm).double()
+    theirs = cls(num_classes=4, backend="torch", dropout=dropout, input_norm=input_norm).double()
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 37, 45, dtype=torch.float64)
@@ -104,12 +104,83 @@ def test_bad_arguments():
             SegNetBasic(dropout=p)
     with pytest.raises(ValueError, match="backend must be one of"):
         SegNet(backend="caffe")
+    with pytest.raises(ValueError, match=r"input_norm must be one of \('none', 'lcn'\), got 'LCN'"):
+        build_model("segnet_basic", input_norm="LCN")
+    for window in (0, 4, 2.0):
+        with pytest.raises(ValueError, match=f"window must be an odd number of pixels >= 1, got {window!r}"):
+            LocalContrastNorm(window)
     with pytest.raises(ValueError, match="model must be one of"):
         build_model("unet")
     with pytest.raises(ValueError, match="3 input channels, got 4"):
         SegNetBasic()(torch.randn(1, 4, 8, 8))
     with pytest.raises(ValueError, match=r"expects images \[N, 3, H, W\]"):
         SegNetBasic()(torch.randn(3, 8, 8))
+
+
+def reference_lcn(x: Tensor, window: int, eps: float = 1e-4) -> Tensor:
+    """LocalContrastNorm pixel by pixel: each box mean is the plain mean of the window's pixels
+    inside the image."""
+    def box_mean(t: Tensor) -> Tensor:
+        H, W, r = t.shape[-2], t.shape[-1], window // 2
+        out = torch.empty_like(t)
+        for i in range(H):
+            for j in range(W):
+                out[..., i, j] = t[..., max(i - r, 0):i + r + 1, max(j - r, 0):j + r + 1].mean((-2, -1))
+        return out
+
+    v = x - box_mean(box_mean(x))
+    s = box_mean(box_mean(v * v)).sum(1, keepdim=True).sqrt()
+    floor = s.mean((2, 3), keepdim=True).clamp_min(eps)
+    return v / torch.maximum(s, floor)
+
+
+@pytest.mark.parametrize("window, size", [(3, (6, 7)), (5, (9, 4)), (9, (3, 11)), (1, (4, 5)), (9, (1, 1))])
+def test_local_contrast_norm_against_its_definition(window, size):
+    x = torch.randn(2, 3, *size, dtype=torch.float64) * 3 + 1
+    got = LocalContrastNorm(window)(x)
+    torch.testing.assert_close(got, reference_lcn(x, window), rtol=1e-9, atol=1e-12)
+    # channels_last in, the same values out
+    torch.testing.assert_close(LocalContrastNorm(window)(x.contiguous(memory_format=torch.channels_last)), got,
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_local_contrast_norm_invariances_and_edge_cases():
+    lcn = LocalContrastNorm()
+    x = torch.rand(2, 3, 30, 41, dtype=torch.float64)
+    y = lcn(x)
+    assert y.abs().max() > 0.5  # not a map of zeros
+    # an offset per channel and a gain common to the channels cancel
+    offset, gain = torch.randn(1, 3, 1, 1, dtype=torch.float64), 0.1 + 5 * torch.rand(()).item()
+    torch.testing.assert_close(lcn(gain * x + offset), y, rtol=1e-9, atol=1e-9)
+    # a constant image is all zeros, not NaN; a 1x1 image too
+    assert torch.equal(lcn(torch.full((1, 3, 5, 6), 0.7)), torch.zeros(1, 3, 5, 6))
+    assert torch.equal(lcn(torch.randn(1, 3, 1, 1)), torch.zeros(1, 3, 1, 1))
+    # a NaN spoils its own image only
+    bad = x.clone()
+    bad[0, 1, 4, 5] = float("nan")
+    out = lcn(bad)
+    assert out[0].isnan().any() and torch.equal(out[1], y[1])
+    # half-precision inputs and autocast: computed and returned in float32
+    half = x.to(torch.bfloat16)
+    assert lcn(half).dtype == torch.float32
+    torch.testing.assert_close(lcn(half), lcn(half.float()))
+    with torch.autocast("cpu", torch.bfloat16):
+        assert lcn(x.float()).dtype == torch.float32
+
+
+def test_local_contrast_norm_gradcheck():
+    x = torch.randn(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(LocalContrastNorm(3), (x,))
+
+
+def test_input_norm_runs_first_and_adds_no_weights():
+    plain, normed = SegNetBasic(num_classes=3).eval(), SegNetBasic(num_classes=3, input_norm="lcn").eval()
+    assert plain.state_dict().keys() == normed.state_dict().keys()
+    normed.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 16, 21)
+    with torch.no_grad():
+        torch.testing.assert_close(normed(x), plain(LocalContrastNorm()(x)))
+        assert not torch.allclose(normed(x), plain(x))
 
 
 def fake_vgg16_state_dict(batch_norm: bool):

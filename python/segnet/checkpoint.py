@@ -178,7 +178,8 @@ def load_model(
                              f"was trained on {description.num_classes} ({description.name})")
         description = given
     model = build_model(config["model"], config.get("num_classes") or description.num_classes,
-                        backend or config.get("backend", "segnet_ext"), config.get("dropout", 0.0))
+                        backend or config.get("backend", "segnet_ext"), config.get("dropout", 0.0),
+                        config.get("input_norm", "none"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

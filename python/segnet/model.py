@@ -18,6 +18,11 @@ its best placement, the central encoder and decoder stages: after the pools of t
 encoder stages and after the deepest decoder stages (two each in SegNet-Basic, three in
 SegNet, as the authors' Bayesian SegNet releases). It trains with dropout and evaluates
 without (weight averaging); it adds no weights, so ``state_dict`` keys do not change.
+
+``input_norm="lcn"`` runs the input through :class:`LocalContrastNorm` first, as the first
+SegNet (arXiv 1505.07293) did to its RGB input against uneven lighting: each pixel is seen
+relative to its neighbourhood's mean and contrast. It adds no weights either; checkpoints
+record it in their config, which ``segnet`` reads.
 """
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
@@ -29,6 +34,7 @@ import segnet_ext
 
 BACKENDS = ("segnet_ext", "torch")
 MODELS = ("segnet", "segnet_basic")
+INPUT_NORMS = ("none", "lcn")
 
 # VGG16's 13 convolutions as 5 stages of output widths.
 VGG16_STAGES: Tuple[Tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -85,6 +91,41 @@ class _Unpool(nn.Module):
         return self.unpool(x, indices, output_size=output_size)
 
 
+class LocalContrastNorm(nn.Module):
+    """Local contrast normalisation (Jarrett et al., ICCV 2009), the divisive step across
+    channels: ``v = x - mean_w(x)`` per channel, ``y = v / max(s, mean(s), eps)`` with
+    ``s = sqrt(sum_c mean_w(v_c^2))``, where ``mean_w`` averages over a ``window``-pixel
+    box applied twice (a triangle kernel ``2 * window - 1`` wide, pixels outside the
+    image left out) and ``mean(s)`` is the image's mean ``s``, so that flat regions are
+    not amplified to noise. An offset per channel and a positive gain common to all
+    channels cancel (but for the ``eps`` floor). Runs in float32 under autocast; any
+    size >= 1x1."""
+
+    def __init__(self, window: int = 9, eps: float = 1e-4):
+        super().__init__()
+        if not isinstance(window, int) or window < 1 or window % 2 == 0:
+            raise ValueError(f"window must be an odd number of pixels >= 1, got {window!r}")
+        self.window, self.eps = window, eps
+
+    def _mean(self, x: Tensor) -> Tensor:
+        k, p = self.window, self.window // 2
+        for _ in range(2):  # the box is separable: rows, then columns
+            for size, pad in (((k, 1), (p, 0)), ((1, k), (0, p))):
+                x = nn.functional.avg_pool2d(x, size, 1, pad, count_include_pad=False)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        v = x - self._mean(x)
+        s = self._mean(v.square().sum(1, keepdim=True)).sqrt()  # the mean is linear: sum the channels first
+        floor = s.mean((2, 3), keepdim=True).clamp_min(self.eps)
+        return v / torch.maximum(s, floor)
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, eps={self.eps}"
+
+
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -97,10 +138,13 @@ class _EncoderDecoder(nn.Module):
     encoder: nn.ModuleList
     decoder: nn.ModuleList
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, input_norm: str):
         super().__init__()
         _check_backend(backend)
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         self.backend = backend
+        self.input_norm = LocalContrastNorm() if input_norm == "lcn" else nn.Identity()
 
     def _build_pools(self, stages: int, dropout: float, central: int) -> None:
         """Pools and unpools for ``stages`` stages; dropout ``p`` after the deepest ``central``
@@ -123,6 +167,7 @@ class _EncoderDecoder(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})"
             )
+        x = self.input_norm(x)
         skips = []
         for stage, pool, drop in zip(self.encoder, self.pools, self.encoder_dropout):
             x = stage(x)
@@ -139,10 +184,11 @@ class _EncoderDecoder(nn.Module):
 class SegNet(_EncoderDecoder):
     """The paper's SegNet: a VGG16-BN encoder (13 conv-BN-ReLU in 5 stages) and a mirrored
     decoder (13 convolutions); the last one gives ``num_classes`` logits, without BN/ReLU.
-    ``dropout``: see the module's doc (three central stages)."""
+    ``dropout``, ``input_norm``: see the module's doc (three central stages)."""
 
-    def __init__(self, num_classes: int = 11, in_channels: int = 3, backend: str = "segnet_ext", dropout: float = 0.0):
-        super().__init__(backend)
+    def __init__(self, num_classes: int = 11, in_channels: int = 3, backend: str = "segnet_ext", dropout: float = 0.0,
+                 input_norm: str = "none"):
+        super().__init__(backend, input_norm)
         self.num_classes, self.in_channels = num_classes, in_channels
         self.encoder = _stages(VGG16_STAGES, in_channels, backend)
         self.decoder = _stages(DECODER_STAGES, VGG16_STAGES[-1][-1], backend)
@@ -154,11 +200,11 @@ class SegNet(_EncoderDecoder):
 class SegNetBasic(_EncoderDecoder):
     """The paper's SegNet-Basic: 4 encoder stages of one 7x7 conv-BN-ReLU (64 channels),
     4 decoder stages of unpool + 7x7 conv-BN (no ReLU, as the reference release), and a
-    1x1 classifier. ``dropout``: see the module's doc (two central stages)."""
+    1x1 classifier. ``dropout``, ``input_norm``: see the module's doc (two central stages)."""
 
     def __init__(self, num_classes: int = 11, in_channels: int = 3, backend: str = "segnet_ext", width: int = 64,
-                 dropout: float = 0.0):
-        super().__init__(backend)
+                 dropout: float = 0.0, input_norm: str = "none"):
+        super().__init__(backend, input_norm)
         self.num_classes, self.in_channels = num_classes, in_channels
         self.encoder = nn.ModuleList(
             nn.Sequential(conv_bn_relu(in_channels if i == 0 else width, width, 7, backend=backend)) for i in range(4)
@@ -194,12 +240,13 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_model(name: str, num_classes: int = 11, backend: str = "segnet_ext", dropout: float = 0.0) -> _EncoderDecoder:
+def build_model(name: str, num_classes: int = 11, backend: str = "segnet_ext", dropout: float = 0.0,
+                input_norm: str = "none") -> _EncoderDecoder:
     """``segnet`` or ``segnet_basic``."""
     if name == "segnet":
-        return SegNet(num_classes, backend=backend, dropout=dropout)
+        return SegNet(num_classes, backend=backend, dropout=dropout, input_norm=input_norm)
     if name == "segnet_basic":
-        return SegNetBasic(num_classes, backend=backend, dropout=dropout)
+        return SegNetBasic(num_classes, backend=backend, dropout=dropout, input_norm=input_norm)
     raise ValueError(f"model must be one of {MODELS}, got {name!r}")
 
 

@@ -47,6 +47,7 @@ class TrainConfig:
     num_classes: Optional[int] = None         # the description's class count
     encoder_weights: Optional[str] = None     # torchvision vgg16_bn / vgg16 state dict
     dropout: float = 0.0                      # Bayesian SegNet's dropout in the central stages (model.py)
+    input_norm: str = "none"                  # none | lcn: local contrast normalisation of the input (model.py)
     epochs: int = 100
     max_steps: Optional[int] = None           # stop (resumably) after this many optimiser steps
     batch_size: int = 4                       # per process
@@ -88,8 +89,8 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("workers", 0), ("val_every", 0), ("step_epochs", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        choices = {"model": ("segnet", "segnet_basic"), "backend": ("segnet_ext", "torch"), "optimizer": ("sgd", "adam"),
-                   "schedule": ("poly", "step", "constant"), "class_weights": ("median", "enet", "paper", "none"),
+        choices = {"model": ("segnet", "segnet_basic"), "backend": ("segnet_ext", "torch"), "input_norm": ("none", "lcn"),
+                   "optimizer": ("sgd", "adam"), "schedule": ("poly", "step", "constant"), "class_weights": ("median", "enet", "paper", "none"),
                    "amp": ("none", "bf16", "fp16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -222,7 +223,7 @@ class Trainer:
         resume_state = self._resume_state(trust_checkpoint) if resume else None
 
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, config.num_classes, config.backend, config.dropout)
+        self.model = build_model(config.model, config.num_classes, config.backend, config.dropout, config.input_norm)
         if config.encoder_weights and resume_state is None:
             load_encoder_weights(self.model, config.encoder_weights)
         if config.sync_bn:
