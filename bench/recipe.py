@@ -7,7 +7,8 @@ images per second, the variants timed in alternation in one process.
 
 Variants: float32 NCHW and channels_last, bf16 autocast NCHW and channels_last, each on
 the recipe's 192x256 crops, and the last also on whole 360x480 images (what training
-without crops would cost per image); the bf16 ones only where oneDNN has bf16 kernels for
+without crops would cost per image), there without and with the input's local contrast
+normalisation (`--input-norm lcn`, what it costs per step); the bf16 ones only where oneDNN has bf16 kernels for
 the CPU (AVX-512). Under the malloc thresholds the segnet command sets
 (segnet.malloc), and again in a child process under glibc's defaults: what they save.
 """
@@ -29,21 +30,22 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def variants(crop=(192, 256), full=(360, 480), bf16=True):
-    """(name, bf16, channels_last, (H, W)) of each variant; bf16=False: the float32 ones only."""
+    """(name, bf16, channels_last, (H, W), input_norm) of each variant; bf16=False: the float32 ones only."""
     c, f = "x".join(map(str, crop)), "x".join(map(str, full))
     return [
-        (f"float32, NCHW, {c} crops", False, False, crop),
-        (f"float32, channels_last, {c} crops", False, True, crop),
+        (f"float32, NCHW, {c} crops", False, False, crop, "none"),
+        (f"float32, channels_last, {c} crops", False, True, crop, "none"),
     ] + ([
-        (f"bf16 autocast, NCHW, {c} crops", True, False, crop),
-        (f"bf16 autocast, channels_last, {c} crops (the recipe)", True, True, crop),
-        (f"bf16 autocast, channels_last, whole {f} images", True, True, full),
+        (f"bf16 autocast, NCHW, {c} crops", True, False, crop, "none"),
+        (f"bf16 autocast, channels_last, {c} crops (the recipe)", True, True, crop, "none"),
+        (f"bf16 autocast, channels_last, whole {f} images", True, True, full, "none"),
+        (f"bf16 autocast, channels_last, whole {f} images, `--input-norm lcn`", True, True, full, "lcn"),
     ] if bf16 else [])
 
 
-def training_step(bf16: bool, channels_last: bool, size, batch: int):
+def training_step(bf16: bool, channels_last: bool, size, batch: int, input_norm: str = "none"):
     torch.manual_seed(0)
-    model = build_model("segnet_basic").train()
+    model = build_model("segnet_basic", input_norm=input_norm).train()
     x, y = torch.randn(batch, 3, *size), torch.randint(0, 11, (batch, *size))
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -63,7 +65,7 @@ def training_step(bf16: bool, channels_last: bool, size, batch: int):
 
 def measure(batch: int, repeat: int, crop=(192, 256), full=(360, 480), bf16=True):
     """Median ms per step of each variant."""
-    steps = [training_step(b, cl, size, batch) for _, b, cl, size in variants(crop, full, bf16)]
+    steps = [training_step(b, cl, size, batch, norm) for _, b, cl, size, norm in variants(crop, full, bf16)]
     return interleaved_median_ms(steps, repeat=repeat, warmup=1)
 
 
