@@ -11,6 +11,7 @@ from . import malloc
 from .checkpoint import pretrained_names
 from .description import preset_names
 from .evaluate import tta_scales
+from .model import BACKENDS, INPUT_NORMS, MODELS
 from .train import TrainConfig, TrainingInterrupted
 
 DEFAULTS = TrainConfig()
@@ -61,12 +62,12 @@ TRAIN_OPTIONS = [
     ("--dataset", "dataset", {}, f"dataset description: a JSON file, or a preset ({', '.join(preset_names())}); classes, colours, "
                                  "ignore index and layout (README: Your own dataset)"),
     ("--output", "output", {}, "run folder: checkpoints, logs, curves"),
-    ("--model", "model", {"choices": ["segnet", "segnet_basic"]}, "network"),
-    ("--backend", "backend", {"choices": ["segnet_ext", "torch"]}, "pooling layers: segnet_ext's 2-bit ones, or plain PyTorch"),
+    ("--model", "model", {"choices": MODELS}, "network"),
+    ("--backend", "backend", {"choices": BACKENDS}, "pooling layers: segnet_ext's 2-bit ones, or plain PyTorch"),
     ("--encoder-weights", "encoder_weights", {}, "torchvision vgg16_bn/vgg16 state dict file for the SegNet encoder"),
     ("--dropout", "dropout", {"type": float}, "dropout probability in the central encoder and decoder stages "
      "(Bayesian SegNet's placement; 0.5 in its paper); evaluation runs without"),
-    ("--input-norm", "input_norm", {"choices": ["none", "lcn"]}, "lcn: local contrast normalisation of the input "
+    ("--input-norm", "input_norm", {"choices": INPUT_NORMS}, "lcn: local contrast normalisation of the input "
      "inside the network (the first SegNet's, against uneven lighting); checkpoints remember it"),
     ("--epochs", "epochs", {"type": int}, "epochs to train"),
     ("--max-steps", "max_steps", {"type": int}, "stop after this many optimiser steps in all (resumable, like an interruption)"),
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _common_inference(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     sub.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast (default: none)")
-    sub.add_argument("--backend", choices=["segnet_ext", "torch"], default=None, help="override the checkpoint's backend")
+    sub.add_argument("--backend", choices=BACKENDS, default=None, help="override the checkpoint's backend")
     sub.add_argument("--flip-tta", action="store_true", help="flip test-time augmentation: average the softmax of each "
                                                               "image and of its mirror (twice the compute)")
     sub.add_argument("--scale-tta", type=_scales, default=(1.0,), metavar="S,S,...",

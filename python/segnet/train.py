@@ -32,7 +32,7 @@ from .description import load_description
 from .evaluate import autocast, confusion_over, resolve_device
 from .losses import lovasz_softmax
 from .metrics import scores
-from .model import build_model, load_encoder_weights
+from .model import BACKENDS, INPUT_NORMS, MODELS, build_model, load_encoder_weights
 
 
 @dataclass
@@ -89,8 +89,8 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("workers", 0), ("val_every", 0), ("step_epochs", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        choices = {"model": ("segnet", "segnet_basic"), "backend": ("segnet_ext", "torch"), "input_norm": ("none", "lcn"),
-                   "optimizer": ("sgd", "adam"), "schedule": ("poly", "step", "constant"), "class_weights": ("median", "enet", "paper", "none"),
+        choices = {"model": MODELS, "backend": BACKENDS, "input_norm": INPUT_NORMS, "optimizer": ("sgd", "adam"),
+                   "schedule": ("poly", "step", "constant"), "class_weights": ("median", "enet", "paper", "none"),
                    "amp": ("none", "bf16", "fp16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
