@@ -1,4 +1,4 @@
-"""torch.hub entry points: ``torch.hub.load(path_to_checkout, "segnet_basic_camvid_v6", source="local")``.
+"""torch.hub entry points: ``torch.hub.load(path_to_checkout, "segnet_basic_camvid_v7", source="local")``.
 
 Uses the installed ``segnet`` package, else the checkout's ``python/`` folder (then with
 ``backend="torch"`` where segnet_ext's compiled kernels are not built)."""
@@ -17,20 +17,27 @@ def _segnet():
     return segnet
 
 
-def _segnet_basic(name: str, pretrained: bool, device: str, backend):
+def _segnet_basic(name: str, pretrained: bool, device: str, backend, input_norm: str = "none"):
     segnet = _segnet()
     if not pretrained:
-        model = segnet.build_model("segnet_basic", segnet.NUM_CLASSES, backend or "segnet_ext")
+        model = segnet.build_model("segnet_basic", segnet.NUM_CLASSES, backend or "segnet_ext", input_norm=input_norm)
         model.dataset = segnet.load_description("camvid")
         return model.to(device)
     return segnet.load_pretrained(name, device, backend)
 
 
-def segnet_basic_camvid_v6(pretrained: bool = True, device: str = "cpu", backend=None):
+def segnet_basic_camvid_v7(pretrained: bool = True, device: str = "cpu", backend=None):
     """SegNet-Basic trained on CamVid train+val (11 classes, 360x480 road scenes) with the recipe
-    chosen on a held-out street (whole-image 360x480 crops, 80 epochs, a moving average of the
-    weights), in eval mode; ``model.dataset`` names its classes and colours.
-    ``pretrained=False``: random weights."""
+    chosen on a held-out street (local contrast normalisation of the input, whole-image 360x480
+    crops, 80 epochs, a moving average of the weights), in eval mode; ``model.dataset`` names its
+    classes and colours. ``pretrained=False``: random weights."""
+    return _segnet_basic("segnet_basic_camvid_v7", pretrained, device, backend, input_norm="lcn")
+
+
+def segnet_basic_camvid_v6(pretrained: bool = True, device: str = "cpu", backend=None):
+    """v7's recipe without local contrast normalisation of the input, which trails it by 2.0 mIoU
+    and 1.7 G at 40 epochs on a held-out street (README, Choosing settings that hold on unseen
+    streets)."""
     return _segnet_basic("segnet_basic_camvid_v6", pretrained, device, backend)
 
 
@@ -64,5 +71,5 @@ def segnet_basic_camvid_v2(pretrained: bool = True, device: str = "cpu", backend
 
 def segnet_basic_camvid(pretrained: bool = True, device: str = "cpu", backend=None):
     """The first SegNet-Basic trained on CamVid (median-frequency class weights, 60 epochs);
-    v2 to v6 (the default) use recipes chosen on a held-out street, and score higher."""
+    v2 to v7 (the default) use recipes chosen on a held-out street, and score higher."""
     return _segnet_basic("segnet_basic_camvid", pretrained, device, backend)

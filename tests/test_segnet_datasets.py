@@ -228,7 +228,7 @@ def test_load_pretrained_and_torch_hub():
     outputs = {}
     names = pretrained_names()
     shipped_before = {"segnet_basic_camvid", "segnet_basic_camvid_v2", "segnet_basic_camvid_v3",
-                     "segnet_basic_camvid_v4", "segnet_basic_camvid_v5"}
+                     "segnet_basic_camvid_v4", "segnet_basic_camvid_v5", "segnet_basic_camvid_v6"}
     assert shipped_before < set(names) and DEFAULT_PRETRAINED in names  # names users may hold keep loading
     spec = importlib.util.spec_from_file_location("hubconf", os.path.join(repo, "hubconf.py"))
     hubconf = importlib.util.module_from_spec(spec)  # the checkout's torch.hub entry points: one per bundled model
@@ -238,6 +238,9 @@ def test_load_pretrained_and_torch_hub():
         model = load_pretrained(name)
         assert not model.training and model.dataset.name == "camvid" and model.dataset.classes[3] == "Road"
         hub = torch.hub.load(repo, name, source="local")
+        untrained = torch.hub.load(repo, name, source="local", pretrained=False)  # the same network, fresh weights
+        assert type(untrained.input_norm) is type(model.input_norm), name
+        assert untrained.state_dict().keys() == model.state_dict().keys(), name
         with torch.no_grad():
             outputs[name] = model(x)
             torch.testing.assert_close(hub(x), outputs[name])

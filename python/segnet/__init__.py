@@ -1,7 +1,7 @@
 """segnet: the SegNet application (model, datasets, training, evaluation, prediction),
 built on segnet_ext's layers. The command line is ``segnet`` (``python -m segnet``).
 
-    model = segnet.load_pretrained()   # segnet_basic_camvid_v6, eval mode; model.dataset: its classes
+    model = segnet.load_pretrained()   # segnet_basic_camvid_v7, eval mode; model.dataset: its classes
 """
 from .checkpoint import load_pretrained, pretrained_names
 from .data import CLASSES, NUM_CLASSES, PALETTE, VOID, CamVid, SegmentationDataset, median_frequency_weights

@@ -18,8 +18,8 @@ from .model import build_model
 # Trained models shipped with the package, loadable by name (see pretrained/README.md).
 PRETRAINED = Path(__file__).parent / "pretrained"
 # The default: trained with the recipe chosen on a held-out street (README: Choosing settings).
-DEFAULT_PRETRAINED = "segnet_basic_camvid_v6"
-DEFAULT_RECIPE = "camvid_segnet_basic_v6"  # the bundled recipe that trained it (--config NAME)
+DEFAULT_PRETRAINED = "segnet_basic_camvid_v7"
+DEFAULT_RECIPE = "camvid_segnet_basic_v7"  # the bundled recipe that trained it (--config NAME)
 
 
 def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> Path:
@@ -129,7 +129,7 @@ def pretrained_names() -> List[str]:
 
 
 def resolve_checkpoint(name_or_path: Union[str, Path]) -> Path:
-    """A checkpoint file, or the bundled model of that name (``segnet_basic_camvid_v6``)."""
+    """A checkpoint file, or the bundled model of that name (``segnet_basic_camvid_v7``)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
