@@ -17,11 +17,14 @@ def _segnet():
     return segnet
 
 
-def _segnet_basic(name: str, pretrained: bool, device: str, backend, input_norm: str = "none"):
+def _segnet_basic(name: str, pretrained: bool, device: str, backend):
     segnet = _segnet()
-    if not pretrained:
-        model = segnet.build_model("segnet_basic", segnet.NUM_CLASSES, backend or "segnet_ext", input_norm=input_norm)
-        model.dataset = segnet.load_description("camvid")
+    if not pretrained:  # the network the bundled file's settings describe (input norm included), fresh weights
+        from segnet.checkpoint import PRETRAINED, build_from_config, checkpoint_description, load_checkpoint
+
+        state = load_checkpoint(PRETRAINED / f"{name}.pt")
+        model = build_from_config(state["config"], segnet.NUM_CLASSES, backend)
+        model.dataset = checkpoint_description(state)
         return model.to(device)
     return segnet.load_pretrained(name, device, backend)
 
@@ -31,7 +34,7 @@ def segnet_basic_camvid_v7(pretrained: bool = True, device: str = "cpu", backend
     chosen on a held-out street (local contrast normalisation of the input, whole-image 360x480
     crops, 80 epochs, a moving average of the weights), in eval mode; ``model.dataset`` names its
     classes and colours. ``pretrained=False``: random weights."""
-    return _segnet_basic("segnet_basic_camvid_v7", pretrained, device, backend, input_norm="lcn")
+    return _segnet_basic("segnet_basic_camvid_v7", pretrained, device, backend)
 
 
 def segnet_basic_camvid_v6(pretrained: bool = True, device: str = "cpu", backend=None):

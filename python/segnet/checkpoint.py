@@ -160,6 +160,14 @@ def checkpoint_description(state: Dict[str, Any], source: str = "checkpoint") ->
     return load_description(state["config"].get("dataset", "camvid"))
 
 
+def build_from_config(config: Dict[str, Any], num_classes: int, backend: Optional[str] = None) -> nn.Module:
+    """The network a checkpoint's ``config`` describes, freshly initialised (``num_classes``
+    where the config has none; ``backend`` overrides its own)."""
+    return build_model(config["model"], config.get("num_classes") or num_classes,
+                       backend or config.get("backend", "segnet_ext"), config.get("dropout", 0.0),
+                       config.get("input_norm", "none"))
+
+
 def load_model(
     checkpoint: Union[str, Path], device: torch.device, backend: Optional[str] = None, trust: bool = False,
     dataset: Union[str, Path, DatasetDescription, None] = None,
@@ -177,9 +185,7 @@ def load_model(
             raise ValueError(f"dataset {given.name!r} has {given.num_classes} classes but checkpoint {str(checkpoint)!r} "
                              f"was trained on {description.num_classes} ({description.name})")
         description = given
-    model = build_model(config["model"], config.get("num_classes") or description.num_classes,
-                        backend or config.get("backend", "segnet_ext"), config.get("dropout", 0.0),
-                        config.get("input_norm", "none"))
+    model = build_from_config(config, description.num_classes, backend)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
