@@ -4,6 +4,7 @@ side by side in one process, with the memory bandwidth measured in the same run.
     python -m bench.pool                 # [4, 64, 360, 480] float32, prints the table
     python -m bench.pool --write         # ... and writes it into bench/RESULTS.md, in the
                                          # section of the ISA level segnet_ext's kernels ran at
+    python -m bench.pool --dtype bfloat16 --write   # the dtype bf16 autocast gives them (its own section)
 
 The table is measured under glibc with the large-block thresholds of segnet.malloc (what
 the segnet command uses), and again, in a child process, under glibc's defaults (how a
@@ -30,10 +31,10 @@ from segnet import malloc
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
-def cases(shape, channels_last, device="cpu"):
+def cases(shape, channels_last, device="cpu", dtype=torch.float32):
     """Yields (name, ours, torch's, bytes ours must move, bytes torch's must move)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
     H, W = shape[-2:]
     values, packed = segnet_ext.max_pool2x2(x)
     tvalues, indices = F.max_pool2d(x, 2, 2, return_indices=True)
@@ -70,14 +71,14 @@ TARGET_SPEEDUP = {("pool forward", "NCHW"): 3.0, ("pool forward", "channels_last
 DEFAULT_TARGET_SPEEDUP, TARGET_OVER_FLOOR = 1.2, 1.5
 
 
-def run(shape, repeat=9, device="cpu"):
+def run(shape, repeat=9, device="cpu", dtype=torch.float32):
     read_bw, copy_bw = bandwidth_gbs(device=device, repeat=repeat)
     src = torch.randn(shape, device=device)
     dst = torch.empty_like(src)
     copy_bytes = 2 * src.numel() * src.element_size()
     rows = []
     for channels_last in (False, True):
-        for name, ours, theirs, ours_bytes, torch_bytes in cases(shape, channels_last, device):
+        for name, ours, theirs, ours_bytes, torch_bytes in cases(shape, channels_last, device, dtype):
             # the copy that sets the floor is timed in alternation with the two ops
             ours_t, torch_t, copy_t = interleaved_ms([ours, theirs, lambda: dst.copy_(src)], repeat)
             floor_t = [ours_bytes / copy_bytes * t for t in copy_t]
@@ -86,19 +87,21 @@ def run(shape, repeat=9, device="cpu"):
                              speedup=median_ratio(torch_t, ours_t), floor_ms=statistics.median(floor_t),
                              over_floor=median_ratio(ours_t, floor_t),
                              ours_mb=ours_bytes / 1e6, torch_mb=torch_bytes / 1e6))
-    return dict(read_gbs=read_bw, copy_gbs=copy_bw, rows=rows, repeat=repeat)
+    return dict(read_gbs=read_bw, copy_gbs=copy_bw, rows=rows, repeat=repeat, dtype=str(dtype).split(".")[-1])
 
 
 def report(result, shape, device, command):
+    dtype = result.get("dtype", "float32")
     lines = [
-        "## 2x2 arg-max pooling and unpooling" + (f" (CPU kernels at {cpu_level().upper()})" if device == "cpu" else ""),
+        "## 2x2 arg-max pooling and unpooling" + (f", {dtype}" if dtype != "float32" else "")
+        + (f" (CPU kernels at {cpu_level().upper()})" if device == "cpu" else ""),
         "",
         f"`{command}` on {machine_description(device)}, torch {torch.__version__}, "
-        f"input {list(shape)} float32, {result['repeat']} rounds of ours, torch's and a copy timed in alternation: "
+        f"input {list(shape)} {dtype}, {result['repeat']} rounds of ours, torch's and a copy timed in alternation: "
         "medians of the times, and of the ratios within each round (speed-up, ours / floor). Memory bandwidth at "
         f"the start of the run: read {result['read_gbs']:.1f} GB/s, copy "
         f"{result['copy_gbs']:.1f} GB/s (read + write). Floor: the bytes the op must move at the speed of the copy "
-        "timed beside it (a copy of the input: read + write). Backwards are timed through autograd on both sides. "
+        "timed beside it (a float32 copy of the input: read + write). Backwards are timed through autograd on both sides. "
         f"Allocator: {malloc.describe()} (set by the script; what `segnet` uses), so freed outputs are reused "
         "instead of page-faulted back, for both sides."
         + (" Last columns: the same ops in a child process under glibc's defaults, where every new output "
@@ -133,22 +136,24 @@ def main(argv=None):
     parser.add_argument("--shape", type=int, nargs=4, default=[4, 64, 360, 480], metavar=("N", "C", "H", "W"))
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per op (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--write", action="store_true", help=f"write the table into {RESULTS}")
     add_allocator_arguments(parser)
     args = parser.parse_args(argv)
     start_under_allocator(args)
-    result = run(args.shape, args.repeat, args.device)
+    result = run(args.shape, args.repeat, args.device, getattr(torch, args.dtype))
     if args.json:
         print(json.dumps(result))
         return result
     if args.allocator == "both" and args.device == "cpu":
         result["default"] = under_default_allocator(
-            "bench.pool", ["--shape", *args.shape, "--repeat", args.repeat, "--device", args.device])
+            "bench.pool", ["--shape", *args.shape, "--repeat", args.repeat, "--device", args.device, "--dtype", args.dtype])
     command = "python -m bench.pool " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
     text = report(result, args.shape, args.device, command.strip())
     print(text)
     if args.write:
-        section = f"pool-{args.device}" + (f"-{cpu_level()}" if args.device == "cpu" else "")
+        section = (f"pool-{args.device}" + (f"-{cpu_level()}" if args.device == "cpu" else "")
+                   + (f"-{args.dtype}" if args.dtype != "float32" else ""))
         replace_section(RESULTS, section, text)
         print(f"\nwritten to {RESULTS}")
     return result

@@ -11,6 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _SHIFTS = (0, 2, 4, 6)
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def bits(x: Tensor) -> Tensor:
+    """A float tensor's bits, as the integer dtype of its size (other dtypes as they are)."""
+    return x.view(_BITS[x.dtype]) if x.dtype in _BITS else x
 
 
 def pack_codes(codes: Tensor) -> Tensor:
@@ -71,7 +77,8 @@ def max_unpool2x2_backward(grad_output: Tensor, packed_indices: Tensor, pooled_s
     Ho, Wo = pooled_size
     N, C = grad_output.shape[:2]
     codes = unpack_codes(packed_indices, N * C * Ho * Wo).view(N, C, Ho, Wo, 1)
-    return _windows(grad_output, Ho, Wo, 0.0).gather(-1, codes).squeeze(-1)
+    # the bits are gathered: torch's gather rewrites bf16 NaNs (0x7FC0 -> 0xFFFF)
+    return _windows(bits(grad_output), Ho, Wo, 0).gather(-1, codes).squeeze(-1).view(grad_output.dtype)
 
 
 def max_pool2x2_backward(grad_values: Tensor, packed_indices: Tensor, input_size) -> Tensor:

@@ -1,15 +1,16 @@
 """Inputs and comparisons shared by the pooling tests."""
 import torch
 
+from segnet_ext.reference import bits
+
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-             torch.bfloat16: torch.int16}
 KINDS = ["random", "ties", "special"]
 
 
 def make_input(shape, dtype=torch.float32, kind="random", channels_last=False, device="cpu"):
     """random: distinct normal values; ties: few distinct values, so windows tie often;
-    special: normal values with NaN, +inf and -inf sprinkled in, and some all-equal windows."""
+    special: normal values with NaN, +inf, -inf and -0.0 sprinkled in (-0.0 ties +0.0 as a float
+    but not as bits), and some all-equal windows."""
     if kind == "ties":
         x = torch.randint(-2, 2, shape).to(dtype)
     else:
@@ -19,6 +20,8 @@ def make_input(shape, dtype=torch.float32, kind="random", channels_last=False, d
         x[u < 0.1] = float("nan")
         x[(u >= 0.1) & (u < 0.2)] = float("inf")
         x[(u >= 0.2) & (u < 0.3)] = float("-inf")
+        x[(u >= 0.3) & (u < 0.35)] = -0.0
+        x[(u >= 0.35) & (u < 0.4)] = 0.0
         if x.shape[-1] >= 2 and x.shape[-2] >= 2:
             x[..., :2, :2] = float("-inf")  # an all -inf window
     x = x.to(device)
@@ -28,11 +31,7 @@ def make_input(shape, dtype=torch.float32, kind="random", channels_last=False, d
 def assert_bitwise_equal(actual, expected, what=""):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    if actual.dtype in _INT_VIEW:
-        a = actual.contiguous().view(_INT_VIEW[actual.dtype])
-        e = expected.contiguous().view(_INT_VIEW[expected.dtype])
-    else:
-        a, e = actual, expected
+    a, e = bits(actual.contiguous()), bits(expected.contiguous())
     if not torch.equal(a.cpu(), e.cpu()):
         bad = (a.cpu() != e.cpu()).nonzero()
         first = tuple(bad[0].tolist())

@@ -16,6 +16,14 @@ def test_pool_benchmark_runs_on_a_tiny_input():
     assert text.count("default malloc") == 1 and len(rows) == 8 and all(line.count("|") == 12 for line in rows)
 
 
+def test_pool_benchmark_times_the_dtype_asked_for():
+    shape = (1, 3, 9, 16)
+    result = run(shape, repeat=1, dtype=torch.bfloat16)
+    text = report(result, shape, "cpu", "python -m bench.pool --shape 1 3 9 16 --dtype bfloat16")
+    assert text.startswith("## 2x2 arg-max pooling and unpooling, bfloat16") and "input [1, 3, 9, 16] bfloat16" in text
+    assert "float32" not in report(run(shape, repeat=1), shape, "cpu", "python -m bench.pool").split("\n")[0]
+
+
 def test_benchmark_runs_under_glibc_defaults_in_a_child_process():
     from bench.common import under_default_allocator
 

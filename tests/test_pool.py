@@ -128,22 +128,30 @@ def test_non_contiguous_views(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("ceil_mode", [False, True])
-def test_unpool_matches_torch(device, kind, channels_last, ceil_mode):
+def test_unpool_and_its_backward_match_torch(device, dtype, kind, channels_last, ceil_mode):
+    # 16-bit floats are moved as their bits (CPU): NaN, infinities and -0.0 must come out as they went in
     for H, W in SMALL + LARGE_ODD[:1]:
         if not floor_ok(H, W, ceil_mode):
             continue
-        x = make_input((2, 3, H, W), kind=kind, channels_last=channels_last, device=device)
-        values, packed, torch_indices = check_forward(x, ceil_mode, f"H={H} W={W}")
+        what = f"{dtype} H={H} W={W}"
+        x = make_input((2, 3, H, W), dtype, kind, channels_last, device)
+        values, packed, torch_indices = check_forward(x, ceil_mode, what)
         # any values, not only the pooled ones (as in a SegNet decoder)
-        v = make_input(values.shape, kind=kind, channels_last=channels_last, device=device)
+        v = make_input(values.shape, dtype, kind, channels_last, device)
         y = segnet_ext.max_unpool2x2(v, packed, (H, W))
         expected = F.max_unpool2d(v, torch_indices, 2, 2, output_size=(H, W))
-        assert_bitwise_equal(y, expected, f"unpool H={H} W={W}")
-        assert_bitwise_equal(y, reference.max_unpool2x2(v, packed, (H, W)), f"unpool vs reference H={H} W={W}")
+        assert_bitwise_equal(y, expected, f"unpool {what}")
+        assert_bitwise_equal(y, reference.max_unpool2x2(v, packed, (H, W)), f"unpool vs reference {what}")
         assert keeps_format(y, v)
+        g = make_input(x.shape, dtype, kind, channels_last, device)
+        gathered = torch.ops.segnet_ext.max_unpool2x2_backward(g, packed, list(values.shape[-2:]))
+        assert_bitwise_equal(gathered, reference.max_unpool2x2_backward(g, packed, values.shape[-2:]),
+                             f"unpool backward {what}")
+        assert keeps_format(gathered, g)
 
 
 @pytest.mark.parametrize("device", DEVICES)
