@@ -107,9 +107,29 @@ def bn_stats(x: Tensor):
     return mean.to(_acc(x)), var.to(_acc(x))
 
 
+def _fused_multiply_add_sign(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """float64 tensors -> a value with the sign of a * b + c rounded once (exact: Dekker's
+    product error, then the sum's), as the kernels' fused multiply-add rounds it; NaN where it is NaN."""
+    p = a * b
+    split = 134217729.0  # 2**27 + 1: Veltkamp's split into halves whose products are exact
+    a_hi = split * a - (split * a - a)
+    b_hi = split * b - (split * b - b)
+    a_lo, b_lo = a - a_hi, b - b_hi
+    e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo  # a * b = p + e exactly
+    s = p + c
+    v = s - p
+    t = (p - (s - v)) + (c - v)  # p + c = s + t exactly
+    exact = s + (t + e)  # where s cancels, t is 0 and e decides
+    return torch.where(torch.isfinite(p), exact, s)  # inf or NaN: no rounding to tell apart
+
+
 def _passes(x: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
-    u = x.to(scale.dtype) * _per_channel(scale) + _per_channel(shift)
-    return ~(u <= 0) if relu else torch.ones_like(u, dtype=torch.bool)
+    """Where the ReLU passes: x * scale + shift > 0 as the kernels decide it, rounded once (a
+    fused multiply-add), so that a sum within rounding of 0 falls on the kernels' side."""
+    if not relu:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    u = _fused_multiply_add_sign(x.to(scale.dtype).double(), _per_channel(scale).double(), _per_channel(shift).double())
+    return ~(u <= 0)
 
 
 def scale_shift_relu(x: Tensor, scale: Tensor, shift: Tensor, relu: bool, residual: Optional[Tensor] = None) -> Tensor:
