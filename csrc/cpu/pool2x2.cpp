@@ -35,6 +35,18 @@ using at::Tensor;
 
 // ---- vectorised leaf loops ------------------------------------------------------
 
+// 16-bit floats pass through the leaf loops as their bits, which the compiler vectorises; as
+// c10::Half / c10::BFloat16 it did not (bf16 unpooling took 7-8x float32's time for half the
+// bytes). Unpooling and its backward only move values (and write +0.0, all bits zero); the
+// arg-max compares the bits as integers (full_window_bits16).
+template <typename T>
+using Moved = std::conditional_t<sizeof(T) == 2, uint16_t, T>;
+
+template <typename T>
+const Moved<T>* moved(const T* p) { return reinterpret_cast<const Moved<T>*>(p); }
+template <typename T>
+Moved<T>* moved(T* p) { return reinterpret_cast<Moved<T>*>(p); }
+
 // codes [4 * nbytes] -> packed [nbytes]
 SEGNET_LEAF void pack_bytes(const uint8_t* __restrict__ codes, int64_t nbytes,
                                     uint8_t* __restrict__ packed) {
@@ -97,13 +109,61 @@ inline void full_window(T a, T b, T c, T d, T* max_out, uint8_t* code_out) {
   *code_out = k;
 }
 
+// 16-bit floats (Half, BFloat16: sign, then exponent and mantissa; inf_bits: the magnitude
+// of infinity) compared as integers, which the compiler vectorises (the conversion to float
+// it did not: fp16 pooling ran slower than torch's): the sign-magnitude bits as a signed
+// integer (-0.0 and +0.0 both 0, as they compare equal), NaN above everything, with its own
+// flag for the rule's NaN case.
+template <uint16_t inf_bits>
+struct Bits16 {
+  int32_t order;
+  bool nan;
+  explicit Bits16(uint16_t b) {
+    const int32_t magnitude = b & 0x7FFF;
+    nan = magnitude > inf_bits;
+    order = nan ? 0x8000 : b & 0x8000 ? -magnitude : magnitude;
+  }
+};
+
+template <uint16_t inf_bits>
+inline void full_window_bits16(uint16_t a, uint16_t b, uint16_t c, uint16_t d, uint16_t* max_out, uint8_t* code_out) {
+  using K = Bits16<inf_bits>;
+  uint16_t m = a;
+  int32_t km = K(a).order;
+  uint8_t k = 0;
+  const K kb(b), kc(c), kd(d);
+  bool t = kb.order > km || kb.nan;  // replaces_max
+  m = t ? b : m;
+  km = t ? kb.order : km;
+  k = t ? 1 : k;
+  t = kc.order > km || kc.nan;
+  m = t ? c : m;
+  km = t ? kc.order : km;
+  k = t ? 2 : k;
+  t = kd.order > km || kd.nan;
+  m = t ? d : m;
+  k = t ? 3 : k;
+  *max_out = m;
+  *code_out = k;
+}
+
+// One full window of T's values, as they pass through the leaf loops.
+template <typename T>
+inline void window(Moved<T> a, Moved<T> b, Moved<T> c, Moved<T> d, Moved<T>* max_out, uint8_t* code_out) {
+  if constexpr (std::is_same_v<T, at::Half>) {
+    full_window_bits16<0x7C00>(a, b, c, d, max_out, code_out);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    full_window_bits16<0x7F80>(a, b, c, d, max_out, code_out);
+  } else {
+    full_window(a, b, c, d, max_out, code_out);
+  }
+}
+
 // NCHW: n full windows whose top-left elements are r0[0], r0[2], ...; r1 = the row below.
 template <typename T>
-SEGNET_LEAF void pool_span_generic(const T* __restrict__ r0, const T* __restrict__ r1,
-                                           int64_t n, T* __restrict__ y,
-                                           uint8_t* __restrict__ codes) {
-  for (int64_t i = 0; i < n; ++i)
-    full_window(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1], &y[i], &codes[i]);
+SEGNET_LEAF void pool_span_generic(const Moved<T>* __restrict__ r0, const Moved<T>* __restrict__ r1,
+                                   int64_t n, Moved<T>* __restrict__ y, uint8_t* __restrict__ codes) {
+  for (int64_t i = 0; i < n; ++i) window<T>(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1], &y[i], &codes[i]);
 }
 
 // NCHW: the first windows of a row segment starting at window k, up to n, whose values and
@@ -127,15 +187,17 @@ void pool_span(const T* r0, const T* r1, int64_t n, T* y, uint8_t* codes) {
     if (avx2::cpu_has_avx2()) done = avx2::pool_span<false>(r0, r1, n, y, codes);
   }
 #endif
-  if (done < n) SEGNET_VECTORIZED(pool_span_generic(r0 + 2 * done, r1 + 2 * done, n - done, y + done, codes + done));
+  if (done < n)
+    SEGNET_VECTORIZED(pool_span_generic<T>(moved(r0 + 2 * done), moved(r1 + 2 * done), n - done, moved(y + done),
+                                           codes + done));
 }
 
 // channels_last: one full window across C channels, from its four pixels.
 template <typename T>
-SEGNET_LEAF void pool_channels_generic(const T* __restrict__ p00, const T* __restrict__ p01,
-                                       const T* __restrict__ p10, const T* __restrict__ p11,
-                                       int64_t C, T* __restrict__ y, uint8_t* __restrict__ codes) {
-  for (int64_t c = 0; c < C; ++c) full_window(p00[c], p01[c], p10[c], p11[c], &y[c], &codes[c]);
+SEGNET_LEAF void pool_channels_generic(const Moved<T>* __restrict__ p00, const Moved<T>* __restrict__ p01,
+                                       const Moved<T>* __restrict__ p10, const Moved<T>* __restrict__ p11,
+                                       int64_t C, Moved<T>* __restrict__ y, uint8_t* __restrict__ codes) {
+  for (int64_t c = 0; c < C; ++c) window<T>(p00[c], p01[c], p10[c], p11[c], &y[c], &codes[c]);
 }
 
 template <typename T>
@@ -148,8 +210,8 @@ void pool_channels(const T* p00, const T* p01, const T* p10, const T* p11, int64
   }
 #endif
   if (done < C)
-    SEGNET_VECTORIZED(pool_channels_generic(p00 + done, p01 + done, p10 + done, p11 + done, C - done, y + done,
-                                            codes + done));
+    SEGNET_VECTORIZED(pool_channels_generic<T>(moved(p00 + done), moved(p01 + done), moved(p10 + done),
+                                               moved(p11 + done), C - done, moved(y + done), codes + done));
 }
 
 // NCHW: output row dy of n windows (2n elements), zero where the code points elsewhere.
@@ -499,17 +561,6 @@ void gather_nhwc(const T* go, const uint8_t* packed, T* gv, const PoolGeometry& 
 
 #define SEGNET_DISPATCH_FLOATING(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-// Unpooling and its backward only move values (and write +0.0, all bits zero): 16-bit floats
-// move as their bits, which the leaf loops vectorise; as c10::Half / c10::BFloat16 they did
-// not (bf16 unpooling took 7-8x float32's time for half the bytes).
-template <typename T>
-using Moved = std::conditional_t<sizeof(T) == 2, uint16_t, T>;
-
-template <typename T>
-const Moved<T>* moved(const T* p) { return reinterpret_cast<const Moved<T>*>(p); }
-template <typename T>
-Moved<T>* moved(T* p) { return reinterpret_cast<Moved<T>*>(p); }
 
 // x: [N, C, H, W] -> values [N, C, Ho, Wo] (x's memory format), packed_indices uint8 [ceil(numel/4)]
 std::tuple<Tensor, Tensor> max_pool2x2_cpu(const Tensor& x_in, bool ceil_mode) {
