@@ -78,9 +78,9 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "expected HxW" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module", params=["none", "lcn"])
+@pytest.fixture(scope="module", params=["none", "lcn", "rgb+lcn"])
 def trained(tmp_path_factory, request):
-    """A checkpoint of one step, plain and with the input's local contrast normalisation."""
+    """A checkpoint of one step, plain, with the input's local contrast normalisation, and with both."""
     run = tmp_path_factory.mktemp("export")
     assert main(["train", "--data", "sample", "--output", str(run), "--model", "segnet_basic", "--max-steps", "1",
                  "--batch-size", "1", "--val-every", "0", "--no-progress", "--input-norm", request.param]) == 0
@@ -89,10 +89,11 @@ def trained(tmp_path_factory, request):
 
 def test_checkpoints_remember_the_input_norm(trained):
     from segnet.checkpoint import load_model
-    from segnet.model import LocalContrastNorm
+    from segnet.model import LocalContrastNorm, WithLocalContrast
 
     model, config = load_model(trained, torch.device("cpu"))
-    assert isinstance(model.input_norm, LocalContrastNorm) == (config["input_norm"] == "lcn")
+    expected = {"none": torch.nn.Identity, "lcn": LocalContrastNorm, "rgb+lcn": WithLocalContrast}[config["input_norm"]]
+    assert type(model.input_norm) is expected and model.stem_channels == (6 if config["input_norm"] == "rgb+lcn" else 3)
 
 
 def test_export_torchscript(trained, tmp_path):

@@ -38,7 +38,7 @@ def test_segnet_is_the_papers_network():
 
 @pytest.mark.parametrize("cls", MODELS)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dropout, input_norm", [(0.0, "none"), (0.5, "none"), (0.0, "lcn")])
+@pytest.mark.parametrize("dropout, input_norm", [(0.0, "none"), (0.5, "none"), (0.0, "lcn"), (0.0, "rgb+lcn")])
 def test_backends_agree_forward_and_backward(cls, channels_last, dropout, input_norm):
     ours = cls(num_classes=4, backend="segnet_ext", dropout=dropout, input_norm=input_norm).double()
     theirs = cls(num_classes=4, backend="torch", dropout=dropout, input_norm=input_norm).double()
@@ -104,7 +104,7 @@ def test_bad_arguments():
             SegNetBasic(dropout=p)
     with pytest.raises(ValueError, match="backend must be one of"):
         SegNet(backend="caffe")
-    with pytest.raises(ValueError, match=r"input_norm must be one of \('none', 'lcn'\), got 'LCN'"):
+    with pytest.raises(ValueError, match=r"input_norm must be one of \('none', 'lcn', 'rgb\+lcn'\), got 'LCN'"):
         build_model("segnet_basic", input_norm="LCN")
     for window in (0, 4, 2.0):
         with pytest.raises(ValueError, match=f"window must be an odd number of pixels >= 1, got {window!r}"):
@@ -173,14 +173,26 @@ def test_local_contrast_norm_gradcheck():
     assert torch.autograd.gradcheck(LocalContrastNorm(3), (x,))
 
 
-def test_input_norm_runs_first_and_adds_no_weights():
-    plain, normed = SegNetBasic(num_classes=3).eval(), SegNetBasic(num_classes=3, input_norm="lcn").eval()
-    assert plain.state_dict().keys() == normed.state_dict().keys()
-    normed.load_state_dict(plain.state_dict())
-    x = torch.rand(2, 3, 16, 21)
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize("input_norm", ["lcn", "rgb+lcn"])
+def test_input_norm_runs_first_and_adds_no_weights(cls, input_norm):
+    """lcn: the plain network on the LCN of the input; rgb+lcn: the plain network with 6 input
+    channels on the input and its LCN stacked. The same weights (shapes included) either way."""
+    both = input_norm == "rgb+lcn"
+    plain = cls(num_classes=3, in_channels=6 if both else 3).double().eval()
+    normed = cls(num_classes=3, input_norm=input_norm).double().eval()
+    assert normed.in_channels == 3 and normed.stem_channels == (6 if both else 3)
+    normed.load_state_dict(plain.state_dict())  # strict: the same keys and shapes
+    x = torch.rand(2, 3, 16, 21, dtype=torch.float64) * 255 - 100
+    lcn = LocalContrastNorm()(x)
+    expected_input = torch.cat([x, lcn], 1) if both else lcn
     with torch.no_grad():
-        torch.testing.assert_close(normed(x), plain(LocalContrastNorm()(x)))
-        assert not torch.allclose(normed(x), plain(x))
+        torch.testing.assert_close(normed(x), plain(expected_input))
+        torch.testing.assert_close(normed(x.contiguous(memory_format=torch.channels_last)), plain(expected_input))
+        if both:
+            assert not torch.allclose(normed(x), plain(torch.cat([lcn, lcn], 1)))  # the input itself counts
+            with pytest.raises(ValueError, match=r"expects 3 input channels, got 6"):
+                normed(expected_input)
 
 
 def fake_vgg16_state_dict(batch_norm: bool):

@@ -357,7 +357,7 @@ def test_bad_settings(camvid_root, tmp_path):
         tiny_config(camvid_root, tmp_path, batch_size=0)
     with pytest.raises(ValueError, match="optimizer must be one of .* got 'lbfgs'"):
         tiny_config(camvid_root, tmp_path, optimizer="lbfgs")
-    with pytest.raises(ValueError, match=r"input_norm must be one of \('none', 'lcn'\), got 'gcn'"):
+    with pytest.raises(ValueError, match=r"input_norm must be one of \('none', 'lcn', 'rgb\+lcn'\), got 'gcn'"):
         tiny_config(camvid_root, tmp_path, input_norm="gcn")
     with pytest.raises(ValueError, match=r"ema must be a decay in \[0, 1\) .* got 1.0"):
         tiny_config(camvid_root, tmp_path, ema=1.0)

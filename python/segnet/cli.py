@@ -68,7 +68,8 @@ TRAIN_OPTIONS = [
     ("--dropout", "dropout", {"type": float}, "dropout probability in the central encoder and decoder stages "
      "(Bayesian SegNet's placement; 0.5 in its paper); evaluation runs without"),
     ("--input-norm", "input_norm", {"choices": INPUT_NORMS}, "lcn: local contrast normalisation of the input "
-     "inside the network (the first SegNet's, against uneven lighting); checkpoints remember it"),
+     "inside the network (the first SegNet's, against uneven lighting); rgb+lcn: the input and its LCN side by side; "
+     "checkpoints remember it"),
     ("--epochs", "epochs", {"type": int}, "epochs to train"),
     ("--max-steps", "max_steps", {"type": int}, "stop after this many optimiser steps in all (resumable, like an interruption)"),
     ("--batch-size", "batch_size", {"type": int}, "images per process per micro-batch"),

@@ -21,8 +21,11 @@ without (weight averaging); it adds no weights, so ``state_dict`` keys do not ch
 
 ``input_norm="lcn"`` runs the input through :class:`LocalContrastNorm` first, as the first
 SegNet (arXiv 1505.07293) did to its RGB input against uneven lighting: each pixel is seen
-relative to its neighbourhood's mean and contrast. It adds no weights either; checkpoints
-record it in their config, which ``segnet`` reads.
+relative to its neighbourhood's mean and contrast. ``input_norm="rgb+lcn"`` gives the
+network both, the input and its LCN stacked as channels (:class:`WithLocalContrast`): what LCN
+removes (the colour's level, the lighting) stays visible to it. That doubles the first
+convolution's input channels; neither adds other weights. Checkpoints record the choice in
+their config, which ``segnet`` reads.
 """
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
@@ -34,7 +37,7 @@ import segnet_ext
 
 BACKENDS = ("segnet_ext", "torch")
 MODELS = ("segnet", "segnet_basic")
-INPUT_NORMS = ("none", "lcn")
+INPUT_NORMS = ("none", "lcn", "rgb+lcn")
 
 # VGG16's 13 convolutions as 5 stages of output widths.
 VGG16_STAGES: Tuple[Tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -126,6 +129,26 @@ class LocalContrastNorm(nn.Module):
         return f"window={self.window}, eps={self.eps}"
 
 
+class WithLocalContrast(nn.Module):
+    """The input and its :class:`LocalContrastNorm` stacked as channels: ``[N, C, H, W]`` in,
+    ``[N, 2C, H, W]`` out (float32 under autocast, as LCN)."""
+
+    def __init__(self, window: int = 9, eps: float = 1e-4):
+        super().__init__()
+        self.lcn = LocalContrastNorm(window, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.lcn(x)
+        return torch.cat([x.to(y.dtype), y], 1)
+
+
+def _input_norm(name: str) -> nn.Module:
+    """The module of ``input_norm`` ``name`` (one of :data:`INPUT_NORMS`)."""
+    if name not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {name!r}")
+    return {"none": nn.Identity, "lcn": LocalContrastNorm, "rgb+lcn": WithLocalContrast}[name]()
+
+
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -138,13 +161,13 @@ class _EncoderDecoder(nn.Module):
     encoder: nn.ModuleList
     decoder: nn.ModuleList
 
-    def __init__(self, backend: str, input_norm: str):
+    def __init__(self, backend: str, input_norm: str, num_classes: int, in_channels: int):
         super().__init__()
         _check_backend(backend)
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
-        self.backend = backend
-        self.input_norm = LocalContrastNorm() if input_norm == "lcn" else nn.Identity()
+        self.backend, self.num_classes, self.in_channels = backend, num_classes, in_channels
+        self.input_norm = _input_norm(input_norm)
+        # what the first convolution receives
+        self.stem_channels = in_channels * (2 if input_norm == "rgb+lcn" else 1)
 
     def _build_pools(self, stages: int, dropout: float, central: int) -> None:
         """Pools and unpools for ``stages`` stages; dropout ``p`` after the deepest ``central``
@@ -188,9 +211,8 @@ class SegNet(_EncoderDecoder):
 
     def __init__(self, num_classes: int = 11, in_channels: int = 3, backend: str = "segnet_ext", dropout: float = 0.0,
                  input_norm: str = "none"):
-        super().__init__(backend, input_norm)
-        self.num_classes, self.in_channels = num_classes, in_channels
-        self.encoder = _stages(VGG16_STAGES, in_channels, backend)
+        super().__init__(backend, input_norm, num_classes, in_channels)
+        self.encoder = _stages(VGG16_STAGES, self.stem_channels, backend)
         self.decoder = _stages(DECODER_STAGES, VGG16_STAGES[-1][-1], backend)
         self.classifier = _classifier(64, num_classes, 3, backend)
         self._build_pools(len(VGG16_STAGES), dropout, central=3)
@@ -204,10 +226,9 @@ class SegNetBasic(_EncoderDecoder):
 
     def __init__(self, num_classes: int = 11, in_channels: int = 3, backend: str = "segnet_ext", width: int = 64,
                  dropout: float = 0.0, input_norm: str = "none"):
-        super().__init__(backend, input_norm)
-        self.num_classes, self.in_channels = num_classes, in_channels
+        super().__init__(backend, input_norm, num_classes, in_channels)
         self.encoder = nn.ModuleList(
-            nn.Sequential(conv_bn_relu(in_channels if i == 0 else width, width, 7, backend=backend)) for i in range(4)
+            nn.Sequential(conv_bn_relu(self.stem_channels if i == 0 else width, width, 7, backend=backend)) for i in range(4)
         )
         self.decoder = nn.ModuleList(nn.Sequential(conv_bn_relu(width, width, 7, relu=False, backend=backend)) for _ in range(4))
         self.classifier = _classifier(width, num_classes, 1, backend)

@@ -47,7 +47,7 @@ class TrainConfig:
     num_classes: Optional[int] = None         # the description's class count
     encoder_weights: Optional[str] = None     # torchvision vgg16_bn / vgg16 state dict
     dropout: float = 0.0                      # Bayesian SegNet's dropout in the central stages (model.py)
-    input_norm: str = "none"                  # none | lcn: local contrast normalisation of the input (model.py)
+    input_norm: str = "none"                  # none | lcn | rgb+lcn: local contrast normalisation of the input (model.py)
     epochs: int = 100
     max_steps: Optional[int] = None           # stop (resumably) after this many optimiser steps
     batch_size: int = 4                       # per process
