@@ -40,6 +40,7 @@ def variants(crop=(192, 256), full=(360, 480), bf16=True):
         (f"bf16 autocast, channels_last, {c} crops (the recipe)", True, True, crop, "none"),
         (f"bf16 autocast, channels_last, whole {f} images", True, True, full, "none"),
         (f"bf16 autocast, channels_last, whole {f} images, `--input-norm lcn`", True, True, full, "lcn"),
+        (f"bf16 autocast, channels_last, whole {f} images, `--input-norm rgb+lcn`", True, True, full, "rgb+lcn"),
     ] if bf16 else [])
 
 

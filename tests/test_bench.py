@@ -78,7 +78,7 @@ def test_recipe_benchmark_runs_on_a_tiny_input():
 
     ms = measure(1, 1, crop=(16, 24), full=(24, 32))
     text = report(ms, 1, 1, "python -m bench.recipe", crop=(16, 24), full=(24, 32), default_ms=[2 * t for t in ms])
-    assert text.count("| bf16 autocast") == 4 and "| 1.00x |" in text and text.count("| 50% |") == 6
+    assert text.count("| bf16 autocast") == 5 and "| 1.00x |" in text and text.count("| 50% |") == 7
     text = report(ms[:2], 1, 1, "python -m bench.recipe", crop=(16, 24), full=(24, 32), bf16=False)
     assert "| bf16 autocast" not in text and "left out" in text
 
