@@ -142,11 +142,13 @@ class WithLocalContrast(nn.Module):
         return torch.cat([x.to(y.dtype), y], 1)
 
 
-def _input_norm(name: str) -> nn.Module:
-    """The module of ``input_norm`` ``name`` (one of :data:`INPUT_NORMS`)."""
+def _input_norm(name: str, in_channels: int) -> Tuple[nn.Module, int]:
+    """The module of ``input_norm`` ``name`` (one of :data:`INPUT_NORMS`) and the channels it
+    gives the first convolution from ``in_channels``."""
     if name not in INPUT_NORMS:
         raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {name!r}")
-    return {"none": nn.Identity, "lcn": LocalContrastNorm, "rgb+lcn": WithLocalContrast}[name]()
+    module, factor = {"none": (nn.Identity, 1), "lcn": (LocalContrastNorm, 1), "rgb+lcn": (WithLocalContrast, 2)}[name]
+    return module(), factor * in_channels
 
 
 def _check_backend(backend: str) -> None:
@@ -165,9 +167,7 @@ class _EncoderDecoder(nn.Module):
         super().__init__()
         _check_backend(backend)
         self.backend, self.num_classes, self.in_channels = backend, num_classes, in_channels
-        self.input_norm = _input_norm(input_norm)
-        # what the first convolution receives
-        self.stem_channels = in_channels * (2 if input_norm == "rgb+lcn" else 1)
+        self.input_norm, self.stem_channels = _input_norm(input_norm, in_channels)  # stem: the first convolution's input
 
     def _build_pools(self, stages: int, dropout: float, central: int) -> None:
         """Pools and unpools for ``stages`` stages; dropout ``p`` after the deepest ``central``
