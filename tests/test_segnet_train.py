@@ -1,4 +1,5 @@
 """Training: learning, checkpoints, exact resume, interruption, logs, settings."""
+import copy
 import json
 import os
 import pickle
@@ -12,11 +13,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from segnet.checkpoint import load_checkpoint, save_checkpoint
 from segnet.data import Augment, CamVid, sample_root
 from segnet.evaluate import confusion_over
+from segnet.losses import ohem_labels
 from segnet.metrics import scores
 from segnet.train import TrainConfig, Trainer, plot_curves, train
 
@@ -50,7 +53,7 @@ def test_overfits_one_image(tmp_path):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(accumulate=2, schedule="step", step_epochs=1, optimizer="adam", dropout=0.5, ema=0.9,
-                                                       lovasz=1.0, copy_paste=0.5)])
+                                                       lovasz=1.0, copy_paste=0.5, ohem=0.7)])
 def test_resume_is_bit_identical(camvid_root, tmp_path, options):
     whole = Trainer(tiny_config(camvid_root, tmp_path / "whole", **options))
     whole.fit()
@@ -71,6 +74,26 @@ def test_resume_is_bit_identical(camvid_root, tmp_path, options):
             assert torch.equal(torch.as_tensor(a["state"][i][k]), torch.as_tensor(b["state"][i][k]))
     drop_timing = lambda rows: [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_s")} for r in rows]
     assert drop_timing(whole.history) == drop_timing(resumed.history)
+
+
+def test_ohem_step_counts_the_hard_pixels_over_every_valid_pixel(camvid_root, tmp_path):
+    """With OHEM a step's loss is the class-weighted cross-entropy summed over the pixels
+    ohem_labels keeps, over the class weight of every valid pixel; without, over all of them."""
+    images = torch.randn(2, 3, 24, 32)
+    labels = torch.randint(0, 11, (2, 24, 32))
+    for ohem in (0.0, 0.7):
+        trainer = Trainer(tiny_config(camvid_root, tmp_path / str(ohem), ohem=ohem, ohem_min_kept=0.3, val_every=0))
+        ignore = trainer.description.ignore_index
+        labels[:, :3] = ignore
+        model = copy.deepcopy(trainer.model)
+        logits = model(images)
+        weights = trainer.class_weights
+        hard = ohem_labels(logits, labels, ignore, 0.7, 0.3) if ohem else labels
+        if ohem:
+            assert 0.3 * (labels != ignore).sum() <= (hard != ignore).sum() < (labels != ignore).sum()
+        expected = (F.cross_entropy(logits, hard, weight=weights, ignore_index=ignore, reduction="sum")
+                    / weights[labels[labels != ignore]].sum())
+        assert trainer._step([(images, labels)]) == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_run_folder(camvid_root, tmp_path):
@@ -364,6 +387,11 @@ def test_bad_settings(camvid_root, tmp_path):
     for weight in (-1.0, float("nan")):
         with pytest.raises(ValueError, match=rf"lovasz must be a finite weight >= 0 .* got {weight}"):
             tiny_config(camvid_root, tmp_path, lovasz=weight)
+    for threshold in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=rf"ohem must be a probability threshold in \(0, 1\] \(0 = off, 0.7 typical\), got {threshold}"):
+            tiny_config(camvid_root, tmp_path, ohem=threshold)
+    with pytest.raises(ValueError, match=r"ohem_min_kept must be a share of the pixels in \[0, 1\] .* got 1.2"):
+        tiny_config(camvid_root, tmp_path, ohem=0.7, ohem_min_kept=1.2)
     for p in (-0.1, 1.5):
         with pytest.raises(ValueError, match=rf"copy_paste must be a probability in \[0, 1\] .* got {p}"):
             tiny_config(camvid_root, tmp_path, copy_paste=p)

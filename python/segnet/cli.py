@@ -85,6 +85,10 @@ TRAIN_OPTIONS = [
     ("--class-weights", "class_weights", {"choices": ["median", "enet", "paper", "none"]}, "loss weights: median frequency balancing of the training labels, ENet's 1 / ln(1.02 + share) (milder on the large classes), the paper's, or none"),
     ("--lovasz", "lovasz", {"type": float, "metavar": "WEIGHT"}, "add the Lovász-softmax loss (a surrogate of 1 - IoU, "
      "averaged over the classes present in each batch) times WEIGHT to the cross-entropy (e.g. 1; 0 = off)"),
+    ("--ohem", "ohem", {"type": float, "metavar": "THRESHOLD"}, "online hard example mining: the cross-entropy counts "
+     "only the pixels whose predicted probability of their label is below THRESHOLD (e.g. 0.7; 0 = off)"),
+    ("--ohem-min-kept", "ohem_min_kept", {"type": float, "metavar": "SHARE"}, "with --ohem, count at least this share "
+     "of each batch's pixels, the least confident (default 0.2)"),
     ("--flip", "flip", {"action": argparse.BooleanOptionalAction}, "random left-right flips"),
     ("--scale", "scale", {"type": _scale}, "random rescale S or LOW,HIGH (0.5 trains at half resolution)"),
     ("--crop", "crop", {"type": _hw}, "random crop HxW after scaling"),

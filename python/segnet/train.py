@@ -30,7 +30,7 @@ from .checkpoint import ensure_writable, load_checkpoint, remove_partial_writes,
 from .data import Augment, CopyPaste, EpochSampler, SegmentationDataset, class_weights, collate, derived_seed, rare_classes
 from .description import load_description
 from .evaluate import autocast, confusion_over, resolve_device
-from .losses import lovasz_softmax
+from .losses import lovasz_softmax, ohem_labels
 from .metrics import scores
 from .model import BACKENDS, INPUT_NORMS, MODELS, build_model, load_encoder_weights
 
@@ -62,6 +62,8 @@ class TrainConfig:
     gamma: float = 0.1
     class_weights: str = "median"             # median | enet | paper | none
     lovasz: float = 0.0                       # weight of the Lovász-softmax term added to the cross-entropy; 0 = off
+    ohem: float = 0.0                         # cross-entropy on the pixels less sure of their label than this; 0 = off
+    ohem_min_kept: float = 0.2                # ... and on at least this share of each micro-batch's pixels (losses.py)
     flip: bool = True
     scale: Tuple[float, float] = (1.0, 1.0)   # random rescale range
     crop: Optional[Tuple[int, int]] = None    # random crop H, W
@@ -101,6 +103,10 @@ class TrainConfig:
             raise ValueError(f"ema must be a decay in [0, 1) (0 = off, 0.999 typical), got {self.ema}")
         if not (math.isfinite(self.lovasz) and self.lovasz >= 0.0):
             raise ValueError(f"lovasz must be a finite weight >= 0 (0 = off, 1 typical), got {self.lovasz}")
+        if not (self.ohem == 0.0 or 0.0 < self.ohem <= 1.0):
+            raise ValueError(f"ohem must be a probability threshold in (0, 1] (0 = off, 0.7 typical), got {self.ohem}")
+        if not 0.0 <= self.ohem_min_kept <= 1.0:
+            raise ValueError(f"ohem_min_kept must be a share of the pixels in [0, 1] (0.2 typical), got {self.ohem_min_kept}")
         if not 0.0 <= self.copy_paste <= 1.0:
             raise ValueError(f"copy_paste must be a probability in [0, 1] (0 = off, 0.5 typical), got {self.copy_paste}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -416,7 +422,9 @@ class Trainer:
         """One optimiser step over ``batches`` (the accumulated micro-batches). The
         cross-entropy is normalised by the class weight of every valid pixel of the whole
         global step, so accumulation and data parallelism give the gradient of one big batch;
-        the Lovász term (not a sum over pixels) is the mean of its micro-batches' values."""
+        the Lovász term (not a sum over pixels) is the mean of its micro-batches' values. OHEM
+        drops the easy pixels from the sum but not from that normaliser (mmsegmentation's
+        convention); its ``ohem_min_kept`` share is of each micro-batch."""
         batches = [(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)) for images, labels in batches]
         denominator = torch.zeros((), dtype=torch.float64)
         for _, labels in batches:
@@ -437,7 +445,9 @@ class Trainer:
             with (self.ddp.no_sync() if not sync else contextlib.nullcontext()):
                 with autocast(self.device, self.config.amp):
                     logits = self.ddp(images)
-                loss_sum = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
+                hard = labels if not self.config.ohem else ohem_labels(
+                    logits, labels, self.description.ignore_index, self.config.ohem, self.config.ohem_min_kept)
+                loss_sum = F.cross_entropy(logits.float(), hard, weight=self.class_weights,
                                            ignore_index=self.description.ignore_index, reduction="sum")
                 loss = loss_sum * (self.context.world_size / denominator)
                 if self.config.lovasz:
