@@ -75,9 +75,8 @@ def ohem_labels(logits: Tensor, labels: Tensor, ignore_index: int, threshold: fl
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)
         confidence = probs.gather(1, labels.where(valid, 0).unsqueeze(1)).squeeze(1)
         keep = valid & ~(confidence >= threshold)                       # NaN stays
-        count = valid.sum()
-        least = math.ceil(min_kept * int(count))
-        if least > 0 and int((keep).sum()) < least:
+        least = math.ceil(min_kept * int(valid.sum()))
+        if least > 0 and int(keep.sum()) < least:
             cut = confidence[valid].nan_to_num(nan=-1.0).kthvalue(least).values
             keep |= valid & ~(confidence > cut)
     return labels.where(keep, ignore_index)
