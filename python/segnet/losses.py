@@ -27,21 +27,15 @@ def lovasz_softmax(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     ``logits`` [N, C, H, W] against int64 ``labels`` [N, H, W]; pixels labelled
     ``ignore_index`` do not count. A scalar in [0, 1], computed in float32 (or float64 for
     float64 logits); zero, with a gradient, when every pixel is ignored."""
-    if logits.dim() != 4 or labels.shape != (logits.shape[0],) + logits.shape[2:]:
-        raise ValueError(f"logits must be [N, C, H, W] and labels [N, H, W] of the same N, H, W; got logits "
-                         f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
+    valid = _valid_pixels(logits, labels, ignore_index).reshape(-1)
     classes = logits.shape[1]
     probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)
     probs = probs.movedim(1, 0).reshape(classes, -1)                      # [C, P]
     labels = labels.reshape(-1)
-    valid = labels != ignore_index
     if not bool(valid.all()):
         probs, labels = probs[:, valid], labels[valid]
     if labels.numel() == 0:
         return probs.sum() * 0.0
-    if int(labels.min()) < 0 or int(labels.max()) >= classes:
-        raise ValueError(f"labels must be class ids in [0, {classes}) or ignore_index {ignore_index}; "
-                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
     foreground = F.one_hot(labels, classes).T.to(probs.dtype)            # [C, P]
     errors, order = (foreground - probs).abs().sort(1, descending=True)
     foreground = foreground.gather(1, order)
@@ -59,18 +53,11 @@ def ohem_labels(logits: Tensor, labels: Tensor, ignore_index: int, threshold: fl
     ``threshold`` (in (0, 1]), or when it is among the ``ceil(min_kept * valid pixels)`` least
     confident (``min_kept`` in [0, 1]; ties at that cut all stay). A pixel whose probability
     is NaN stays, so that a diverging loss shows. No gradient flows through the choice."""
-    if logits.dim() != 4 or labels.shape != (logits.shape[0],) + logits.shape[2:]:
-        raise ValueError(f"logits must be [N, C, H, W] and labels [N, H, W] of the same N, H, W; got logits "
-                         f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be a probability in (0, 1] (0.7 typical), got {threshold}")
     if not 0.0 <= min_kept <= 1.0:
         raise ValueError(f"min_kept must be a share of the pixels in [0, 1] (0.2 typical), got {min_kept}")
-    classes = logits.shape[1]
-    valid = labels != ignore_index
-    if bool(valid.any()) and (int(labels[valid].min()) < 0 or int(labels[valid].max()) >= classes):
-        raise ValueError(f"labels must be class ids in [0, {classes}) or ignore_index {ignore_index}; "
-                         f"got values in [{int(labels[valid].min())}, {int(labels[valid].max())}]")
+    valid = _valid_pixels(logits, labels, ignore_index)
     with torch.no_grad():
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)
         confidence = probs.gather(1, labels.where(valid, 0).unsqueeze(1)).squeeze(1)
@@ -80,3 +67,18 @@ def ohem_labels(logits: Tensor, labels: Tensor, ignore_index: int, threshold: fl
             cut = confidence[valid].nan_to_num(nan=-1.0).kthvalue(least).values
             keep |= valid & ~(confidence > cut)
     return labels.where(keep, ignore_index)
+
+
+def _valid_pixels(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """The mask of the pixels not labelled ``ignore_index``, once ``logits`` [N, C, H, W] and
+    ``labels`` [N, H, W] are checked to fit and the labels to be class ids."""
+    if logits.dim() != 4 or labels.shape != (logits.shape[0],) + logits.shape[2:]:
+        raise ValueError(f"logits must be [N, C, H, W] and labels [N, H, W] of the same N, H, W; got logits "
+                         f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
+    classes = logits.shape[1]
+    valid = labels != ignore_index
+    present = labels[valid]
+    if present.numel() and (int(present.min()) < 0 or int(present.max()) >= classes):
+        raise ValueError(f"labels must be class ids in [0, {classes}) or ignore_index {ignore_index}; "
+                         f"got values in [{int(present.min())}, {int(present.max())}]")
+    return valid
