@@ -346,9 +346,10 @@ def test_generalisation_flags_reach_the_config(capsys):
 
     args = build_parser().parse_args(["train", "--color-jitter", "0.3,0.3,0.2,0.03", "--blur", "0.2", "--holdout-sequence",
                                       "0006R0", "--train-split", "train+val", "--dropout", "0.5", "--lovasz", "0.5",
-                                      "--copy-paste", "0.25", "--input-norm", "lcn", "--ohem", "0.7", "--ohem-min-kept", "0.1"])
+                                      "--copy-paste", "0.25", "--input-norm", "lcn", "--ohem", "0.7", "--ohem-min-kept", "0.1",
+                                      "--class-weight-power", "0.5"])
     config = train_config(args)
-    assert config.ohem == 0.7 and config.ohem_min_kept == 0.1
+    assert config.ohem == 0.7 and config.ohem_min_kept == 0.1 and config.class_weight_power == 0.5
     assert config.dropout == 0.5 and config.lovasz == 0.5 and config.copy_paste == 0.25 and config.input_norm == "lcn"
     assert config.color_jitter == (0.3, 0.3, 0.2, 0.03) and config.blur == 0.2
     assert config.holdout_sequence == "0006R0" and config.train_split == "train+val"

@@ -220,6 +220,13 @@ def test_median_frequency_and_enet_weights(tmp_path, monkeypatch):
     assert got[0] < got[2] < got[1] and len(list(cache.iterdir())) == 2
     monkeypatch.setenv("SEGNET_CACHE", str(cache))
     assert class_weights("enet", root) == got
+    # a power softens (0.5: the square root) or flattens (0: all 1) them; an absent class stays 0
+    np.testing.assert_allclose(class_weights("enet", root, power=0.5), np.sqrt(got), rtol=1e-12)
+    assert class_weights("enet", root, power=0.0) == [1.0] * 3 + [0.0] * 8
+    assert class_weights("paper", root, power=2.0)[2] == pytest.approx(4.5640 ** 2)
+    for power in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"class weight power must be a finite number >= 0 .* got {power}"):
+            class_weights("enet", root, power=power)
 
 
 def test_confusion_matrix_and_scores_by_hand():

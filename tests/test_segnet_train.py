@@ -96,6 +96,15 @@ def test_ohem_step_counts_the_hard_pixels_over_every_valid_pixel(camvid_root, tm
         assert trainer._step([(images, labels)]) == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_class_weight_power_reaches_the_loss(camvid_root, tmp_path):
+    """The trainer's loss weights are the split's weights raised to class_weight_power."""
+    full = Trainer(tiny_config(camvid_root, tmp_path / "full", class_weights="paper", val_every=0)).class_weights
+    soft = Trainer(tiny_config(camvid_root, tmp_path / "soft", class_weights="paper", class_weight_power=0.5,
+                               val_every=0)).class_weights
+    assert full.max() / full.min() > 10
+    torch.testing.assert_close(soft, full.sqrt())
+
+
 def test_run_folder(camvid_root, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(camvid_root, out, epochs=3, val_every=2))
@@ -384,6 +393,9 @@ def test_bad_settings(camvid_root, tmp_path):
         tiny_config(camvid_root, tmp_path, input_norm="gcn")
     with pytest.raises(ValueError, match=r"ema must be a decay in \[0, 1\) .* got 1.0"):
         tiny_config(camvid_root, tmp_path, ema=1.0)
+    for power in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=rf"class_weight_power must be a finite number >= 0 .* got {power}"):
+            tiny_config(camvid_root, tmp_path, class_weight_power=power)
     for weight in (-1.0, float("nan")):
         with pytest.raises(ValueError, match=rf"lovasz must be a finite weight >= 0 .* got {weight}"):
             tiny_config(camvid_root, tmp_path, lovasz=weight)

@@ -83,6 +83,8 @@ TRAIN_OPTIONS = [
     ("--step-epochs", "step_epochs", {"type": int}, "step schedule: multiply the lr by --gamma every this many epochs"),
     ("--gamma", "gamma", {"type": float}, "step schedule factor"),
     ("--class-weights", "class_weights", {"choices": ["median", "enet", "paper", "none"]}, "loss weights: median frequency balancing of the training labels, ENet's 1 / ln(1.02 + share) (milder on the large classes), the paper's, or none"),
+    ("--class-weight-power", "class_weight_power", {"type": float, "metavar": "P"}, "raise each class weight to the "
+     "power P: 0.5 (the square root) softens them towards the large classes, 0 makes them all 1 (default 1)"),
     ("--lovasz", "lovasz", {"type": float, "metavar": "WEIGHT"}, "add the Lovász-softmax loss (a surrogate of 1 - IoU, "
      "averaged over the classes present in each batch) times WEIGHT to the cross-entropy (e.g. 1; 0 = off)"),
     ("--ohem", "ohem", {"type": float, "metavar": "THRESHOLD"}, "online hard example mining: the cross-entropy counts "

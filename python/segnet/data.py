@@ -532,19 +532,25 @@ def _rarer_than_median(counts: np.ndarray, image_pixels: np.ndarray) -> List[flo
 
 
 def class_weights(kind: str, root: Union[str, Path], description: Union[DatasetDescription, str, Path, None] = None,
-                  split: str = "train", exclude_sequences: Sequence[str] = ()) -> Optional[List[float]]:
+                  split: str = "train", exclude_sequences: Sequence[str] = (), power: float = 1.0) -> Optional[List[float]]:
     """``median`` or ``enet`` (from the labels of the training ``split``), ``paper`` (the
-    description's published weights: SegNet's for CamVid) or ``none``."""
+    description's published weights: SegNet's for CamVid) or ``none``; each weight raised to
+    ``power`` (0.5: the square root, which halves the log-ratio of any two weights; 0: all 1,
+    but a weight of 0 stays 0)."""
+    if not (math.isfinite(power) and power >= 0.0):
+        raise ValueError(f"class weight power must be a finite number >= 0 (1 = the weights as they are), got {power}")
     description = load_description(description)
     if kind == "median":
-        return median_frequency_weights(root, split, description=description, exclude_sequences=exclude_sequences)
-    if kind == "enet":
-        return enet_weights(root, split, description=description, exclude_sequences=exclude_sequences)
-    if kind == "paper":
+        weights = median_frequency_weights(root, split, description=description, exclude_sequences=exclude_sequences)
+    elif kind == "enet":
+        weights = enet_weights(root, split, description=description, exclude_sequences=exclude_sequences)
+    elif kind == "paper":
         if description.class_weights is None:
             raise ValueError(f"class weights 'paper': the dataset {description.name!r} publishes none "
                              "(its description has no 'class_weights'); use 'median' or 'none'")
-        return list(description.class_weights)
-    if kind == "none":
+        weights = list(description.class_weights)
+    elif kind == "none":
         return None
-    raise ValueError(f"class weights must be 'median', 'enet', 'paper' or 'none', got {kind!r}")
+    else:
+        raise ValueError(f"class weights must be 'median', 'enet', 'paper' or 'none', got {kind!r}")
+    return weights if power == 1.0 else [w ** power if w > 0 else 0.0 for w in weights]  # a weight-0 class stays 0

@@ -61,6 +61,7 @@ class TrainConfig:
     step_epochs: int = 30                     # step schedule: multiply by gamma every step_epochs
     gamma: float = 0.1
     class_weights: str = "median"             # median | enet | paper | none
+    class_weight_power: float = 1.0           # each class weight raised to this: 0.5 softens them, 0 = all 1
     lovasz: float = 0.0                       # weight of the Lovász-softmax term added to the cross-entropy; 0 = off
     ohem: float = 0.0                         # cross-entropy on the pixels less sure of their label than this; 0 = off
     ohem_min_kept: float = 0.2                # ... and on at least this share of each micro-batch's pixels (losses.py)
@@ -101,6 +102,9 @@ class TrainConfig:
             self.lr = 0.01 if self.optimizer == "sgd" else 0.001
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be a decay in [0, 1) (0 = off, 0.999 typical), got {self.ema}")
+        if not (math.isfinite(self.class_weight_power) and self.class_weight_power >= 0.0):
+            raise ValueError("class_weight_power must be a finite number >= 0 (1 = the weights as they are, 0.5 softer), "
+                             f"got {self.class_weight_power}")
         if not (math.isfinite(self.lovasz) and self.lovasz >= 0.0):
             raise ValueError(f"lovasz must be a finite weight >= 0 (0 = off, 1 typical), got {self.lovasz}")
         if not (self.ohem == 0.0 or 0.0 < self.ohem <= 1.0):
@@ -256,7 +260,8 @@ class Trainer:
         self.train_set = SegmentationDataset(config.data, config.train_split, augment, self.description, holdout, paste)
         val_split = f"{config.train_split}@{config.holdout_sequence}" if holdout else config.val_split
         self.val_set = SegmentationDataset(config.data, val_split, None, self.description) if config.val_every else None
-        weights = class_weights(config.class_weights, config.data, self.description, config.train_split, holdout)
+        weights = class_weights(config.class_weights, config.data, self.description, config.train_split, holdout,
+                                config.class_weight_power)
         self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=self.device)
 
         per_process = math.ceil(len(self.train_set) / self.context.world_size)
