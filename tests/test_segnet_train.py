@@ -82,7 +82,8 @@ def test_ohem_step_counts_the_hard_pixels_over_every_valid_pixel(camvid_root, tm
     images = torch.randn(2, 3, 24, 32)
     labels = torch.randint(0, 11, (2, 24, 32))
     for ohem in (0.0, 0.7):
-        trainer = Trainer(tiny_config(camvid_root, tmp_path / str(ohem), ohem=ohem, ohem_min_kept=0.3, val_every=0))
+        trainer = Trainer(tiny_config(camvid_root, tmp_path / str(ohem), ohem=ohem, ohem_min_kept=0.3 if ohem else 0.2,
+                                       val_every=0))
         ignore = trainer.description.ignore_index
         labels[:, :3] = ignore
         model = copy.deepcopy(trainer.model)
@@ -404,6 +405,14 @@ def test_bad_settings(camvid_root, tmp_path):
             tiny_config(camvid_root, tmp_path, ohem=threshold)
     with pytest.raises(ValueError, match=r"ohem_min_kept must be a share of the pixels in \[0, 1\] .* got 1.2"):
         tiny_config(camvid_root, tmp_path, ohem=0.7, ohem_min_kept=1.2)
+    with pytest.warns(UserWarning, match=r"^class_weight_power 0.5 has no effect with class_weights 'none'$"):
+        tiny_config(camvid_root, tmp_path, class_weights="none", class_weight_power=0.5)
+    with pytest.warns(UserWarning, match=r"^ohem_min_kept 0.1 has no effect with ohem 0 \(off\)$"):
+        tiny_config(camvid_root, tmp_path, ohem_min_kept=0.1)
+    with warnings.catch_warnings():                                         # the same settings where they act: silent
+        warnings.simplefilter("error")
+        tiny_config(camvid_root, tmp_path, class_weights="enet", class_weight_power=0.5, ohem=0.7, ohem_min_kept=0.1)
+        tiny_config(camvid_root, tmp_path, class_weights="none")
     for p in (-0.1, 1.5):
         with pytest.raises(ValueError, match=rf"copy_paste must be a probability in \[0, 1\] .* got {p}"):
             tiny_config(camvid_root, tmp_path, copy_paste=p)
