@@ -113,11 +113,10 @@ class TrainConfig:
         if not 0.0 <= self.ohem_min_kept <= 1.0:
             raise ValueError(f"ohem_min_kept must be a share of the pixels in [0, 1] (0.2 typical), got {self.ohem_min_kept}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, value, inert, why in (
-                ("class_weight_power", self.class_weight_power, self.class_weights == "none", "class_weights 'none'"),
-                ("ohem_min_kept", self.ohem_min_kept, not self.ohem, "ohem 0 (off)")):
-            if inert and value != defaults[name]:
-                warnings.warn(f"{name} {value} has no effect with {why}", stacklevel=3)
+        for name, inert, why in (("class_weight_power", self.class_weights == "none", "class_weights 'none'"),
+                                 ("ohem_min_kept", not self.ohem, "ohem 0 (off)")):
+            if inert and getattr(self, name) != defaults[name]:
+                warnings.warn(f"{name} {getattr(self, name)} has no effect with {why}", stacklevel=3)
         if not 0.0 <= self.copy_paste <= 1.0:
             raise ValueError(f"copy_paste must be a probability in [0, 1] (0 = off, 0.5 typical), got {self.copy_paste}")
         if self.max_steps is not None and self.max_steps < 1:
