@@ -82,8 +82,8 @@ def test_ohem_step_counts_the_hard_pixels_over_every_valid_pixel(camvid_root, tm
     images = torch.randn(2, 3, 24, 32)
     labels = torch.randint(0, 11, (2, 24, 32))
     for ohem in (0.0, 0.7):
-        trainer = Trainer(tiny_config(camvid_root, tmp_path / str(ohem), ohem=ohem, ohem_min_kept=0.3 if ohem else 0.2,
-                                       val_every=0))
+        trainer = Trainer(tiny_config(camvid_root, tmp_path / str(ohem), ohem=ohem, val_every=0,
+                                       **(dict(ohem_min_kept=0.3) if ohem else {})))
         ignore = trainer.description.ignore_index
         labels[:, :3] = ignore
         model = copy.deepcopy(trainer.model)
@@ -409,9 +409,17 @@ def test_bad_settings(camvid_root, tmp_path):
         tiny_config(camvid_root, tmp_path, class_weights="none", class_weight_power=0.5)
     with pytest.warns(UserWarning, match=r"^ohem_min_kept 0.1 has no effect with ohem 0 \(off\)$"):
         tiny_config(camvid_root, tmp_path, ohem_min_kept=0.1)
+    for options, message in ((dict(optimizer="adam", momentum=0.5), "momentum 0.5 has no effect with optimizer 'adam'"),
+                             (dict(schedule="step", poly_power=2.0), "poly_power 2.0 has no effect with schedule 'step'"),
+                             (dict(schedule="constant", step_epochs=5), "step_epochs 5 has no effect with schedule 'constant'"),
+                             (dict(schedule="poly", gamma=0.5), "gamma 0.5 has no effect with schedule 'poly'")):
+        with pytest.warns(UserWarning, match=rf"^{message}$"):
+            tiny_config(camvid_root, tmp_path, **options)
     with warnings.catch_warnings():                                         # the same settings where they act: silent
         warnings.simplefilter("error")
         tiny_config(camvid_root, tmp_path, class_weights="enet", class_weight_power=0.5, ohem=0.7, ohem_min_kept=0.1)
+        tiny_config(camvid_root, tmp_path, optimizer="sgd", momentum=0.5, schedule="poly", poly_power=2.0)
+        tiny_config(camvid_root, tmp_path, schedule="step", step_epochs=5, gamma=0.5)
         tiny_config(camvid_root, tmp_path, class_weights="none")
     for p in (-0.1, 1.5):
         with pytest.raises(ValueError, match=rf"copy_paste must be a probability in \[0, 1\] .* got {p}"):

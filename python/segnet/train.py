@@ -114,7 +114,11 @@ class TrainConfig:
             raise ValueError(f"ohem_min_kept must be a share of the pixels in [0, 1] (0.2 typical), got {self.ohem_min_kept}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name, inert, why in (("class_weight_power", self.class_weights == "none", "class_weights 'none'"),
-                                 ("ohem_min_kept", not self.ohem, "ohem 0 (off)")):
+                                 ("ohem_min_kept", not self.ohem, "ohem 0 (off)"),
+                                 ("momentum", self.optimizer != "sgd", f"optimizer {self.optimizer!r}"),
+                                 ("poly_power", self.schedule != "poly", f"schedule {self.schedule!r}"),
+                                 ("step_epochs", self.schedule != "step", f"schedule {self.schedule!r}"),
+                                 ("gamma", self.schedule != "step", f"schedule {self.schedule!r}")):
             if inert and getattr(self, name) != defaults[name]:
                 warnings.warn(f"{name} {getattr(self, name)} has no effect with {why}", stacklevel=3)
         if not 0.0 <= self.copy_paste <= 1.0:
