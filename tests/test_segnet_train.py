@@ -405,15 +405,14 @@ def test_bad_settings(camvid_root, tmp_path):
             tiny_config(camvid_root, tmp_path, ohem=threshold)
     with pytest.raises(ValueError, match=r"ohem_min_kept must be a share of the pixels in \[0, 1\] .* got 1.2"):
         tiny_config(camvid_root, tmp_path, ohem=0.7, ohem_min_kept=1.2)
-    with pytest.warns(UserWarning, match=r"^class_weight_power 0.5 has no effect with class_weights 'none'$"):
-        tiny_config(camvid_root, tmp_path, class_weights="none", class_weight_power=0.5)
-    with pytest.warns(UserWarning, match=r"^ohem_min_kept 0.1 has no effect with ohem 0 \(off\)$"):
-        tiny_config(camvid_root, tmp_path, ohem_min_kept=0.1)
-    for options, message in ((dict(optimizer="adam", momentum=0.5), "momentum 0.5 has no effect with optimizer 'adam'"),
+    for options, message in ((dict(class_weights="none", class_weight_power=0.5),
+                              "class_weight_power 0.5 has no effect with class_weights 'none'"),
+                             (dict(ohem_min_kept=0.1), "ohem_min_kept 0.1 has no effect with ohem 0 (off)"),
+                             (dict(optimizer="adam", momentum=0.5), "momentum 0.5 has no effect with optimizer 'adam'"),
                              (dict(schedule="step", poly_power=2.0), "poly_power 2.0 has no effect with schedule 'step'"),
                              (dict(schedule="constant", step_epochs=5), "step_epochs 5 has no effect with schedule 'constant'"),
                              (dict(schedule="poly", gamma=0.5), "gamma 0.5 has no effect with schedule 'poly'")):
-        with pytest.warns(UserWarning, match=rf"^{message}$"):
+        with pytest.warns(UserWarning, match=rf"^{re.escape(message)}$"):
             tiny_config(camvid_root, tmp_path, **options)
     with warnings.catch_warnings():                                         # the same settings where they act: silent
         warnings.simplefilter("error")
