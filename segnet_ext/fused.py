@@ -107,35 +107,41 @@ class ConvBNReLUFunction(torch.autograd.Function):
         y, scale, shift, mean, var, invstd, count = bn_relu_forward(z, bn_weight, bn_bias, eps, relu, group, residual,
                                                                     stats)
 
-        SavedInput.save(ctx, [x_c, residual], w_c, z, scale, shift, mean, invstd)
-        ctx.conv_args, ctx.relu, ctx.group, ctx.count = conv_args, relu, group, count
-        ctx.has_bias, ctx.dtypes = bias is not None, dtypes(x, weight, bias, bn_weight, bn_bias, residual)
         recipe = ScaleShiftReLU(z, scale, shift, relu, residual)
         attach(y, recipe)
         ctx.output = recipe if residual is not None and relu else None  # for the ReLU's mask
         if ctx.output is not None:
             recipe.expect()
+        # the recipe refers to its tensors weakly: a residual (or its recipe's tensors) lives while this block may
+        # still rebuild its output, for its own mask or for a consumer saving the recipe
+        output_part = recipe.tensors() if residual is not None else []
+        SavedInput.save(ctx, [x_c, residual], w_c, z, scale, shift, mean, invstd, *output_part)
+        ctx.conv_args, ctx.relu, ctx.group, ctx.count = conv_args, relu, group, count
+        ctx.has_bias, ctx.dtypes = bias is not None, dtypes(x, weight, bias, bn_weight, bn_bias, residual)
+        ctx.has_residual = residual is not None
         unbiased = var * (count / (count - 1))
         ctx.mark_non_differentiable(mean, unbiased)
         return y, mean, unbiased
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        (x, residual), (w_c, z, scale, shift, mean, invstd) = SavedInput.load(ctx)
+        others = SavedInput.others(ctx)
+        (w_c, z, scale, shift, mean, invstd), output_part = others[:6], others[6:]
         grad_y, relu = grad_y.to(z.dtype), ctx.relu
-        if residual is not None:
-            if relu:  # the mask from the rebuilt output, as torch.relu's backward (rebuilt once: see Recipe)
-                grad_y = torch.ops.aten.threshold_backward(grad_y, ctx.output.use(ctx.output.tensors()), 0)
+        if ctx.output is not None:  # the ReLU's mask from the rebuilt output (rebuilt once: see Recipe)
+            grad_y, relu = torch.ops.aten.threshold_backward(grad_y, ctx.output.use(output_part), 0), False
+        elif ctx.has_residual:
             relu = False
         grad_z, grad_bn_weight, grad_bn_bias = bn_relu_backward(
             grad_y, z, scale, shift, mean, invstd, ctx.count, relu, ctx.group)
         stride, padding, dilation, groups = ctx.conv_args
         needs = ctx.needs_input_grad
+        (x, _), _ = SavedInput.load(ctx)  # rebuilt where need be, just before it is needed
         grad_x, grad_w, grad_b = aten_conv.convolution_backward(
             grad_z, x, w_c, [w_c.shape[0]] if ctx.has_bias else None, stride, padding, dilation, groups,
             [needs[0], needs[1], needs[2] and ctx.has_bias])
         grad_bn = (grad_bn_weight if needs[3] else None, grad_bn_bias if needs[4] else None)
-        grad_residual = grad_y if residual is not None and needs[5] else None
+        grad_residual = grad_y if ctx.has_residual and needs[5] else None
         return (*grads_as((grad_x, grad_w, grad_b, *grad_bn, grad_residual), ctx.dtypes), None, None, None, None)
 
 

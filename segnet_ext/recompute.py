@@ -19,6 +19,12 @@ rebuild costs at most ``MAX_DEPTH`` element-wise passes however long the chain.
 
 Any other consumer simply saves the tensor as usual (correct, without the saving); a
 tensor modified in place after it was made (its version changed) is never recomputed.
+
+A recipe refers to its tensors weakly: the consumers save them (``SavedInput``), so each
+lives as long as some node of the graph still needs it and is freed, as a plainly saved
+tensor is, when the last such node's backward has run, not at the end of the backward
+pass. A recipe whose tensors are gone (its graph's backward has run) no longer describes
+its output, which is then saved as itself.
 Explicit recipes were chosen over ``saved_tensors_hooks`` because they need no context
 manager around the user's training step and never touch tensors of unrelated code.
 
@@ -40,6 +46,7 @@ recomputed from that block's z, as the eager ``Unpool`` recipe nests its
 recipes do.
 """
 import functools
+import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -54,8 +61,8 @@ MAX_DEPTH = 3
 
 
 class Recipe:
-    """How to rebuild a tensor: ``tensors()`` to save, ``rebuild(saved)`` to recompute;
-    ``depth``: the element-wise passes a rebuild takes.
+    """How to rebuild a tensor: ``tensors()`` to save (``size`` of them), ``rebuild(saved)``
+    to recompute; ``depth``: the element-wise passes a rebuild takes.
 
     Several layers may rebuild one tensor in the same backward pass (a residual block's
     input is its first convolution's input, its identity, and the identity inside its own
@@ -68,10 +75,16 @@ class Recipe:
 
     version: int
     depth: int = 1
+    size: int = 0  # how many tensors ``tensors()`` returns
     expected: int = 0  # consumers that have not yet taken the tensor
     kept: Optional[Tensor] = None  # the tensor rebuilt for them, within one backward pass
 
     def tensors(self) -> List[Tensor]:
+        """The tensors to save; an error where one is gone (see ``alive``)."""
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        """Whether every tensor of ``tensors()`` still exists."""
         raise NotImplementedError
 
     def build(self, saved: Sequence[Tensor]) -> Tuple[Tensor, Sequence[Tensor]]:
@@ -81,7 +94,7 @@ class Recipe:
     def rebuild(self, saved: Sequence[Tensor]) -> Tuple[Tensor, Sequence[Tensor]]:
         """``build``, or the tensor kept from an earlier rebuild of this backward pass."""
         if self.kept is not None:
-            return self.kept, saved[len(self.tensors()):]
+            return self.kept, saved[self.size:]
         t, rest = self.build(saved)
         if self.expected > 0:
             self._keep(t)
@@ -113,6 +126,14 @@ class Recipe:
         self.kept = None
 
 
+def _deref(refs: Sequence[weakref.ref]) -> List[Tensor]:
+    tensors = [r() for r in refs]
+    if any(t is None for t in tensors):
+        raise RuntimeError("segnet_ext: a recipe's tensors were freed (its graph's backward has run); "
+                           "recipe_of() returns None for such a tensor")
+    return tensors
+
+
 class _Operand:
     """A recipe's tensor operand: saved as its own recipe where it has one no deeper than
     MAX_DEPTH - 1, else as itself."""
@@ -120,11 +141,15 @@ class _Operand:
     def __init__(self, t: Tensor):
         source = recipe_of(t)
         self.source = source if source is not None and source.depth < MAX_DEPTH else None
-        self.tensor = None if self.source is not None else t
+        self.ref = None if self.source is not None else weakref.ref(t)
         self.depth = self.source.depth if self.source is not None else 0
+        self.size = self.source.size if self.source is not None else 1
 
     def tensors(self) -> List[Tensor]:
-        return self.source.tensors() if self.source is not None else [self.tensor]
+        return self.source.tensors() if self.source is not None else _deref([self.ref])
+
+    def alive(self) -> bool:
+        return self.source.alive() if self.source is not None else self.ref() is not None
 
     def rebuild(self, saved):
         return self.source.rebuild(saved) if self.source is not None else (saved[0], saved[1:])
@@ -132,12 +157,16 @@ class _Operand:
 
 class ScaleShiftReLU(Recipe):
     def __init__(self, z: Tensor, scale: Tensor, shift: Tensor, relu: bool, residual: Optional[Tensor] = None):
-        self.z, self.scale, self.shift, self.relu = z, scale, shift, relu
+        self.refs, self.relu = [weakref.ref(t) for t in (z, scale, shift)], relu
         self.residual = _Operand(residual) if residual is not None else None
         self.depth = 1 + (self.residual.depth if self.residual is not None else 0)
+        self.size = 3 + (self.residual.size if self.residual is not None else 0)
 
     def tensors(self):
-        return [self.z, self.scale, self.shift] + (self.residual.tensors() if self.residual is not None else [])
+        return _deref(self.refs) + (self.residual.tensors() if self.residual is not None else [])
+
+    def alive(self):
+        return all(r() is not None for r in self.refs) and (self.residual is None or self.residual.alive())
 
     def build(self, saved):
         (z, scale, shift), saved = saved[:3], saved[3:]
@@ -150,11 +179,15 @@ class ScaleShiftReLU(Recipe):
 class Unpool(Recipe):
     def __init__(self, values: Tensor, packed: Tensor, output_size: Sequence[int]):
         self.values = _Operand(values)
-        self.packed, self.output_size = packed, list(output_size)
+        self.packed, self.output_size = weakref.ref(packed), list(output_size)
         self.depth = 1 + self.values.depth
+        self.size = self.values.size + 1
 
     def tensors(self):
-        return self.values.tensors() + [self.packed]
+        return self.values.tensors() + _deref([self.packed])
+
+    def alive(self):
+        return self.values.alive() and self.packed() is not None
 
     def build(self, saved):
         values, saved = self.values.rebuild(saved)
@@ -169,9 +202,10 @@ def attach(t: Tensor, recipe: Recipe) -> Tensor:
 
 
 def recipe_of(t: Tensor) -> Optional[Recipe]:
-    """The recipe of ``t`` if it still describes it (not modified in place since)."""
+    """The recipe of ``t`` if it still describes it (not modified in place since, its tensors
+    not freed)."""
     recipe = getattr(t, RECIPE, None)
-    return recipe if recipe is not None and recipe.version == t._version else None
+    return recipe if recipe is not None and recipe.version == t._version and recipe.alive() else None
 
 
 def _recompute_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -234,6 +268,11 @@ class SavedInput:
             saved += part
         ctx.input_recipes, ctx.input_counts = recipes, counts
         ctx.save_for_backward(*saved, *others)
+
+    @staticmethod
+    def others(ctx) -> Sequence[Tensor]:
+        """The other saved tensors, without rebuilding the inputs."""
+        return ctx.saved_tensors[sum(ctx.input_counts):]
 
     @staticmethod
     def load(ctx) -> Tuple[List[Optional[Tensor]], Sequence[Tensor]]:

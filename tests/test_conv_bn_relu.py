@@ -393,6 +393,34 @@ def test_rewrite_finds_exactly_the_geometries_to_rewrite():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("mask", [m for m in itertools.product([False, True], repeat=3) if any(m)])
+def test_convolution_backward_takes_the_weight_gradients_and_then_the_input_gradient(mask, fmt):
+    """aten_conv.convolution_backward returns ATen's gradients, asking ATen for the weight (and
+    bias) gradients and for the input gradient in separate calls, the weight's first: ATen's
+    oneDNN backward holds the working copies of both at once when asked for both."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Masks(TorchDispatchMode):
+        asked = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default:
+                Masks.asked.append(list(args[-1]))
+            return func(*args, **(kwargs or {}))
+
+    x, w = torch.randn(2, 5, 9, 11).contiguous(memory_format=fmt), torch.randn(6, 5, 3, 3)
+    grad = torch.randn(2, 6, 5, 6).contiguous(memory_format=fmt)
+    args = [2, 2], [1, 1], [1, 1]
+    want = torch.ops.aten.convolution_backward(grad, x, w, [6], *args, False, [0, 0], 1, list(mask))
+    with Masks():
+        got = aten_conv.convolution_backward(grad, x, w, [6], *args, 1, list(mask))
+    for g, t in zip(got, want):
+        assert (g is None) == (t is None) and (g is None or torch.equal(g, t))
+    weights = [False, mask[1], mask[2]]
+    assert Masks.asked == ([weights, [True, False, False]] if mask[0] and any(weights) else [list(mask)])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("geometry", BLIND + ONE_OUTPUT)
 def test_geometries_that_onednn_gets_wrong(fmt, dtype, geometry):

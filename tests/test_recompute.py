@@ -71,6 +71,29 @@ def test_stage_stores_the_recipes_not_the_activations():
     assert plain_bytes - weights >= 5.5 * activation  # 3/8 + 5 + 1/2
 
 
+def test_a_block_frees_its_tensors_once_their_last_backward_has_run():
+    """A recipe refers to its tensors weakly: a block's z lives while the block or the
+    consumer that saved its recipe may still need it, and is freed when both backwards have
+    run, as a plainly saved tensor is; not at the end of the backward pass, though the
+    outputs that carry the recipes are still held."""
+    import weakref
+
+    blocks = nn.Sequential(*(ConvBNReLU2d(4, 4) for _ in range(4)))
+    ys, zs, y = [], [], torch.randn(2, 4, 8, 8, requires_grad=True)
+    for block in blocks:
+        y = block(y)
+        ys.append(y)
+        zs.append(weakref.ref(recompute.recipe_of(y).tensors()[0]))
+    alive = {}
+    for i in range(1, len(blocks)):  # block i - 1's backward starts after those of block i and its consumer
+        ys[i - 1].grad_fn.register_prehook(lambda grads, i=i: alive.update({i: zs[i]() is not None}))
+    ys[-1].sum().backward()
+    assert alive == {1: False, 2: False, 3: False}
+    assert zs[0]() is None and recompute.recipe_of(ys[0]) is None  # no longer describes its output: saved as itself
+    out = blocks[1](ys[0])  # a new graph on the old output: no recipe to rebuild, the tensor itself is saved
+    torch.autograd.grad(out.sum(), list(blocks[1].parameters()))
+
+
 def test_recipes_rebuild_bit_identically_and_expire():
     block, pool, unpool = ConvBNReLU2d(3, 4), segnet_ext.nn.MaxPool2x2(True, True), segnet_ext.nn.MaxUnpool2x2()
     y = block(torch.randn(2, 3, 7, 9))
