@@ -19,6 +19,14 @@ defaults, dropout off):
   ``saved_tensors_hooks``, less the parameters', which are kept anyway), fused / unfused;
   copies of parameters in another layout (a compiled model's channels_last weights) are
   counted apart and shown beside the ratio;
+- peak tensor memory of a training step, fused / unfused: the most that the CPU allocator
+  holds at once during one step (after a warm-up step, gradients set to None as an
+  optimizer's zero_grad does) beyond what it held before, from the profiler's memory events
+  (``torch.profiler.profile(profile_memory=True)``), the CPU's counterpart of
+  ``torch.cuda.max_memory_allocated``; in a fresh process per model and variant (within one
+  process the profiler's count carried over from one profiled step to the next, and the
+  steps timed after profiling ran slower). It counts what saved activations do not: parameter gradients and the
+  backward's own tensors (rebuilt activations, activation gradients);
 - time of a training step (forward, mean of the output, backward) and of an eval forward
   (no_grad), fused / unfused: the median over rounds of the per-round ratio, the two timed in
   alternation (bench.common.interleaved_ms); under the large-block malloc thresholds that
@@ -30,7 +38,9 @@ import argparse
 import copy
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from typing import Tuple
 
 import torch
@@ -141,6 +151,40 @@ def forward_no_grad(model: nn.Module, x: torch.Tensor):
     return run
 
 
+def step_peak_mib(name: str, mode: str, variant: str, size) -> float:
+    """Peak tensor MiB of a training step of model ``name``, ``variant`` "fused" or "plain",
+    ``mode`` "eager" or "compiled", at ``size`` ((H, W), batch), measured in a fresh process
+    (see the module doc)."""
+    (h, w), batch = size
+    cmd = [sys.executable, "-m", "bench.models", "--peak-worker", name, mode, variant, str(h), str(w), str(batch)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _peak_worker(name, mode, variant, h, w, batch):
+    model = prepared(build(name))
+    if variant == "fused":
+        model = segnet_ext.fuse(model)
+    if mode == "compiled":
+        model = torch.compile(model)
+    x = torch.randn(int(batch), 3, int(h), int(w), generator=torch.Generator().manual_seed(2))
+    run = step(model.train(), x)
+    run()  # the warm-up (and the compilation)
+    model.zero_grad(set_to_none=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"]
+                      if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    before = events[0]["Total Allocated"] - events[0]["Bytes"] if events else 0
+    print(json.dumps(max((e["Total Allocated"] - before for e in events), default=0) / 2**20))
+
+
 def measure(name: str, compile_too: bool, repeat: int, size=None) -> dict:
     """One row of the table; ``size``: ((H, W), batch) of the timed rows, else SIZES's."""
     plain = prepared(build(name))
@@ -148,7 +192,8 @@ def measure(name: str, compile_too: bool, repeat: int, size=None) -> dict:
     pairs = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     row = {"model": name, "pairs": pairs, "fused": len(report.fused), "left": list(report.left),
            "exact": exactness(plain, fused)}
-    (h, w), batch = size or SIZES[name]
+    size = size or SIZES[name]
+    (h, w), batch = size
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(2))
     row["input"] = f"{batch}x3x{h}x{w}"
     variants = [("eager", plain, fused)]
@@ -162,6 +207,7 @@ def measure(name: str, compile_too: bool, repeat: int, size=None) -> dict:
         ours, theirs = interleaved_ms([step(f, x), step(p, x)], repeat=repeat, warmup=2)
         row[f"{mode} step ms"] = [min(ours), min(theirs)]
         row[f"{mode} step ratio"] = median_ratio(ours, theirs)
+        row[f"{mode} step peak MiB"] = [step_peak_mib(name, mode, v, size) for v in ("fused", "plain")]
         p.eval(), f.eval()
         ours, theirs = interleaved_ms([forward_no_grad(f, x), forward_no_grad(p, x)], repeat=repeat, warmup=1)
         row[f"{mode} eval ratio"] = median_ratio(ours, theirs)
@@ -173,9 +219,9 @@ def table(rows, modes, default_malloc: bool) -> str:
     head = "| model | input (timed) | Conv-BN pairs | fused | max rel. diff, float64 step |"
     rule = "|---|---|---:|---:|---:|"
     for mode in modes:
-        head += (f" {mode}: saved activations MiB, fused / plain (ratio) | {mode}: train step ratio |"
-                 f" {mode}: eval ratio |")
-        rule += "---:|---:|---:|"
+        head += (f" {mode}: saved activations MiB, fused / plain (ratio) | {mode}: train step peak tensor MiB, fused /"
+                 f" plain (ratio) | {mode}: train step ratio | {mode}: eval ratio |")
+        rule += "---:|---:|---:|---:|"
     if default_malloc:
         head += " eager: train step ratio, glibc's default malloc |"
         rule += "---:|"
@@ -186,7 +232,9 @@ def table(rows, modes, default_malloc: bool) -> str:
             f, p = r[f"{mode} saved MiB"]
             copies = r.get(f"{mode} weight copies MiB", [0, 0])
             kept = f" (+ weight copies {copies[0]:.0f} / {copies[1]:.0f})" if max(copies) >= 0.5 else ""
-            line += (f" {f:.0f} / {p:.0f} ({f / p:.2f}x){kept} | {r[f'{mode} step ratio']:.3f}x"
+            line += f" {f:.0f} / {p:.0f} ({f / p:.2f}x){kept} |"
+            f, p = r[f"{mode} step peak MiB"]
+            line += (f" {f:.0f} / {p:.0f} ({f / p:.2f}x) | {r[f'{mode} step ratio']:.3f}x"
                      f" ({r[f'{mode} step ms'][1]:.0f} ms plain) | {r[f'{mode} eval ratio']:.3f}x |")
         if default_malloc:
             line += f" {r['default malloc step ratio']:.3f}x ({r['default malloc step ms'][1]:.0f} ms plain) |"
@@ -195,6 +243,9 @@ def table(rows, modes, default_malloc: bool) -> str:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--peak-worker"]:
+        return _peak_worker(*argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--compile", action="store_true", help="also torch.compile both models (minutes per model)")
@@ -218,7 +269,7 @@ def main(argv=None):
             row["default malloc step ratio"], row["default malloc step ms"] = other["eager step ratio"], \
                 other["eager step ms"]
     modes = ["eager"] + (["compiled"] if args.compile else [])
-    command = "python -m bench.models " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
+    command = "python -m bench.models " + " ".join(a for a in argv if a != "--write")
     text = (f"## fuse on torchvision's models and SegNet{', compiled' if args.compile else ''}\n\n`{command.strip()}` on {machine_description()}, "
             f"torch {torch.__version__}. Allocator: {malloc.describe()} (set by the script; what `segnet` uses)"
             + ("; the last column in a child process under glibc's defaults" if default_malloc else "")

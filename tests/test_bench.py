@@ -90,8 +90,11 @@ def test_models_benchmark_runs_on_a_tiny_input():
     assert row["fused"] == row["pairs"] == 8 and not row["left"] and row["exact"] < 1e-9
     f, p = row["eager saved MiB"]
     assert 0 < f < p
+    f, p = row["eager step peak MiB"]
+    assert 0 < f < 0.9 * p  # the fused step saves less, and frees what it saved as its backward goes
     text = table([row], ["eager"], default_malloc=False)
     assert text.count("\n") == 2 and "| segnet_basic | 1x3x96x128 | 8 | 8 |" in text
+    assert f" {f:.0f} / {p:.0f} ({f / p:.2f}x) |" in text
     row["default malloc step ratio"], row["default malloc step ms"] = 1.5, [3.0, 2.0]
     text = table([row], ["eager"], default_malloc=True)
     assert "glibc's default malloc |" in text.splitlines()[0] and text.endswith(" 1.500x (2 ms plain) |")
