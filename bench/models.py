@@ -25,8 +25,9 @@ defaults, dropout off):
   (``torch.profiler.profile(profile_memory=True)``), the CPU's counterpart of
   ``torch.cuda.max_memory_allocated``; in a fresh process per model and variant (within one
   process the profiler's count carried over from one profiled step to the next, and the
-  steps timed after profiling ran slower). It counts what saved activations do not: parameter gradients and the
-  backward's own tensors (rebuilt activations, activation gradients);
+  steps timed after profiling ran slower). It counts what saved activations do not:
+  parameter gradients and the backward's own tensors (rebuilt activations, activation
+  gradients);
 - time of a training step (forward, mean of the output, backward) and of an eval forward
   (no_grad), fused / unfused: the median over rounds of the per-round ratio, the two timed in
   alternation (bench.common.interleaved_ms); under the large-block malloc thresholds that
