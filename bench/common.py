@@ -30,10 +30,16 @@ def under_default_allocator(module, argv):
     """The JSON result of ``python -m module *argv --allocator default --json``, run in a
     child process under glibc's defaults: how a user runs the op unless told otherwise."""
     env = {k: v for k, v in os.environ.items() if k not in malloc.THRESHOLDS}
-    done = subprocess.run([sys.executable, "-m", module, *map(str, argv), "--allocator", "default", "--json"],
-                          capture_output=True, text=True, env=env)
+    return child_json(module, [*argv, "--allocator", "default", "--json"], env)
+
+
+def child_json(module, argv, env=None):
+    """The JSON line that ``python -m module *argv`` prints last, run in a child process
+    (environment ``env``, else this one's); an error with its stderr where it fails."""
+    cmd = [sys.executable, "-m", module, *map(str, argv)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{module} under glibc's default allocator failed:\n{done.stderr}")
+        raise RuntimeError(f"python -m {module} {' '.join(cmd[3:])} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -39,7 +39,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from typing import Tuple
@@ -48,8 +47,8 @@ import torch
 from torch import nn
 
 import segnet_ext
-from bench.common import (add_allocator_arguments, interleaved_ms, machine_description, median_ratio, replace_section,
-                          start_under_allocator, under_default_allocator)
+from bench.common import (add_allocator_arguments, child_json, interleaved_ms, machine_description, median_ratio,
+                          replace_section, start_under_allocator, under_default_allocator)
 from segnet import malloc
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -157,11 +156,7 @@ def step_peak_mib(name: str, mode: str, variant: str, size) -> float:
     ``mode`` "eager" or "compiled", at ``size`` ((H, W), batch), measured in a fresh process
     (see the module doc)."""
     (h, w), batch = size
-    cmd = [sys.executable, "-m", "bench.models", "--peak-worker", name, mode, variant, str(h), str(w), str(batch)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[1:])} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_json("bench.models", ["--peak-worker", name, mode, variant, h, w, batch])
 
 
 def _peak_worker(name, mode, variant, h, w, batch):

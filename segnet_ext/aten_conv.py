@@ -84,28 +84,11 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, d
 
 def convolution_backward(grad: Tensor, x: Tensor, weight: Tensor, bias_sizes: Optional[List[int]], stride, padding,
                          dilation, groups: int, output_mask: List[bool]) -> Tuple[Optional[Tensor], ...]:
-    """aten.convolution_backward of a (not transposed) convolution; where the input gradient
-    and the weight (or bias) gradient are both asked for, in two calls, the weight's first:
-    ATen's oneDNN backward, asked for both at once, holds the working copies of both at once
-    (on a 64-channel 360x480 float32 layer three activation-sized tensors, the input gradient
-    among them, against two for either alone, for the same work), and that was the peak of
-    SegNet-Basic's training step."""
-    if output_mask[0] and (output_mask[1] or output_mask[2]):
-        _, grad_w, grad_b = _convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, groups,
-                                                  [False, output_mask[1], output_mask[2]])
-        grad_x, _, _ = _convolution_backward(grad, x, weight, None, stride, padding, dilation, groups,
-                                             [True, False, False])
-        return grad_x, grad_w, grad_b
-    return _convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, groups, output_mask)
-
-
-def _convolution_backward(grad: Tensor, x: Tensor, weight: Tensor, bias_sizes: Optional[List[int]], stride, padding,
-                          dilation, groups: int, output_mask: List[bool]) -> Tuple[Optional[Tensor], ...]:
+    """aten.convolution_backward of a (not transposed) convolution."""
     r = rewrite(x, weight, stride, padding, dilation)
     stride, padding, dilation = list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
     if r is None:
-        return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, False,
-                                                   [0, 0], groups, output_mask)
+        return _aten_convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, groups, output_mask)
     x_in = x if r.explicit_padding is None else _padded(x, r.explicit_padding)
     if r.explicit_padding is not None:
         padding = [0, 0]
@@ -114,9 +97,26 @@ def _convolution_backward(grad: Tensor, x: Tensor, weight: Tensor, bias_sizes: O
         extended = grad.new_zeros((*grad.shape[:2], *full)).contiguous(memory_format=suggest_memory_format(grad))
         extended[..., :grad.shape[2], :grad.shape[3]] = grad
         grad = extended
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad, x_in, weight, bias_sizes, list(r.stride), padding, dilation, False, [0, 0], groups, output_mask)
+    grad_x, grad_w, grad_b = _aten_convolution_backward(grad, x_in, weight, bias_sizes, list(r.stride), padding,
+                                                        dilation, groups, output_mask)
     if grad_x is not None and r.explicit_padding is not None:
         (ph, pw), (H, W) = r.explicit_padding, x.shape[2:]
         grad_x = grad_x[..., ph:ph + H, pw:pw + W]
     return grad_x, grad_w, grad_b
+
+
+def _aten_convolution_backward(grad: Tensor, x: Tensor, weight: Tensor, bias_sizes: Optional[List[int]],
+                               stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                               output_mask: List[bool]) -> Tuple[Optional[Tensor], ...]:
+    """aten.convolution_backward; where the input gradient and the weight (or bias) gradient
+    are both asked for, in two calls, the weight's first: ATen's oneDNN backward, asked for
+    both at once, holds the working copies of both at once (on a 64-channel 360x480 float32
+    layer three activation-sized tensors, the input gradient among them, against two for
+    either alone, for the same work), and that was the peak of SegNet-Basic's training step."""
+    def call(mask):
+        return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, False,
+                                                   [0, 0], groups, mask)
+    if output_mask[0] and (output_mask[1] or output_mask[2]):
+        _, grad_w, grad_b = call([False, output_mask[1], output_mask[2]])
+        return call([True, False, False])[0], grad_w, grad_b
+    return call(output_mask)

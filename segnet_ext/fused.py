@@ -127,11 +127,9 @@ class ConvBNReLUFunction(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         others = SavedInput.others(ctx)
         (w_c, z, scale, shift, mean, invstd), output_part = others[:6], others[6:]
-        grad_y, relu = grad_y.to(z.dtype), ctx.relu
+        grad_y, relu = grad_y.to(z.dtype), ctx.relu and not ctx.has_residual
         if ctx.output is not None:  # the ReLU's mask from the rebuilt output (rebuilt once: see Recipe)
-            grad_y, relu = torch.ops.aten.threshold_backward(grad_y, ctx.output.use(output_part), 0), False
-        elif ctx.has_residual:
-            relu = False
+            grad_y = torch.ops.aten.threshold_backward(grad_y, ctx.output.use(output_part), 0)
         grad_z, grad_bn_weight, grad_bn_bias = bn_relu_backward(
             grad_y, z, scale, shift, mean, invstd, ctx.count, relu, ctx.group)
         stride, padding, dilation, groups = ctx.conv_args

@@ -25,6 +25,7 @@ lives as long as some node of the graph still needs it and is freed, as a plainl
 tensor is, when the last such node's backward has run, not at the end of the backward
 pass. A recipe whose tensors are gone (its graph's backward has run) no longer describes
 its output, which is then saved as itself.
+
 Explicit recipes were chosen over ``saved_tensors_hooks`` because they need no context
 manager around the user's training step and never touch tensors of unrelated code.
 
@@ -61,8 +62,8 @@ MAX_DEPTH = 3
 
 
 class Recipe:
-    """How to rebuild a tensor: ``tensors()`` to save (``size`` of them), ``rebuild(saved)``
-    to recompute; ``depth``: the element-wise passes a rebuild takes.
+    """How to rebuild a tensor: ``tensors()`` to save, ``rebuild(saved)`` to recompute;
+    ``depth``: the element-wise passes a rebuild takes.
 
     Several layers may rebuild one tensor in the same backward pass (a residual block's
     input is its first convolution's input, its identity, and the identity inside its own
@@ -75,17 +76,24 @@ class Recipe:
 
     version: int
     depth: int = 1
-    size: int = 0  # how many tensors ``tensors()`` returns
     expected: int = 0  # consumers that have not yet taken the tensor
     kept: Optional[Tensor] = None  # the tensor rebuilt for them, within one backward pass
 
+    def refs(self) -> List[weakref.ref]:
+        """Weak references to the tensors to save."""
+        raise NotImplementedError
+
     def tensors(self) -> List[Tensor]:
         """The tensors to save; an error where one is gone (see ``alive``)."""
-        raise NotImplementedError
+        tensors = [r() for r in self.refs()]
+        if any(t is None for t in tensors):
+            raise RuntimeError("segnet_ext: a recipe's tensors were freed (its graph's backward has run); "
+                               "recipe_of() returns None for such a tensor")
+        return tensors
 
     def alive(self) -> bool:
         """Whether every tensor of ``tensors()`` still exists."""
-        raise NotImplementedError
+        return all(r() is not None for r in self.refs())
 
     def build(self, saved: Sequence[Tensor]) -> Tuple[Tensor, Sequence[Tensor]]:
         """The tensor, and what is left of ``saved`` after this recipe's share."""
@@ -94,7 +102,7 @@ class Recipe:
     def rebuild(self, saved: Sequence[Tensor]) -> Tuple[Tensor, Sequence[Tensor]]:
         """``build``, or the tensor kept from an earlier rebuild of this backward pass."""
         if self.kept is not None:
-            return self.kept, saved[self.size:]
+            return self.kept, saved[len(self.refs()):]
         t, rest = self.build(saved)
         if self.expected > 0:
             self._keep(t)
@@ -126,14 +134,6 @@ class Recipe:
         self.kept = None
 
 
-def _deref(refs: Sequence[weakref.ref]) -> List[Tensor]:
-    tensors = [r() for r in refs]
-    if any(t is None for t in tensors):
-        raise RuntimeError("segnet_ext: a recipe's tensors were freed (its graph's backward has run); "
-                           "recipe_of() returns None for such a tensor")
-    return tensors
-
-
 class _Operand:
     """A recipe's tensor operand: saved as its own recipe where it has one no deeper than
     MAX_DEPTH - 1, else as itself."""
@@ -143,13 +143,9 @@ class _Operand:
         self.source = source if source is not None and source.depth < MAX_DEPTH else None
         self.ref = None if self.source is not None else weakref.ref(t)
         self.depth = self.source.depth if self.source is not None else 0
-        self.size = self.source.size if self.source is not None else 1
 
-    def tensors(self) -> List[Tensor]:
-        return self.source.tensors() if self.source is not None else _deref([self.ref])
-
-    def alive(self) -> bool:
-        return self.source.alive() if self.source is not None else self.ref() is not None
+    def refs(self) -> List[weakref.ref]:
+        return self.source.refs() if self.source is not None else [self.ref]
 
     def rebuild(self, saved):
         return self.source.rebuild(saved) if self.source is not None else (saved[0], saved[1:])
@@ -157,16 +153,12 @@ class _Operand:
 
 class ScaleShiftReLU(Recipe):
     def __init__(self, z: Tensor, scale: Tensor, shift: Tensor, relu: bool, residual: Optional[Tensor] = None):
-        self.refs, self.relu = [weakref.ref(t) for t in (z, scale, shift)], relu
+        self.own, self.relu = [weakref.ref(t) for t in (z, scale, shift)], relu
         self.residual = _Operand(residual) if residual is not None else None
         self.depth = 1 + (self.residual.depth if self.residual is not None else 0)
-        self.size = 3 + (self.residual.size if self.residual is not None else 0)
 
-    def tensors(self):
-        return _deref(self.refs) + (self.residual.tensors() if self.residual is not None else [])
-
-    def alive(self):
-        return all(r() is not None for r in self.refs) and (self.residual is None or self.residual.alive())
+    def refs(self):
+        return self.own + (self.residual.refs() if self.residual is not None else [])
 
     def build(self, saved):
         (z, scale, shift), saved = saved[:3], saved[3:]
@@ -181,13 +173,9 @@ class Unpool(Recipe):
         self.values = _Operand(values)
         self.packed, self.output_size = weakref.ref(packed), list(output_size)
         self.depth = 1 + self.values.depth
-        self.size = self.values.size + 1
 
-    def tensors(self):
-        return self.values.tensors() + _deref([self.packed])
-
-    def alive(self):
-        return self.values.alive() and self.packed() is not None
+    def refs(self):
+        return self.values.refs() + [self.packed]
 
     def build(self, saved):
         values, saved = self.values.rebuild(saved)
