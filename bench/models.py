@@ -3,8 +3,9 @@ its unfused self, side by side in one process.
 
     python -m bench.models                    # prints the table (eager)
     python -m bench.models --compile          # ... with torch.compile'd rows too
-    python -m bench.models --write            # ... and writes it into bench/RESULTS.md
-                                              #     (with --compile: its own section)
+    python -m bench.models --write            # ... and writes it into bench/RESULTS.md, in the
+                                              #     section of this CPU's ISA level (with --compile:
+                                              #     its own section)
     python -m bench.models --models resnet50  # some models only
 
 Per model (random weights, BN parameters and running statistics drawn away from their
@@ -47,8 +48,8 @@ import torch
 from torch import nn
 
 import segnet_ext
-from bench.common import (add_allocator_arguments, child_json, interleaved_ms, machine_description, median_ratio,
-                          replace_section, start_under_allocator, under_default_allocator)
+from bench.common import (add_allocator_arguments, child_json, cpu_level, interleaved_ms, machine_description,
+                          median_ratio, replace_section, start_under_allocator, under_default_allocator)
 from segnet import malloc
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -266,7 +267,8 @@ def main(argv=None):
                 other["eager step ms"]
     modes = ["eager"] + (["compiled"] if args.compile else [])
     command = "python -m bench.models " + " ".join(a for a in argv if a != "--write")
-    text = (f"## fuse on torchvision's models and SegNet{', compiled' if args.compile else ''}\n\n`{command.strip()}` on {machine_description()}, "
+    text = (f"## fuse on torchvision's models and SegNet{', compiled' if args.compile else ''} (CPU kernels at"
+            f" {cpu_level().upper()})\n\n`{command.strip()}` on {machine_description()}, "
             f"torch {torch.__version__}. Allocator: {malloc.describe()} (set by the script; what `segnet` uses)"
             + ("; the last column in a child process under glibc's defaults" if default_malloc else "")
             + ".\n\n" + table(rows, modes, default_malloc))
@@ -275,7 +277,7 @@ def main(argv=None):
         text += "\n\nLeft unfused (fuse's report):\n" + "\n".join(left)
     print(text)
     if args.write:
-        replace_section(RESULTS, "models-compiled" if args.compile else "models", text)
+        replace_section(RESULTS, f"models{'-compiled' if args.compile else ''}-cpu-{cpu_level()}", text)
         print(f"\nwritten to {RESULTS}")
 
 
