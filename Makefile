@@ -68,9 +68,12 @@ gpu-check:
 
 bench: install
 	$(PY) -m bench.pool --write
+	$(PY) -m bench.pool --dtype bfloat16 --write
+	$(PY) -m bench.pool --dtype float16 --write
 	$(PY) -m bench.conv_bn_relu --write
 	$(PY) -m bench.report --write
 	$(PY) -m bench.recipe --write
+	$(PY) -m bench.models --write
 
 clean:
 	rm -rf build $(VENV) segnet_ext/*.so *.egg-info runs
