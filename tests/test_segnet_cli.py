@@ -268,6 +268,20 @@ def test_the_demo_shows_the_shipped_model_first(tmp_path, capsys):
     assert (tmp_path / "shipped" / "eval_val_confusion.png").is_file() and (tmp_path / "training_check" / "best.pt").is_file()
 
 
+@pytest.mark.parametrize("bf16_fast", [True, False])
+def test_the_demo_suggests_the_recipe_this_cpu_runs_fastest(monkeypatch, bf16_fast):
+    from segnet import demo
+    from segnet.cli import build_parser, train_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(demo, "cpu_runs_bf16_fast", lambda: bf16_fast)
+    command = demo.camvid_training_command().split("  (")[0].split()
+    assert command[:2] == ["segnet", "train"]
+    config = train_config(build_parser().parse_args(command[1:]))
+    # the recipe's own settings where bf16 is fast; float32 NCHW where it is not (AVX2)
+    assert (config.amp, config.channels_last) == (("bf16", True) if bf16_fast else ("none", False))
+
+
 def test_flip_tta_in_eval_and_predict(tmp_path):
     from segnet.evaluate import predict_logits
 

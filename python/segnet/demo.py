@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+
 from . import malloc
 from .checkpoint import DEFAULT_PRETRAINED as SHIPPED, DEFAULT_RECIPE
 from .cli import main as segnet
+from .evaluate import cpu_runs_bf16_fast
 
 
 def run(output: Path, epochs: int = 30) -> None:
@@ -46,6 +49,16 @@ def _scores(path: Path) -> str:
             f"({m['images']} images)")
 
 
+def camvid_training_command() -> str:
+    """The recipe's command for this machine. The recipe trains in bf16 and channels_last; a CPU
+    without fast bf16 convolutions (AVX2 only) runs it in float32 NCHW instead (0.50 images/s
+    against 0.36 in float32 channels_last and far less in bf16, on an AMD EPYC with AVX2)."""
+    command = f"segnet train --config {DEFAULT_RECIPE} --data PATH/TO/camvid --output runs/camvid"
+    if torch.cuda.is_available() or cpu_runs_bf16_fast():
+        return command
+    return command + " --amp none --no-channels-last  (this CPU has no fast bf16)"
+
+
 def summary(output: Path, seconds: List[float]) -> str:
     shipped, check = output / "shipped", output / "training_check"
     overlays = sorted((shipped / "predictions").glob("*_overlay.png"))
@@ -65,7 +78,7 @@ def summary(output: Path, seconds: List[float]) -> str:
         f"     expected to be poor (4 images); its curves {check / 'curves.png'}, log {check / 'metrics.csv'}",
         "",
         f"Next: your own images: segnet predict --checkpoint {SHIPPED} --input FOLDER_OR_VIDEO --output OUT",
-        f"      CamVid training:  segnet train --config {DEFAULT_RECIPE} --data PATH/TO/camvid --output runs/camvid",
+        f"      CamVid training:  {camvid_training_command()}",
         "      your dataset:     segnet train --dataset my_dataset.json --data ROOT ... (README: Your own dataset)",
         "=" * 78,
     ]
