@@ -11,12 +11,10 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
 from . import malloc
 from .checkpoint import DEFAULT_PRETRAINED as SHIPPED, DEFAULT_RECIPE
 from .cli import main as segnet
-from .evaluate import cpu_runs_bf16_fast
+from .evaluate import cpu_runs_bf16_fast, resolve_device
 
 
 def run(output: Path, epochs: int = 30) -> None:
@@ -54,7 +52,7 @@ def camvid_training_command() -> str:
     without fast bf16 convolutions (AVX2 only) runs it in float32 NCHW instead (0.50 images/s
     against 0.36 in float32 channels_last and far less in bf16, on an AMD EPYC with AVX2)."""
     command = f"segnet train --config {DEFAULT_RECIPE} --data PATH/TO/camvid --output runs/camvid"
-    if torch.cuda.is_available() or cpu_runs_bf16_fast():
+    if resolve_device("auto").type != "cpu" or cpu_runs_bf16_fast():  # the device `segnet train` picks
         return command
     return command + " --amp none --no-channels-last  (this CPU has no fast bf16)"
 
