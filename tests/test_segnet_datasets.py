@@ -126,6 +126,37 @@ def test_a_tiny_dataset_trains_evaluates_and_predicts_through_the_cli(kind, tmp_
     assert colour.shape[0] > H  # the legend below
 
 
+def test_fine_tuning_the_shipped_model_on_other_classes(tmp_path, capsys):
+    """--init-from the bundled CamVid model on a 3-class dataset: every weight but the classifier's
+    is the shipped model's (float16 there, float32 here), the classifier is the run's own, and
+    the command line trains on from there."""
+    from segnet.train import TrainConfig, Trainer
+
+    root = tmp_path / "fields"
+    make_generic(root, RNG)
+    shipped = load_checkpoint(DEFAULT_PRETRAINED)
+    norm = shipped["config"]["input_norm"]
+    config = TrainConfig(data=str(root), dataset=str(root / "fields.json"), model="segnet_basic", input_norm=norm,
+                         init_from=DEFAULT_PRETRAINED, output=str(tmp_path / "t"), progress=False)
+    state = Trainer(config).model.state_dict()
+    assert capsys.readouterr().out == (f"fine-tuning from {DEFAULT_PRETRAINED}: it learned other classes, so "
+                                       "classifier.weight, classifier.bias start fresh\n")
+    assert state.keys() == shipped["model"].keys()
+    for k, v in shipped["model"].items():
+        if k.startswith("classifier."):
+            assert state[k].shape[0] == 3 and v.shape[0] == 11, k
+        else:
+            assert torch.equal(state[k], v.to(state[k].dtype)), k
+    run = ["train", "--data", str(root), "--dataset", str(root / "fields.json"), "--model", "segnet_basic",
+           "--init-from", DEFAULT_PRETRAINED, "--epochs", "1", "--batch-size", "3", "--no-progress", "--output"]
+    assert main(run + [str(tmp_path / "run"), "--input-norm", norm]) == 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["model"]["classifier.weight"].shape[0] == 3
+    other = "none" if norm != "none" else "lcn"
+    capsys.readouterr()
+    assert main(run + [str(tmp_path / "bad"), "--input-norm", other]) == 2
+    assert f"has input_norm {norm!r}, but this run has {other!r}; fine-tune it with --input-norm {norm}" in capsys.readouterr().err
+
+
 def test_colour_coded_and_palette_labels_decode_to_the_same_ids(tmp_path):
     coded, indexed = tmp_path / "rgb", tmp_path / "pal"
     make_voc(coded, np.random.default_rng(5), colour_coded=True)

@@ -124,6 +124,40 @@ def test_run_folder(camvid_root, tmp_path):
     assert json.loads((out / "config.json").read_text())["epochs"] == 3
 
 
+def test_init_from_starts_a_fresh_run_from_a_checkpoints_weights(camvid_root, tmp_path, capsys):
+    """--init-from (same classes): every weight and BN statistic of the checkpoint, in the model and
+    its average, at step 0 with a fresh optimiser; a resumed run continues from its own last.pt."""
+    source = tmp_path / "source"
+    train(tiny_config(camvid_root, source, epochs=1, val_every=0, optimizer="adam", lr=0.003))
+    saved = load_checkpoint(source / "last.pt")["model"]
+    options = dict(init_from=str(source / "last.pt"), ema=0.9, seed=6, val_every=0)
+    capsys.readouterr()
+    tuned = Trainer(tiny_config(camvid_root, tmp_path / "tuned", max_steps=2, **options))
+    assert capsys.readouterr().out == f"fine-tuning from {source / 'last.pt'}\n"
+    for model in (tuned.model, tuned.average.module):
+        state = model.state_dict()
+        assert state.keys() == saved.keys()
+        for k, v in saved.items():
+            assert torch.equal(state[k], v), k
+    assert tuned.step == tuned.epoch == 0 and not tuned.optimizer.state
+    scratch = Trainer(tiny_config(camvid_root, tmp_path / "scratch", seed=6, val_every=0)).model.state_dict()
+    assert not torch.equal(scratch["classifier.weight"], saved["classifier.weight"])  # it is the checkpoint's doing
+    tuned.fit()
+    resumed = Trainer(tiny_config(camvid_root, tmp_path / "tuned", **options), resume=True)
+    for k, v in tuned.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+    assert not torch.equal(resumed.model.state_dict()["classifier.weight"], saved["classifier.weight"])
+    with pytest.raises(ValueError, match="init_from .* and encoder_weights 'vgg.pth' both give the starting weights; give one"):
+        tiny_config(camvid_root, tmp_path, init_from=str(source / "last.pt"), encoder_weights="vgg.pth")
+    for change, message in ((dict(input_norm="lcn"), "has input_norm 'none', but this run has 'lcn'; fine-tune it with "
+                                                     "--input-norm none"),
+                            (dict(model="segnet"), "has model 'segnet_basic', but this run has 'segnet'; fine-tune it with "
+                                                   "--model segnet_basic"),
+                            (dict(init_from=str(tmp_path / "nothing.pt")), "does not exist")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            Trainer(tiny_config(camvid_root, tmp_path / "bad", **{**options, **change}))
+
+
 def test_weight_average_follows_its_formula():
     """The average after each update, against the formula written out: decay warmed up as
     min(decay, (1 + n) / (10 + n)), BN statistics averaged too, batch counters copied."""

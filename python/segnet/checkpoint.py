@@ -197,6 +197,37 @@ def load_model(
     return model, config
 
 
+def init_from_checkpoint(model: nn.Module, checkpoint: Union[str, Path], model_name: str, input_norm: str,
+                         classes: List[str], trust: bool = False) -> List[str]:
+    """Fine-tuning's start: copy into ``model``, freshly built for a run, the weights and BN
+    statistics of ``checkpoint`` (a file, or a bundled model's name such as
+    ``segnet_basic_camvid_v7``), not its optimiser state or schedule. The network and the input
+    normalisation must be the checkpoint's. Its classifier is copied only where it learned the
+    same ``classes`` (names, in order); elsewhere the run's fresh classifier stays, as
+    torchvision's and mmsegmentation's fine-tuning replace the head. Returns the names of the
+    tensors left as initialised."""
+    state = load_checkpoint(checkpoint, trust=trust)
+    source = f"init_from: checkpoint {str(checkpoint)!r}"
+    for setting, flag, mine in (("model", "--model", model_name), ("input_norm", "--input-norm", input_norm)):
+        theirs = state["config"].get(setting, "none")
+        if theirs != mine:
+            raise ValueError(f"{source} has {setting} {theirs!r}, but this run has {mine!r}; fine-tune it with {flag} {theirs}")
+    weights = dict(state["model"])
+    fresh = []
+    if list(checkpoint_description(state, source).classes) != list(classes):
+        fresh = [k for k in model.state_dict() if k.startswith("classifier.")]
+        for k in fresh:
+            weights.pop(k, None)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{source} does not fit model {model_name!r}: {e}") from None
+    if sorted(missing) != sorted(fresh) or unexpected:
+        raise ValueError(f"{source} does not fit model {model_name!r}: missing {sorted(set(missing) - set(fresh))}, "
+                         f"unexpected {sorted(unexpected)}")
+    return fresh
+
+
 def load_pretrained(name: str = DEFAULT_PRETRAINED, device: Union[str, torch.device] = "cpu",
                     backend: Optional[str] = None) -> nn.Module:
     """A model shipped with the package (``pretrained_names()``), in eval mode on ``device``,

@@ -65,6 +65,9 @@ TRAIN_OPTIONS = [
     ("--model", "model", {"choices": MODELS}, "network"),
     ("--backend", "backend", {"choices": BACKENDS}, "pooling layers: segnet_ext's 2-bit ones, or plain PyTorch"),
     ("--encoder-weights", "encoder_weights", {}, "torchvision vgg16_bn/vgg16 state dict file for the SegNet encoder"),
+    ("--init-from", "init_from", {"metavar": "CHECKPOINT"}, "fine-tune: start from the weights of this checkpoint "
+     "(a file, or a bundled model's name such as segnet_basic_camvid_v7), not from its optimiser or schedule; its "
+     "classifier only where it learned the same classes (README: Fine-tuning)"),
     ("--dropout", "dropout", {"type": float}, "dropout probability in the central encoder and decoder stages "
      "(Bayesian SegNet's placement; 0.5 in its paper); evaluation runs without"),
     ("--input-norm", "input_norm", {"choices": INPUT_NORMS}, "lcn: local contrast normalisation of the input "

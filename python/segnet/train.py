@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import ensure_writable, load_checkpoint, remove_partial_writes, save_checkpoint
+from .checkpoint import ensure_writable, init_from_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
 from .data import Augment, CopyPaste, EpochSampler, SegmentationDataset, class_weights, collate, derived_seed, rare_classes
 from .description import load_description
 from .evaluate import autocast, confusion_over, resolve_device
@@ -47,6 +47,7 @@ class TrainConfig:
     backend: str = "segnet_ext"               # segnet_ext | torch
     num_classes: Optional[int] = None         # the description's class count
     encoder_weights: Optional[str] = None     # torchvision vgg16_bn / vgg16 state dict
+    init_from: Optional[str] = None           # fine-tune: start from this checkpoint's weights (file or bundled name)
     dropout: float = 0.0                      # Bayesian SegNet's dropout in the central stages (model.py)
     input_norm: str = "none"                  # none | lcn | rgb+lcn: local contrast normalisation of the input (model.py)
     epochs: int = 100
@@ -123,6 +124,9 @@ class TrainConfig:
                 warnings.warn(f"{name} {getattr(self, name)} has no effect with {why}", stacklevel=3)
         if not 0.0 <= self.copy_paste <= 1.0:
             raise ValueError(f"copy_paste must be a probability in [0, 1] (0 = off, 0.5 typical), got {self.copy_paste}")
+        if self.init_from and self.encoder_weights:
+            raise ValueError(f"init_from {self.init_from!r} and encoder_weights {self.encoder_weights!r} both give the "
+                             "starting weights; give one")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         classes = load_description(self.dataset).num_classes
@@ -243,7 +247,14 @@ class Trainer:
         resume_state = self._resume_state(trust_checkpoint) if resume else None
 
         torch.manual_seed(config.seed)
+        self.description = load_description(config.dataset)
         self.model = build_model(config.model, config.num_classes, config.backend, config.dropout, config.input_norm)
+        if config.init_from and resume_state is None:
+            fresh = init_from_checkpoint(self.model, config.init_from, config.model, config.input_norm,
+                                         self.description.classes, trust_checkpoint)
+            if self.context.is_main:
+                print(f"fine-tuning from {config.init_from}" + (f": it learned other classes, so {', '.join(fresh)} start "
+                                                                 "fresh" if fresh else ""), flush=True)
         if config.encoder_weights and resume_state is None:
             load_encoder_weights(self.model, config.encoder_weights)
         if config.sync_bn:
@@ -255,7 +266,6 @@ class Trainer:
         self.average = weight_average(self.model, config.ema) if config.ema else None
         self.shipped = self.model if self.average is None else self.average.module  # validated and saved as "model"
 
-        self.description = load_description(config.dataset)
         augment = Augment(flip=config.flip, scale=config.scale, crop=config.crop, ignore_index=self.description.ignore_index,
                           color=config.color_jitter, blur=config.blur)
         holdout = [config.holdout_sequence] if config.holdout_sequence else []
